@@ -1,0 +1,64 @@
+"""Build driver: setuptools hands the native extension to CMake.
+
+All build logic lives in CMakeLists.txt; this file only chooses the build type,
+forwards ``CMAKE_ARGS`` and uses Ninja when it is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str, sourcedir: str = "") -> None:
+        super().__init__(name, sources=[])
+        self.sourcedir = os.fspath(Path(sourcedir).resolve())
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        assert isinstance(ext, CMakeExtension)
+        extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        debug = int(os.environ.get("DEBUG", 0)) if self.debug is None else self.debug
+        cfg = "Debug" if debug else "Release"
+        cmake_args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}{os.sep}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+        ]
+        try:
+            import pybind11
+
+            cmake_args.append(f"-Dpybind11_DIR={pybind11.get_cmake_dir()}")
+        except ImportError:
+            pass
+        if "CMAKE_ARGS" in os.environ:
+            cmake_args += [item for item in os.environ["CMAKE_ARGS"].split(" ") if item]
+        if os.environ.get("FASTFACE_CUDA", "").lower() in {"0", "off", "no", "false"}:
+            cmake_args.append("-DFASTFACE_CUDA=OFF")
+        if shutil.which("ninja"):
+            cmake_args.append("-GNinja")
+        build_temp = Path(self.build_temp) / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cmake", ext.sourcedir, *cmake_args], cwd=build_temp, check=True)
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+        subprocess.run(
+            ["cmake", "--build", ".", "--config", cfg, "--parallel", jobs],
+            cwd=build_temp,
+            check=True,
+        )
+
+
+setup(
+    ext_modules=[CMakeExtension("fastface._C", sourcedir=str(ROOT))],
+    cmdclass={"build_ext": CMakeBuild},
+)

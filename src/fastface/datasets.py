@@ -1,0 +1,401 @@
+"""Synthetic face-like embeddings, and loaders for vector files.
+
+The generator draws identity-clustered unit vectors that behave like face
+embeddings: two samples of one identity have cosine about ``intra_cos`` (0.65
+by default), samples of different identities about 0. With ``n_groups`` set,
+identity centres are drawn around a few hundred group centres (population
+structure), so identities of one group are closer to each other than to the
+rest, as real face embeddings are; IVF partitions behave very differently on
+such data than on uniformly spread identities.
+
+How it is drawn (unit vectors throughout; ``u`` is a fresh isotropic
+Gaussian direction scaled so that ``|u|^2 ~ 1``):
+
+- group centre ``g``: a random unit vector;
+- identity centre ``c = normalize(g + t * u)`` with ``t^2 = 1 / group_cos - 1``
+  (``c`` for different identities of a group then have cosine ``~ group_cos``);
+  without groups, ``c`` is a random unit vector;
+- sample ``x = normalize(c + s * u)`` with ``s^2 = 1 / intra_cos - 1``, so two
+  samples of one identity have cosine ``~ intra_cos``.
+
+Rows are ordered by identity (``per_identity`` consecutive rows each) and every
+block of identities is drawn from its own seeded stream, so any chunk can be
+produced on its own: 10M+ rows stream without ever being in memory at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "SyntheticFaces",
+    "VectorSource",
+    "load_fvecs",
+    "load_npy",
+    "load_parquet",
+    "open_vectors",
+    "write_fvecs",
+]
+
+_BLOCK = 4096  # identities per independently seeded block
+
+
+class SyntheticFaces:
+    """Seeded identity-clustered unit vectors, streamed in chunks.
+
+    Parameters
+    ----------
+    n_identities, per_identity, d : int
+        ``n_identities * per_identity`` rows of dimension ``d``.
+    seed : int
+        Everything drawn derives from it.
+    intra_cos : float
+        Expected cosine between two samples of one identity.
+    n_groups : int or None
+        Number of population groups; ``None`` spreads identities uniformly.
+    group_cos : float
+        Expected cosine between identity centres of one group.
+
+    Examples
+    --------
+    >>> data = SyntheticFaces(n_identities=100, per_identity=4, d=64, seed=0)
+    >>> x, labels = data.vectors()
+    >>> x.shape, x.dtype.name, labels[:6].tolist()
+    ((400, 64), 'float32', [0, 0, 0, 0, 1, 1])
+    >>> bool(abs(float(x[0] @ x[1]) - 0.65) < 0.2)
+    True
+    """
+
+    def __init__(
+        self,
+        n_identities: int,
+        per_identity: int,
+        d: int,
+        *,
+        seed: int = 0,
+        intra_cos: float = 0.65,
+        n_groups: int | None = None,
+        group_cos: float = 0.3,
+    ) -> None:
+        for name, v in (("n_identities", n_identities), ("per_identity", per_identity), ("d", d)):
+            if not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not 0.0 < intra_cos < 1.0:
+            raise ValueError(f"intra_cos must be in (0, 1), got {intra_cos}")
+        if not 0.0 < group_cos < 1.0:
+            raise ValueError(f"group_cos must be in (0, 1), got {group_cos}")
+        if n_groups is not None and n_groups <= 0:
+            raise ValueError(f"n_groups must be positive or None, got {n_groups}")
+        self.n_identities = int(n_identities)
+        self.per_identity = int(per_identity)
+        self.d = int(d)
+        self.seed = int(seed)
+        self.intra_cos = float(intra_cos)
+        self.n_groups = None if n_groups is None else int(n_groups)
+        self.group_cos = float(group_cos)
+        self._s = math.sqrt(1.0 / intra_cos - 1.0)
+        self._t = math.sqrt(1.0 / group_cos - 1.0)
+        self._groups: npt.NDArray[np.float32] | None = None
+
+    @property
+    def n(self) -> int:
+        return self.n_identities * self.per_identity
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.seed, *key]))
+
+    def _unit(self, rng: np.random.Generator, n: int) -> npt.NDArray[np.float32]:
+        g = rng.standard_normal((n, self.d), dtype=np.float32)
+        g /= np.linalg.norm(g, axis=1, keepdims=True)
+        return g
+
+    def _noise(self, rng: np.random.Generator, n: int, scale: float) -> npt.NDArray[np.float32]:
+        return rng.standard_normal((n, self.d), dtype=np.float32) * np.float32(
+            scale / math.sqrt(self.d)
+        )
+
+    def group_centres(self) -> npt.NDArray[np.float32] | None:
+        if self.n_groups is None:
+            return None
+        if self._groups is None:
+            self._groups = self._unit(self._rng(1), self.n_groups)
+        return self._groups
+
+    def group_of(self, identities: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Group label of each identity (all 0 without population structure)."""
+        if self.n_groups is None:
+            return np.zeros_like(identities)
+        lo = identities // _BLOCK
+        out = np.empty_like(identities)
+        for b in np.unique(lo):
+            labels = self._rng(3, int(b)).integers(0, self.n_groups, _BLOCK)
+            m = lo == b
+            out[m] = labels[identities[m] - b * _BLOCK]
+        return out
+
+    def _centre_block(self, b: int) -> npt.NDArray[np.float32]:
+        rng = self._rng(2, b)
+        groups = self.group_centres()
+        if groups is None:
+            return self._unit(rng, _BLOCK)
+        labels = self._rng(3, b).integers(0, self.n_groups or 1, _BLOCK)
+        c = groups[labels] + self._noise(rng, _BLOCK, self._t)
+        c /= np.linalg.norm(c, axis=1, keepdims=True)
+        return c
+
+    def centres(self, identities: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """Unit centre of each identity (regenerated from the seed, not stored)."""
+        ids = np.asarray(identities, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_identities):
+            raise ValueError(f"identities must be in [0, {self.n_identities})")
+        out = np.empty((ids.size, self.d), np.float32)
+        blocks = ids // _BLOCK
+        for b in np.unique(blocks):
+            m = blocks == b
+            out[m] = self._centre_block(int(b))[ids[m] - b * _BLOCK]
+        return out
+
+    def _samples(
+        self, centres: npt.NDArray[np.float32], rng: np.random.Generator
+    ) -> npt.NDArray[np.float32]:
+        x = centres + self._noise(rng, centres.shape[0], self._s)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+    def rows(self, start: int, stop: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Rows ``[start, stop)`` and their identity labels; the same on every call."""
+        if not 0 <= start <= stop <= self.n:
+            raise ValueError(f"rows: need 0 <= start <= stop <= {self.n}, got {start}, {stop}")
+        labels = np.arange(start, stop, dtype=np.int64) // self.per_identity
+        x = np.empty((stop - start, self.d), np.float32)
+        rows_per_block = _BLOCK * self.per_identity
+        pos = start
+        while pos < stop:
+            b = pos // rows_per_block
+            b_lo, b_hi = b * rows_per_block, min((b + 1) * rows_per_block, self.n)
+            # each block's samples come from one stream: draw the whole block's noise
+            # and keep the slice we need, so any chunking gives identical rows
+            hi = min(stop, b_hi)
+            rng = self._rng(4, int(b))
+            ids_block = np.arange(b_lo, b_hi, dtype=np.int64) // self.per_identity
+            need = slice(pos - b_lo, hi - b_lo)
+            cen = self._centre_block(int(b))[ids_block[need] - b * _BLOCK]
+            noise = rng.standard_normal((b_hi - b_lo, self.d), dtype=np.float32)[need]
+            xs = cen + noise * np.float32(self._s / math.sqrt(self.d))
+            xs /= np.linalg.norm(xs, axis=1, keepdims=True)
+            x[pos - start : hi - start] = xs
+            pos = hi
+        return x, labels
+
+    def chunks(
+        self, chunk_size: int = 100_000, *, start: int = 0
+    ) -> Iterator[tuple[int, npt.NDArray[np.float32], npt.NDArray[np.int64]]]:
+        """Yield ``(first_row, x, labels)`` chunks from ``start`` to the end."""
+        for lo in range(start, self.n, chunk_size):
+            x, lab = self.rows(lo, min(lo + chunk_size, self.n))
+            yield lo, x, lab
+
+    def vectors(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """All rows and labels in memory (small sets; use :meth:`chunks` for big ones)."""
+        return self.rows(0, self.n)
+
+    def queries(
+        self, nq: int, *, seed: int = 1
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Fresh samples of existing identities, with their identity labels."""
+        rng = self._rng(5, seed)
+        labels = rng.integers(0, self.n_identities, nq).astype(np.int64)
+        return self._samples(self.centres(labels), rng), labels
+
+    def write_npy(self, path: str | os.PathLike[str], *, chunk_size: int = 100_000) -> Path:
+        """Stream all rows into a ``.npy`` file without holding them in memory."""
+        path = Path(path)
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(self.n, self.d))
+        for lo, x, _ in self.chunks(chunk_size):
+            out[lo : lo + x.shape[0]] = x
+        out.flush()
+        del out
+        return path
+
+
+# --- loaders ---------------------------------------------------------------------------------
+
+
+def load_npy(path: str | os.PathLike[str], *, mmap: bool = True) -> npt.NDArray[Any]:
+    """A 2-D ``.npy`` array, memory-mapped by default."""
+    arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: expected a 2-D array, got shape {arr.shape}")
+    return arr
+
+
+def load_fvecs(path: str | os.PathLike[str]) -> npt.NDArray[np.float32]:
+    """A ``.fvecs`` file (int32 dimension then d float32 per row) as a read-only memory map."""
+    raw = np.memmap(path, dtype=np.int32, mode="r")
+    if raw.size == 0:
+        return np.empty((0, 0), np.float32)
+    d = int(raw[0])
+    if d <= 0 or raw.size % (d + 1):
+        raise ValueError(
+            f"{path}: not an .fvecs file (first dimension {d}, {raw.size * 4} bytes is not a "
+            "multiple of 4 * (d + 1))"
+        )
+    rows = raw.reshape(-1, d + 1)
+    if not (rows[:, 0] == d).all():
+        raise ValueError(f"{path}: rows have different dimensions; .fvecs needs one d")
+    return rows[:, 1:].view(np.float32)
+
+
+def write_fvecs(path: str | os.PathLike[str], x: npt.NDArray[np.float32]) -> None:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    out = np.empty((n, d + 1), np.float32)
+    out[:, 0] = np.array([d], np.int32).view(np.float32)[0]
+    out[:, 1:] = x
+    out.tofile(path)
+
+
+def _parquet_column(pf: Any, column: str | None) -> str:
+    names = pf.schema_arrow.names
+    if column is None:
+        return str(names[0])
+    if column not in names:
+        raise ValueError(f"parquet file has no column {column!r}; columns: {names}")
+    return column
+
+
+def _parquet_batch_to_array(col: Any, d: int | None = None) -> npt.NDArray[np.float32]:
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if not pa.types.is_list(col.type) and not pa.types.is_fixed_size_list(col.type) and not (
+        pa.types.is_large_list(col.type)
+    ):
+        raise ValueError(f"parquet column must hold lists of floats, got {col.type}")
+    flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    n = len(col)
+    if n == 0:
+        return np.empty((0, d or 0), np.float32)
+    if flat.size % n:
+        raise ValueError("parquet rows have different lengths; every vector needs the same d")
+    return flat.reshape(n, flat.size // n)
+
+
+def load_parquet(path: str | os.PathLike[str], *, column: str | None = None) -> npt.NDArray[np.float32]:
+    """A parquet column of float lists as a float32 ``(n, d)`` array (in memory)."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    name = _parquet_column(pf, column)
+    return _parquet_batch_to_array(pf.read(columns=[name]).column(0))
+
+
+class VectorSource:
+    """A readable set of vectors: ``n``, ``d``, chunked reads and random samples."""
+
+    def __init__(self, path: Path | None, array: Any | None, parquet: Any | None, column: str | None):
+        self.path = path
+        self._array = array
+        self._pf = parquet
+        self._column = column
+        if array is not None:
+            self.n, self.d = int(array.shape[0]), int(array.shape[1])
+        else:
+            self.n = int(parquet.metadata.num_rows)
+            first = next(parquet.iter_batches(batch_size=1, columns=[column]))
+            self.d = int(_parquet_batch_to_array(first.column(0)).shape[1])
+
+    def describe(self) -> str:
+        return str(self.path.resolve()) if self.path is not None else f"array{(self.n, self.d)}"
+
+    @staticmethod
+    def _f32(x: Any) -> npt.NDArray[np.float32]:
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def iter_chunks(
+        self, chunk_size: int, *, start: int = 0
+    ) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+        """Yield ``(first_row, float32 chunk)`` from row ``start`` on."""
+        if self._array is not None:
+            for lo in range(start, self.n, chunk_size):
+                yield lo, self._f32(self._array[lo : lo + chunk_size])
+            return
+        seen = 0  # rows of the file read so far
+        buf: list[npt.NDArray[np.float32]] = []
+        buffered = 0
+        lo = start
+        for batch in self._pf.iter_batches(batch_size=chunk_size, columns=[self._column]):
+            x = _parquet_batch_to_array(batch.column(0))
+            b_lo, seen = seen, seen + x.shape[0]
+            if seen <= start:
+                continue
+            if b_lo < start:
+                x = x[start - b_lo :]
+            buf.append(x)
+            buffered += x.shape[0]
+            while buffered >= chunk_size:
+                cat = np.concatenate(buf)
+                yield lo, cat[:chunk_size]
+                lo += chunk_size
+                buf = [cat[chunk_size:]]
+                buffered = buf[0].shape[0]
+        if buffered:
+            yield lo, np.concatenate(buf)
+
+    def sample(self, n: int, *, seed: int = 0) -> npt.NDArray[np.float32]:
+        """Up to ``n`` rows drawn without replacement (all rows if fewer)."""
+        if n >= self.n:
+            return self.read_all()
+        rows = np.sort(np.random.default_rng(seed).choice(self.n, size=n, replace=False))
+        if self._array is not None:
+            return self._f32(self._array[rows])
+        out = np.empty((n, self.d), np.float32)
+        j = 0
+        for lo, x in self.iter_chunks(65536):
+            hi = lo + x.shape[0]
+            sel = rows[(rows >= lo) & (rows < hi)]
+            out[j : j + sel.size] = x[sel - lo]
+            j += sel.size
+        return out
+
+    def read_all(self) -> npt.NDArray[np.float32]:
+        if self._array is not None:
+            return self._f32(self._array)
+        return np.concatenate([x for _, x in self.iter_chunks(65536)]) if self.n else np.empty(
+            (0, self.d), np.float32
+        )
+
+
+def open_vectors(source: Any, *, column: str | None = None) -> VectorSource:
+    """Open ``.npy`` (memory-mapped), ``.fvecs``, ``.parquet`` or an in-memory array."""
+    if isinstance(source, np.ndarray):
+        if source.ndim != 2:
+            raise ValueError(f"expected a 2-D array, got shape {source.shape}")
+        return VectorSource(None, source, None, None)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source: expected a path or a numpy array, got {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such vector file")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return VectorSource(path, load_npy(path), None, None)
+    if suffix == ".fvecs":
+        return VectorSource(path, load_fvecs(path), None, None)
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        return VectorSource(path, None, pf, _parquet_column(pf, column))
+    raise ValueError(f"{path}: unknown vector file type {suffix!r}; use .npy, .fvecs or .parquet")
