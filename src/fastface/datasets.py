@@ -241,9 +241,12 @@ def load_npy(path: str | os.PathLike[str], *, mmap: bool = True) -> npt.NDArray[
 
 def load_fvecs(path: str | os.PathLike[str]) -> npt.NDArray[np.float32]:
     """A ``.fvecs`` file (int32 dimension then d float32 per row) as a read-only memory map."""
-    raw = np.memmap(path, dtype=np.int32, mode="r")
-    if raw.size == 0:
+    size = Path(path).stat().st_size
+    if size == 0:
         return np.empty((0, 0), np.float32)
+    if size % 4:
+        raise ValueError(f"{path}: not an .fvecs file ({size} bytes is not a multiple of 4)")
+    raw = np.memmap(path, dtype=np.int32, mode="r")
     d = int(raw[0])
     if d <= 0 or raw.size % (d + 1):
         raise ValueError(

@@ -175,9 +175,11 @@ class IVFPQIndex:
         """Boolean mask: which of ``ids`` are stored here."""
         arr = np.asarray(ids, dtype=np.int64)
         srt = self._sorted_ids()
+        if srt.size == 0:
+            return np.zeros(arr.shape, bool)
         pos = np.searchsorted(srt, arr)
         pos[pos >= srt.size] = 0
-        return (srt.size > 0) & (srt[pos] == arr)
+        return srt[pos] == arr
 
     def _sorted_ids(self) -> npt.NDArray[np.int64]:
         if self._ids_sorted is None:
