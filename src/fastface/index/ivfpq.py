@@ -298,8 +298,14 @@ class IVFPQIndex:
         k: int,
         nprobe: int,
         exclude: faiss.IDSelector | None,
+        coarse: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Search without validation; ``exclude`` drops ids inside the scan."""
+        """Search without validation; ``exclude`` drops ids inside the scan.
+
+        ``coarse`` is a precomputed ``(Dq, Iq)`` coarse assignment (``nq x nprobe``)
+        from a quantizer equal to this index's: shards that share one codec
+        quantize each query once instead of once per shard.
+        """
         nq = q.shape[0]
         if self.ntotal == 0:
             D = np.full((nq, k), _pad_value(self.params), np.float32)
@@ -308,7 +314,23 @@ class IVFPQIndex:
         params.nprobe = nprobe
         if exclude is not None:
             params.sel = exclude
-        D, I = self._index.search(q, k, params=params)
+        if coarse is None:
+            D, I = self._index.search(q, k, params=params)
+        else:
+            Dq, Iq = coarse
+            D = np.empty((nq, k), np.float32)
+            I = np.empty((nq, k), np.int64)
+            self._index.search_preassigned_c(
+                nq,
+                faiss.swig_ptr(q),
+                k,
+                faiss.swig_ptr(Iq),
+                faiss.swig_ptr(Dq),
+                faiss.swig_ptr(D),
+                faiss.swig_ptr(I),
+                False,
+                params,
+            )
         missing = I < 0
         if missing.any():
             D[missing] = _pad_value(self.params)

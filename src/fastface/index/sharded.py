@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from .._native import merge_topk
 from .._validation import as_ids, check_k, check_matrix, check_positive_int
-from ..errors import CorruptIndexError, NotTrainedError, ReadOnlyIndexError
+from ..errors import CorruptIndexError, EmptyIndexError, NotTrainedError, ReadOnlyIndexError
 from . import storage
 from .ivfpq import IVFPQIndex, IVFPQParams, read_faiss_index
 
@@ -81,6 +81,7 @@ class ShardedIndex:
         self._generation = 0
         self._build: dict[str, Any] | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._stack: tuple[tuple[tuple[int, int], ...], IVFPQIndex] | None = None
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -321,43 +322,78 @@ class ShardedIndex:
         k: int,
         *,
         nprobe: int | None = None,
-        parallel: bool = True,
+        strategy: Literal["auto", "stacked", "fanout"] = "auto",
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Search every shard and merge: ``(D, I)`` shaped ``(nq, k)``.
+        """Search every shard: ``(D, I)`` shaped ``(nq, k)``.
 
         Removed vectors are skipped inside the scan, so ``k`` results still come
-        back when enough vectors remain. Shards are searched on a thread pool
-        (``parallel=True``) and merged by the native k-way merge.
+        back when enough vectors remain. Two strategies give the same results:
+
+        - ``"fanout"``: every shard is searched on a thread pool (each with the
+          coarse assignment computed once, since the shards share one codec)
+          and the per-shard top-k lists are merged by the native k-way merge.
+        - ``"stacked"``: one scan over a read-only view that concatenates the
+          shards' inverted lists list by list (FAISS ``HStackInvertedLists``),
+          so the per-query work (quantizer, look-up tables, heaps) is done once,
+          not once per shard. 8-bit codes only (fast-scan packs codes in
+          blocks that cannot be concatenated).
+
+        ``"auto"`` (default) takes ``"stacked"`` where possible.
         """
         if not self.is_trained:
             raise NotTrainedError(f"{self.path}: not trained; nothing to search")
         if self.ntotal <= 0:
-            from ..errors import EmptyIndexError
-
             raise EmptyIndexError(f"{self.path}: the index is empty; add vectors before searching")
+        if strategy not in ("auto", "stacked", "fanout"):
+            raise ValueError(f"strategy must be 'auto', 'stacked' or 'fanout', got {strategy!r}")
+        if strategy == "stacked" and self.params.nbits != 8:
+            raise ValueError("strategy='stacked' needs 8-bit codes; fast-scan shards use 'fanout'")
         k = check_k(k)
         shards = [s.index for s in self._shards if s.index.ntotal > 0]
         nprobe = shards[0]._check_nprobe(nprobe)
         q = check_matrix(q, "q", d=self.d)
         exclude = self._exclude
+        if len(shards) == 1:
+            return shards[0]._search(q, k, nprobe, exclude)
+        if strategy == "stacked" or (strategy == "auto" and self.params.nbits == 8):
+            return self._stacked(shards)._search(q, k, nprobe, exclude)
+        # one codec: quantize each query once, then every shard scans the same lists
+        assert self._codec is not None
+        Dq, Iq = self._codec.quantizer.search(q, nprobe)
+        coarse = (np.ascontiguousarray(Dq), np.ascontiguousarray(Iq))
 
         def one(shard: IVFPQIndex) -> tuple[np.ndarray, np.ndarray]:
-            return shard._search(q, k, nprobe, exclude)
+            return shard._search(q, k, nprobe, exclude, coarse)
 
-        if len(shards) == 1:
-            return one(shards[0])
-        if parallel:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    max_workers=min(len(shards), os.cpu_count() or 1),
-                    thread_name_prefix="fastface-shard",
-                )
-            parts = list(self._pool.map(one, shards))
-        else:
-            parts = [one(s) for s in shards]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=min(len(shards), os.cpu_count() or 1),
+                thread_name_prefix="fastface-shard",
+            )
+        parts = list(self._pool.map(one, shards))
         D = np.stack([p[0] for p in parts])
         I = np.stack([p[1] for p in parts])
         return merge_topk(D, I, k, larger_is_better=self.params.larger_is_better)
+
+    def _stacked(self, shards: list[IVFPQIndex]) -> IVFPQIndex:
+        """A read-only IVFPQIndex whose list ``l`` is the concatenation of the shards' lists ``l``."""
+        key = tuple((id(s._index), s.ntotal) for s in shards)
+        if self._stack is not None and self._stack[0] == key:
+            return self._stack[1]
+        assert self._codec is not None
+        vec = faiss.InvertedListsPtrVector()
+        for s in shards:
+            vec.push_back(s._index.invlists)
+        hstack = faiss.HStackInvertedLists(vec.size(), vec.data())
+        view = faiss.clone_index(self._codec)
+        view.replace_invlists(hstack, False)
+        view.ntotal = sum(s.ntotal for s in shards)
+        stacked = IVFPQIndex(self.params, _faiss_index=view)
+        stacked._read_only = True
+        # the view borrows the shards' lists: keep them and the stack alive with it
+        stacked._keepalive = (hstack, vec, shards)  # type: ignore[attr-defined]
+        self._stack = (key, stacked)
+        return stacked
 
     # --- remove / compact ---------------------------------------------------------------------
     def _set_tombstones(self, tomb: npt.NDArray[np.int64]) -> None:

@@ -1,0 +1,1 @@
+"""Benchmark suites behind ``fastface bench`` and the scripts in ``bench/``."""

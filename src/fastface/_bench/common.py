@@ -1,0 +1,154 @@
+"""Shared benchmark helpers: timing, peak memory, metadata and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+__all__ = [
+    "PeakRSS",
+    "bench_meta",
+    "median_time",
+    "print_table",
+    "results_dir",
+    "write_results",
+]
+
+
+def median_time(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class PeakRSS:
+    """Samples this process's resident memory on a thread; ``peak`` in bytes."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self.start_rss = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.start_rss = psutil.Process().memory_info().rss
+        self.peak = self.start_rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, psutil.Process().memory_info().rss)
+
+
+@contextmanager
+def timed() -> Iterator[dict[str, float]]:
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["seconds"] = time.perf_counter() - t0
+
+
+def _git_sha() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[3]
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        sha = out.stdout.strip()
+        if out.returncode or not sha:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def bench_meta(command: list[str] | None = None) -> dict[str, Any]:
+    """Git sha, versions, ``build_info()`` and the machine, for every result file."""
+    from .._native import build_info
+
+    vm = psutil.virtual_memory()
+    return {
+        "command": " ".join(command if command is not None else sys.argv),
+        "git_sha": _git_sha(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_info": build_info(),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_model": _cpu_model(),
+            "logical_cores": os.cpu_count(),
+            "memory_gib": round(vm.total / 2**30, 1),
+            "platform": platform.platform(),
+        },
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def results_dir() -> Path:
+    env = os.environ.get("FASTFACE_BENCH_RESULTS")
+    return Path(env) if env else Path.cwd() / "bench" / "results"
+
+
+def write_results(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """Print rows as a fixed-width table; ``columns`` are (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append(
+            [("" if r.get(k) is None else format(r[k], f)) for k, _, f in columns]
+        )
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c[i].rjust(widths[i]) for i in range(len(columns))) for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
