@@ -70,8 +70,9 @@ def test_loaders_roundtrip(tmp_path) -> None:
     write_fvecs(tmp_path / "a.fvecs", x)
     np.testing.assert_array_equal(load_fvecs(tmp_path / "a.fvecs"), x)
     col = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 7)
-    pq.write_table(pa.table({"id": np.arange(123), "v": col}), tmp_path / "a.parquet",
-                   row_group_size=50)
+    pq.write_table(
+        pa.table({"id": np.arange(123), "v": col}), tmp_path / "a.parquet", row_group_size=50
+    )
     np.testing.assert_array_equal(load_parquet(tmp_path / "a.parquet", column="v"), x)
     src = open_vectors(tmp_path / "a.parquet", column="v")
     assert (src.n, src.d) == (123, 7)
@@ -82,7 +83,7 @@ def test_loaders_roundtrip(tmp_path) -> None:
     s = src.sample(20, seed=1)
     assert s.shape == (20, 7) and np.isin(s[:, 0], x[:, 0]).all()
     (tmp_path / "bad.fvecs").write_bytes(b"\x03\x00\x00\x00" + b"\x00" * 10)
-    with pytest.raises(ValueError, match="not an .fvecs"):
+    with pytest.raises(ValueError, match=r"not an \.fvecs"):
         load_fvecs(tmp_path / "bad.fvecs")
     (tmp_path / "bad.txt").write_text("1 2 3")
     with pytest.raises(ValueError, match="unknown vector file type"):

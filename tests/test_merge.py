@@ -8,8 +8,10 @@ import pytest
 from fastface._native import merge_topk
 
 
-def merge_reference(D: np.ndarray, I: np.ndarray, k: int, larger: bool) -> tuple[np.ndarray, np.ndarray]:
-    S, nq, kin = D.shape
+def merge_reference(
+    D: np.ndarray, I: np.ndarray, k: int, larger: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    _S, nq, _kin = D.shape
     out_D = np.full((nq, k), -np.inf if larger else np.inf, np.float32)
     out_I = np.full((nq, k), -1, np.int64)
     for q in range(nq):
@@ -69,8 +71,10 @@ def test_merge_all_padding() -> None:
 
 def test_merge_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="equal shape"):
-        merge_topk(np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 5), np.int64), 2,
-                   larger_is_better=True)
+        merge_topk(
+            np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 5), np.int64), 2, larger_is_better=True
+        )
     with pytest.raises(ValueError, match="k must be positive"):
-        merge_topk(np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.int64), 0,
-                   larger_is_better=True)
+        merge_topk(
+            np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.int64), 0, larger_is_better=True
+        )

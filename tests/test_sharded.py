@@ -70,7 +70,9 @@ def test_sharded_equals_unsharded(sharded, small_data) -> None:
     assert sharded.nshards == 4 and sharded.shard_counts == [1000] * 4
     twin = unsharded_twin(sharded, xb)
     for nprobe in (1, 8, 32):
-        assert_same_results(sharded.search(xq, 10, nprobe=nprobe), twin.search(xq, 10, nprobe=nprobe))
+        assert_same_results(
+            sharded.search(xq, 10, nprobe=nprobe), twin.search(xq, 10, nprobe=nprobe)
+        )
         # the fan-out (thread pool + native merge) and the stacked scan agree
         assert_same_results(
             sharded.search(xq, 10, nprobe=nprobe, strategy="fanout"),
@@ -80,14 +82,16 @@ def test_sharded_equals_unsharded(sharded, small_data) -> None:
 
 def test_fastscan_shards_equal_unsharded(tmp_path, small_data) -> None:
     xb, _, xq, _ = small_data
-    with ShardedIndex.create(tmp_path / "fs", IVFPQParams(32, 16, 16, nbits=4),
-                             shard_size=1500) as index:
+    with ShardedIndex.create(
+        tmp_path / "fs", IVFPQParams(32, 16, 16, nbits=4), shard_size=1500
+    ) as index:
         index.train(xb)
         index.add(xb)
         twin = unsharded_twin(index, xb)
         for nprobe in (1, 16):
-            assert_same_results(index.search(xq, 10, nprobe=nprobe),
-                                twin.search(xq, 10, nprobe=nprobe))
+            assert_same_results(
+                index.search(xq, 10, nprobe=nprobe), twin.search(xq, 10, nprobe=nprobe)
+            )
         with pytest.raises(ValueError, match="8-bit"):
             index.search(xq, 10, strategy="stacked")
 
@@ -118,7 +122,7 @@ def test_remove_across_shards_and_compact(sharded, small_data, tmp_path) -> None
     assert sharded.remove(gone) == 5
     assert sharded.ntotal == 3995 and sharded.pending_removals == 5
     for strategy in ("stacked", "fanout"):
-        D, I = sharded.search(xb[[3, 999, 1000, 2500, 3999]], 10, nprobe=32, strategy=strategy)
+        _D, I = sharded.search(xb[[3, 999, 1000, 2500, 3999]], 10, nprobe=32, strategy=strategy)
         assert not np.isin(I, gone).any()
         assert (I >= 0).all()  # still k results
     files_before = set(os.listdir(tmp_path / "idx"))
@@ -248,8 +252,9 @@ def test_build_from_sources(tmp_path, small_data, fmt) -> None:
     )
     assert index.shard_counts == [1500, 1500, 1000]
     assert index.build_state["complete"] and index.build_state["rows_done"] == 4000
-    np.testing.assert_array_equal(np.sort(np.concatenate([s.ids for s in index.shards()])),
-                                  np.arange(4000))
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([s.ids for s in index.shards()])), np.arange(4000)
+    )
     _, gt = ground_truth(xb, xq, 10)
     assert recall_at_k(index.search(xq, 10, nprobe=32)[1], gt, 10) >= 0.80
     index.close()
@@ -293,7 +298,8 @@ def test_build_killed_resumes(tmp_path, small_data, mode, n) -> None:
     out = tmp_path / "idx"
     proc = subprocess.run(
         [sys.executable, "-c", KILL_CHILD, str(src), str(out), mode, str(n)],
-        capture_output=True, timeout=120,
+        capture_output=True,
+        timeout=120,
     )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     with ShardedIndex.open(out) as partial:
@@ -304,8 +310,11 @@ def test_build_killed_resumes(tmp_path, small_data, mode, n) -> None:
         assert partial.ntotal == done  # exactly the committed rows, never a mixture
         sealed_files = {
             rec["file"]
-            for s, e in zip(partial._shards, json.loads((out / "manifest.json").read_text())["shards"],
-                            strict=True)
+            for s, e in zip(
+                partial._shards,
+                json.loads((out / "manifest.json").read_text())["shards"],
+                strict=True,
+            )
             if s.sealed
             for rec in e["files"].values()
         }

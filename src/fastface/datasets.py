@@ -282,8 +282,10 @@ def _parquet_batch_to_array(col: Any, d: int | None = None) -> npt.NDArray[np.fl
 
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
-    if not pa.types.is_list(col.type) and not pa.types.is_fixed_size_list(col.type) and not (
-        pa.types.is_large_list(col.type)
+    if (
+        not pa.types.is_list(col.type)
+        and not pa.types.is_fixed_size_list(col.type)
+        and not (pa.types.is_large_list(col.type))
     ):
         raise ValueError(f"parquet column must hold lists of floats, got {col.type}")
     flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
@@ -295,7 +297,9 @@ def _parquet_batch_to_array(col: Any, d: int | None = None) -> npt.NDArray[np.fl
     return flat.reshape(n, flat.size // n)
 
 
-def load_parquet(path: str | os.PathLike[str], *, column: str | None = None) -> npt.NDArray[np.float32]:
+def load_parquet(
+    path: str | os.PathLike[str], *, column: str | None = None
+) -> npt.NDArray[np.float32]:
     """A parquet column of float lists as a float32 ``(n, d)`` array (in memory)."""
     import pyarrow.parquet as pq
 
@@ -307,13 +311,17 @@ def load_parquet(path: str | os.PathLike[str], *, column: str | None = None) -> 
 class VectorSource:
     """A readable set of vectors: ``n``, ``d``, chunked reads and random samples."""
 
-    def __init__(self, path: Path | None, array: Any | None, parquet: Any | None, column: str | None):
+    def __init__(
+        self, path: Path | None, array: Any | None, parquet: Any | None, column: str | None
+    ):
         self.path = path
         self._array = array
         self._pf = parquet
         self._column = column
         if array is not None:
             self.n, self.d = int(array.shape[0]), int(array.shape[1])
+        elif parquet is None:
+            raise ValueError("VectorSource needs an array or a parquet file")
         else:
             self.n = int(parquet.metadata.num_rows)
             first = next(parquet.iter_batches(batch_size=1, columns=[column]))
@@ -334,6 +342,7 @@ class VectorSource:
             for lo in range(start, self.n, chunk_size):
                 yield lo, self._f32(self._array[lo : lo + chunk_size])
             return
+        assert self._pf is not None  # one of array / parquet is set in __init__
         seen = 0  # rows of the file read so far
         buf: list[npt.NDArray[np.float32]] = []
         buffered = 0
@@ -375,8 +384,10 @@ class VectorSource:
     def read_all(self) -> npt.NDArray[np.float32]:
         if self._array is not None:
             return self._f32(self._array)
-        return np.concatenate([x for _, x in self.iter_chunks(65536)]) if self.n else np.empty(
-            (0, self.d), np.float32
+        return (
+            np.concatenate([x for _, x in self.iter_chunks(65536)])
+            if self.n
+            else np.empty((0, self.d), np.float32)
         )
 
 

@@ -25,26 +25,52 @@ import numpy as np
 
 from ..datasets import SyntheticFaces, open_vectors
 from ..eval import ground_truth, identity_accuracy, recall_at_k
-from ..index import IVFPQIndex, IVFPQParams, ShardedIndex
+from ..index import IVFPQParams, ShardedIndex
 from .common import PeakRSS, bench_meta, median_time, print_table, results_dir, write_results
 
-QUICK = {"n_identities": 10_000, "per_identity": 10, "d": 256, "nlist": 256, "M": 32,
-         "nq": 500, "nprobe": [1, 4, 16, 64], "shards": [1, 4]}
-FULL = {"n_identities": 100_000, "per_identity": 10, "d": 512, "nlist": 1024, "M": 64,
-        "nq": 1000, "nprobe": [1, 4, 8, 16, 32, 64, 128], "shards": [1, 4]}
+QUICK = {
+    "n_identities": 10_000,
+    "per_identity": 10,
+    "d": 256,
+    "nlist": 256,
+    "M": 32,
+    "nq": 500,
+    "nprobe": [1, 4, 16, 64],
+    "shards": [1, 4],
+}
+FULL = {
+    "n_identities": 100_000,
+    "per_identity": 10,
+    "d": 512,
+    "nlist": 1024,
+    "M": 64,
+    "nq": 1000,
+    "nprobe": [1, 4, 8, 16, 32, 64, 128],
+    "shards": [1, 4],
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true",
-                   help="small set (100k x 256), finishes in under 2 minutes on 2 cores")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small set (100k x 256), finishes in under 2 minutes on 2 cores",
+    )
     p.add_argument("--n-identities", type=int, help="synthetic identities (default 100000)")
     p.add_argument("--per-identity", type=int, help="vectors per identity (default 10)")
     p.add_argument("--d", type=int, help="dimension (default 512)")
-    p.add_argument("--groups", type=int, default=300,
-                   help="population groups of the synthetic set; 0 for none (default 300)")
-    p.add_argument("--data", type=Path,
-                   help="use this .npy/.fvecs/.parquet instead of synthetic data (queries are "
-                        "then drawn from its rows with added noise)")
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=300,
+        help="population groups of the synthetic set; 0 for none (default 300)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="use this .npy/.fvecs/.parquet instead of synthetic data (queries are "
+        "then drawn from its rows with added noise)",
+    )
     p.add_argument("--nlist", type=int)
     p.add_argument("--M", type=int, help="PQ sub-quantizers")
     p.add_argument("--nbits", type=int, default=8, choices=[4, 8])
@@ -53,8 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nprobe", type=int, nargs="+", help="nprobe values to sweep")
     p.add_argument("--shards", type=int, nargs="+", help="shard counts to compare (default 1 4)")
     p.add_argument("--repeat", type=int, default=5, help="timed repeats per point (median)")
-    p.add_argument("--work-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) /
-                   "fastface-bench", help="where data and indexes are written")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(os.environ.get("TMPDIR", "/tmp")) / "fastface-bench",
+        help="where data and indexes are written",
+    )
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/ann[-quick].json)")
     p.add_argument("--no-plot", action="store_true")
 
@@ -78,8 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         src = open_vectors(args.data)
         data_path = Path(args.data)
         rng = np.random.default_rng(0)
-        rows = rng.choice(src.n, size=cfg["nq"], replace=False)
-        xq = src.sample(src.n, seed=0)[rows] if src.n <= 2_000_000 else src.sample(cfg["nq"])
+        xq = src.sample(cfg["nq"], seed=0)
         xq = xq + rng.standard_normal(xq.shape).astype(np.float32) * 0.02
         xq /= np.linalg.norm(xq, axis=1, keepdims=True)
         qlabels = labels = None
@@ -87,8 +116,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data_desc = {"file": str(data_path), "n": src.n, "d": d}
     else:
         d = cfg["d"]
-        gen = SyntheticFaces(cfg["n_identities"], cfg["per_identity"], d, seed=0,
-                             n_groups=args.groups or None)
+        gen = SyntheticFaces(
+            cfg["n_identities"], cfg["per_identity"], d, seed=0, n_groups=args.groups or None
+        )
         data_path = work / f"synth-{gen.n_identities}x{gen.per_identity}x{d}-g{args.groups}.npy"
         if not data_path.exists():
             t0 = time.perf_counter()
@@ -99,9 +129,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         src = open_vectors(data_path)
         xq, qlabels = gen.queries(cfg["nq"], seed=1)
         labels = np.arange(gen.n) // gen.per_identity
-        data_desc = {"synthetic": {"n_identities": gen.n_identities,
-                                   "per_identity": gen.per_identity, "d": d,
-                                   "n_groups": gen.n_groups, "intra_cos": gen.intra_cos}}
+        data_desc = {
+            "synthetic": {
+                "n_identities": gen.n_identities,
+                "per_identity": gen.per_identity,
+                "d": d,
+                "n_groups": gen.n_groups,
+                "intra_cos": gen.intra_cos,
+            }
+        }
     n = src.n
     params = IVFPQParams(d, cfg["nlist"], cfg["M"], nbits=args.nbits)
     print(f"n={n} d={d} nq={xq.shape[0]} k={k} params={params}", flush=True)
@@ -125,8 +161,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             if codec is None:
-                index = ShardedIndex.build(src.path if src.path else xq, path, params,
-                                           shard_size=shard_size, progress=False)
+                index = ShardedIndex.build(
+                    src.path if src.path else xq,
+                    path,
+                    params,
+                    shard_size=shard_size,
+                    progress=False,
+                )
                 codec = index._codec
             else:
                 index = ShardedIndex.create(path, params, shard_size=shard_size)
@@ -137,13 +178,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 index.flush()
             build_s = time.perf_counter() - t0
         disk = sum(p.stat().st_size for p in path.iterdir())
-        builds[S] = {"shards": S, "build_seconds": build_s,
-                     "peak_rss_gib": mem.peak / 2**30,
-                     "rss_growth_gib": (mem.peak - mem.start_rss) / 2**30,
-                     "disk_bytes": disk, "bytes_per_vector": disk / n}
+        builds[S] = {
+            "shards": S,
+            "build_seconds": build_s,
+            "peak_rss_gib": mem.peak / 2**30,
+            "rss_growth_gib": (mem.peak - mem.start_rss) / 2**30,
+            "disk_bytes": disk,
+            "bytes_per_vector": disk / n,
+        }
         indexes[S] = index
-        print(f"built {S} shard(s) in {build_s:.1f} s, peak RSS {mem.peak / 2**30:.2f} GiB, "
-              f"{disk / n:.1f} bytes/vector on disk", flush=True)
+        print(
+            f"built {S} shard(s) in {build_s:.1f} s, peak RSS {mem.peak / 2**30:.2f} GiB, "
+            f"{disk / n:.1f} bytes/vector on disk",
+            flush=True,
+        )
 
     # --- FAISS IndexIVFPQ with the same codec and vectors; exact IndexFlatIP
     assert codec is not None
@@ -165,12 +213,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     nq = xq.shape[0]
 
     def point(method: str, nprobe: int | None, fn: Any, ref_qps: float | None) -> dict[str, Any]:
-        D, I = fn()
+        _D, I = fn()
         t = median_time(fn, repeat=args.repeat)
         qps = nq / t
-        row = {"method": method, "nprobe": nprobe, "R@1": recall_at_k(I, gt, 1),
-               "R@10": recall_at_k(I, gt, min(10, k)), "QPS": qps, "ms_per_query": 1e3 * t / nq,
-               "ratio_vs_faiss": None if ref_qps is None else qps / ref_qps}
+        row = {
+            "method": method,
+            "nprobe": nprobe,
+            "R@1": recall_at_k(I, gt, 1),
+            "R@10": recall_at_k(I, gt, min(10, k)),
+            "QPS": qps,
+            "ms_per_query": 1e3 * t / nq,
+            "ratio_vs_faiss": None if ref_qps is None else qps / ref_qps,
+        }
         if labels is not None and qlabels is not None:
             row["identity_top1"] = identity_accuracy(I, labels, qlabels)
         rows.append(row)
@@ -182,16 +236,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fr = point("faiss IndexIVFPQ", nprobe, lambda nprobe=nprobe: faiss_search(nprobe), None)
         fr["ratio_vs_faiss"] = 1.0
         for S, index in indexes.items():
-            point(f"fastface {S} shard{'s' if S > 1 else ''}", nprobe,
-                  lambda index=index, nprobe=nprobe: index.search(xq, k, nprobe=nprobe),
-                  fr["QPS"])
+            point(
+                f"fastface {S} shard{'s' if S > 1 else ''}",
+                nprobe,
+                lambda index=index, nprobe=nprobe: index.search(xq, k, nprobe=nprobe),
+                fr["QPS"],
+            )
     flat_row = point("faiss IndexFlatIP (exact)", None, lambda: flat.search(xq, k), None)
     flat_row["ratio_vs_faiss"] = None
 
-    table = print_table(rows, [("method", "method", "s"), ("nprobe", "nprobe", ""),
-                               ("R@1", "R@1", ".3f"), ("R@10", "R@10", ".3f"),
-                               ("QPS", "QPS", ",.0f"), ("ms_per_query", "ms/query", ".3f"),
-                               ("ratio_vs_faiss", "vs FAISS", ".3f")])
+    table = print_table(
+        rows,
+        [
+            ("method", "method", "s"),
+            ("nprobe", "nprobe", ""),
+            ("R@1", "R@1", ".3f"),
+            ("R@10", "R@10", ".3f"),
+            ("QPS", "QPS", ",.0f"),
+            ("ms_per_query", "ms/query", ".3f"),
+            ("ratio_vs_faiss", "vs FAISS", ".3f"),
+        ],
+    )
     ratios = [r["ratio_vs_faiss"] for r in rows if r["method"] == "fastface 1 shard"]
     summary = {
         "median_ratio_1_shard_vs_faiss": float(np.median(ratios)) if ratios else None,
@@ -202,18 +267,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if S != 1 and 1 in indexes:
             mine = [r["QPS"] for r in rows if r["method"].startswith(f"fastface {S} ")]
             one = [r["QPS"] for r in rows if r["method"] == "fastface 1 shard"]
-            summary[f"median_qps_ratio_{S}_shards_vs_1"] = float(np.median(np.array(mine) /
-                                                                           np.array(one)))
+            summary[f"median_qps_ratio_{S}_shards_vs_1"] = float(
+                np.median(np.array(mine) / np.array(one))
+            )
     print({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in summary.items()})
     out = args.out or results_dir() / ("ann-quick.json" if args.quick else "ann.json")
-    payload = {"meta": bench_meta(), "config": {**cfg, "k": k, "params": params.to_dict(),
-                                                 "data": data_desc, "repeat": args.repeat},
-               "builds": list(builds.values()), "rows": rows, "summary": summary,
-               "table": table}
+    payload = {
+        "meta": bench_meta(),
+        "config": {
+            **cfg,
+            "k": k,
+            "params": params.to_dict(),
+            "data": data_desc,
+            "repeat": args.repeat,
+        },
+        "builds": list(builds.values()),
+        "rows": rows,
+        "summary": summary,
+        "table": table,
+    }
     write_results(out, payload)
     if not args.no_plot:
-        plot(rows, Path(out).with_suffix(".png"), title=f"n={n}, d={d}, {params.nlist} lists, "
-             f"M={params.M}x{params.nbits}b, k={k}")
+        plot(
+            rows,
+            Path(out).with_suffix(".png"),
+            title=f"n={n}, d={d}, {params.nlist} lists, M={params.M}x{params.nbits}b, k={k}",
+        )
     for index in indexes.values():
         index.close()
     print(f"wrote {out}", flush=True)
@@ -237,8 +316,13 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
         else:
             ax.plot(xs, ys, marker="o", label=m)
             for r in pts:
-                ax.annotate(str(r["nprobe"]), (r["R@10"], r["QPS"]), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
+                ax.annotate(
+                    str(r["nprobe"]),
+                    (r["R@10"], r["QPS"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                )
     ax.set_yscale("log")
     ax.set_xlabel("R@10 (k-recall@10 against exact search)")
     ax.set_ylabel("queries per second (log)")
@@ -251,8 +335,11 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench/ann.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench/ann.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     run(p.parse_args(argv))
     return 0

@@ -80,8 +80,16 @@ def timed() -> Iterator[dict[str, float]]:
 
 
 def _git_sha() -> str | None:
+    """The checkout's commit: the working directory's, else the source tree's (editable)."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        sha = _git_sha_at(root)
+        if sha:
+            return sha
+    return None
+
+
+def _git_sha_at(root: Path) -> str | None:
     try:
-        root = Path(__file__).resolve().parents[3]
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
         )
@@ -90,7 +98,10 @@ def _git_sha() -> str | None:
             return None
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, timeout=5,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -143,9 +154,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
     """Print rows as a fixed-width table; ``columns`` are (key, header, format)."""
     cells = [[h for _, h, _ in columns]]
     for r in rows:
-        cells.append(
-            [("" if r.get(k) is None else format(r[k], f)) for k, _, f in columns]
-        )
+        cells.append([("" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     lines = ["  ".join(c[i].rjust(widths[i]) for i in range(len(columns))) for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -85,9 +85,12 @@ class IVFPQParams:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in obj.items() if k in fields})
 
-    def new_faiss_index(self) -> faiss.Index:
+    def new_faiss_index(self) -> Any:
         metric = _METRICS[self.metric]
-        quantizer = faiss.IndexFlatIP(self.d) if self.metric == "ip" else faiss.IndexFlatL2(self.d)
+        quantizer: Any = (
+            faiss.IndexFlatIP(self.d) if self.metric == "ip" else faiss.IndexFlatL2(self.d)
+        )
+        index: Any
         if self.nbits == 4:
             index = faiss.IndexIVFPQFastScan(quantizer, self.d, self.nlist, self.M, 4, metric)
         else:
@@ -101,7 +104,7 @@ def _pad_value(params: IVFPQParams) -> float:
     return float("-inf") if params.larger_is_better else float("inf")
 
 
-def _invlist_ids(index: faiss.Index) -> npt.NDArray[np.int64]:
+def _invlist_ids(index: Any) -> npt.NDArray[np.int64]:
     """All ids stored in an IVF index's inverted lists (list order)."""
     invlists = index.invlists
     parts = []
@@ -126,13 +129,13 @@ class IVFPQIndex:
     >>> xb, _ = data.vectors()
     >>> index = IVFPQIndex(IVFPQParams(32, 16, 8))
     >>> index.train(xb)
-    >>> index.add(xb)
+    >>> ids = index.add(xb)
     >>> D, I = index.search(xb[:2], 5, nprobe=16)
     >>> D.shape, I.dtype.name, index.ntotal
     ((2, 5), 'int64', 4000)
     """
 
-    def __init__(self, params: IVFPQParams, *, _faiss_index: faiss.Index | None = None) -> None:
+    def __init__(self, params: IVFPQParams, *, _faiss_index: Any = None) -> None:
         if not isinstance(params, IVFPQParams):
             raise TypeError(f"params: expected IVFPQParams, got {type(params).__name__}")
         self.params = params
@@ -194,7 +197,9 @@ class IVFPQIndex:
             )
 
     # --- train / add ---------------------------------------------------------------------------
-    def train(self, x: npt.NDArray[np.float32], *, max_points: int | None = None, seed: int = 0) -> None:
+    def train(
+        self, x: npt.NDArray[np.float32], *, max_points: int | None = None, seed: int = 0
+    ) -> None:
         """Train the coarse quantizer and the PQ codebooks (FAISS k-means) on ``x``.
 
         At most ``max_points`` rows (default ``256 * nlist``, at least 65536) are
@@ -297,7 +302,7 @@ class IVFPQIndex:
         q: npt.NDArray[np.float32],
         k: int,
         nprobe: int,
-        exclude: faiss.IDSelector | None,
+        exclude: Any,
         coarse: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Search without validation; ``exclude`` drops ids inside the scan.
@@ -355,7 +360,7 @@ class IVFPQIndex:
 
     @classmethod
     def from_faiss(
-        cls, params: IVFPQParams, index: faiss.Index, ids: Iterable[int] | None = None
+        cls, params: IVFPQParams, index: Any, ids: Iterable[int] | None = None
     ) -> IVFPQIndex:
         obj = cls(params, _faiss_index=index)
         obj._ids = _invlist_ids(index) if ids is None else np.asarray(ids, dtype=np.int64)
@@ -404,7 +409,7 @@ class IVFPQIndex:
         return obj
 
 
-def read_faiss_index(path: Path, *, mmap: bool) -> faiss.Index:
+def read_faiss_index(path: Path, *, mmap: bool) -> Any:
     flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
     try:
         index = faiss.read_index(str(path), flags)

@@ -57,7 +57,8 @@ class ShardedIndex:
     >>> from fastface.datasets import SyntheticFaces
     >>> xb, _ = SyntheticFaces(n_identities=300, per_identity=10, d=32, seed=1).vectors()
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     with ShardedIndex.create(tmp + "/idx", IVFPQParams(32, 16, 8), shard_size=1000) as index:
+    ...     params = IVFPQParams(32, 16, 8)
+    ...     with ShardedIndex.create(tmp + "/idx", params, shard_size=1000) as index:
     ...         index.train(xb)
     ...         _ = index.add(xb)
     ...         D, I = index.search(xb[:3], 4, nprobe=16)
@@ -71,7 +72,7 @@ class ShardedIndex:
         self.shard_size = shard_size
         self._writable = writable
         self._lock: storage.WriterLock | None = None
-        self._codec: faiss.Index | None = None
+        self._codec: Any = None
         self._codec_rec: storage.FileRecord | None = None
         self._shards: list[_Shard] = []
         self._tombstones = np.empty(0, np.int64)
@@ -233,7 +234,9 @@ class ShardedIndex:
             )
 
     # --- train / add --------------------------------------------------------------------------
-    def train(self, x: npt.NDArray[np.float32], *, max_points: int | None = None, seed: int = 0) -> None:
+    def train(
+        self, x: npt.NDArray[np.float32], *, max_points: int | None = None, seed: int = 0
+    ) -> None:
         """Train the shared codec (coarse quantizer and PQ) on a sample of ``x``."""
         self._check_writable()
         if self.is_trained:
@@ -376,16 +379,16 @@ class ShardedIndex:
         return merge_topk(D, I, k, larger_is_better=self.params.larger_is_better)
 
     def _stacked(self, shards: list[IVFPQIndex]) -> IVFPQIndex:
-        """A read-only IVFPQIndex whose list ``l`` is the concatenation of the shards' lists ``l``."""
+        """A read-only IVFPQIndex whose list ``l`` concatenates the shards' lists ``l``."""
         key = tuple((id(s._index), s.ntotal) for s in shards)
         if self._stack is not None and self._stack[0] == key:
             return self._stack[1]
         assert self._codec is not None
-        vec = faiss.InvertedListsPtrVector()
+        vec = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]
         for s in shards:
             vec.push_back(s._index.invlists)
         hstack = faiss.HStackInvertedLists(vec.size(), vec.data())
-        view = faiss.clone_index(self._codec)
+        view: Any = faiss.clone_index(self._codec)
         view.replace_invlists(hstack, False)
         view.ntotal = sum(s.ntotal for s in shards)
         stacked = IVFPQIndex(self.params, _faiss_index=view)
@@ -483,7 +486,9 @@ class ShardedIndex:
                 continue
             stem = f"shard-{s.number:06d}-g{g:06d}"
             s.files = {
-                "index": storage.atomic_write_bytes(self.path / f"{stem}.faiss", s.index.to_bytes()),
+                "index": storage.atomic_write_bytes(
+                    self.path / f"{stem}.faiss", s.index.to_bytes()
+                ),
                 "ids": storage.atomic_write_npy(self.path / f"{stem}.npy", s.index._ids),
             }
             s.dirty = False
@@ -612,8 +617,11 @@ class ShardedIndex:
                         ids = np.arange(lo, lo + chunk.shape[0], dtype=np.int64)
                         index.add(chunk, ids, commit=False)
                         index.set_build_state(
-                            {"source": fingerprint, "rows_done": lo + chunk.shape[0],
-                             "complete": False}
+                            {
+                                "source": fingerprint,
+                                "rows_done": lo + chunk.shape[0],
+                                "complete": False,
+                            }
                         )
                         bar.update(chunk.shape[0])
                 index.set_build_state({"source": fingerprint, "rows_done": src.n, "complete": True})
