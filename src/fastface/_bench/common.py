@@ -20,6 +20,7 @@ import psutil
 __all__ = [
     "PeakRSS",
     "bench_meta",
+    "interleaved_times",
     "median_time",
     "print_table",
     "results_dir",
@@ -39,25 +40,60 @@ def median_time(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]], *, repeat: int = 5, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall times of each ``fn`` over ``repeat`` rounds, the methods taking turns each round.
+
+    Taking turns spreads a busy machine's slowdowns evenly over the methods
+    compared, so their ratio stays fair; report medians.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 class PeakRSS:
-    """Samples this process's resident memory on a thread; ``peak`` in bytes."""
+    """Samples this process's resident memory on a thread.
+
+    ``peak`` is the peak resident set (bytes), which counts pages of
+    memory-mapped files that were touched; ``peak_anon`` is the peak of
+    ``rss - shared``, the process's own (anonymous) memory, which is what an
+    index costs in RAM when its inputs are memory-mapped.
+    """
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
         self.peak = 0
+        self.peak_anon = 0
         self.start_rss = 0
+        self.start_anon = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         proc = psutil.Process()
         while not self._stop.is_set():
-            self.peak = max(self.peak, proc.memory_info().rss)
+            self._sample(proc)
             self._stop.wait(self.interval)
 
+    def _sample(self, proc: psutil.Process) -> None:
+        m = proc.memory_info()
+        self.peak = max(self.peak, m.rss)
+        self.peak_anon = max(self.peak_anon, m.rss - getattr(m, "shared", 0))
+
     def __enter__(self) -> PeakRSS:
-        self.start_rss = psutil.Process().memory_info().rss
-        self.peak = self.start_rss
+        m = psutil.Process().memory_info()
+        self.start_rss = m.rss
+        self.start_anon = m.rss - getattr(m, "shared", 0)
+        self.peak, self.peak_anon = self.start_rss, self.start_anon
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -66,7 +102,7 @@ class PeakRSS:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.peak = max(self.peak, psutil.Process().memory_info().rss)
+        self._sample(psutil.Process())
 
 
 @contextmanager
