@@ -92,8 +92,8 @@ def template(name: str = "arcface", size: int | None = None) -> np.ndarray:
     --------
     >>> template("arcface", 128)[0].round(4).tolist()
     [46.2946, 51.6963]
-    >>> template("dlib").shape
-    (5, 2)
+    >>> template("dlib").round(3)[4].tolist()
+    [73.511, 87.28]
     """
     if name == "arcface":
         size = 112 if size is None else _positive_size(size)
@@ -106,7 +106,7 @@ def template(name: str = "arcface", size: int | None = None) -> np.ndarray:
     if name == "dlib":
         size = DLIB_CHIP_SIZE if size is None else _positive_size(size)
         pad = DLIB_CHIP_PADDING
-        return (DLIB_TEMPLATE + pad) / (2 * pad + 1) * size
+        return (DLIB_TEMPLATE + pad) / (2 * pad + 1) * size - 0.5
     raise ValueError(f"template: unknown name {name!r}; use 'arcface', 'dlib' or a (5, 2) array")
 
 
@@ -158,7 +158,7 @@ def estimate_similarity(src: npt.ArrayLike, dst: npt.ArrayLike) -> np.ndarray:
     sign[np.linalg.det(A) < 0, 1] = -1.0
     U, S, Vt = np.linalg.svd(A)
     tol = S.max(axis=1) * 2 * np.finfo(np.float64).eps
-    rank = np.count_nonzero(S > tol[:, None], axis=1)
+    rank = np.count_nonzero(tol[:, None] < S, axis=1)
     if (rank == 0).any():
         bad = int(np.flatnonzero(rank == 0)[0])
         raise ValueError(
@@ -248,7 +248,7 @@ def _check_landmarks(landmarks: Any, k: int) -> np.ndarray:
     if lm.ndim != 3 or lm.shape[1:] != (k, 2):
         raise ValueError(
             f"landmarks: expected shape (F, {k}, 2) (x, y per point), got {tuple(lm.shape)}"
-            + (f"; for one face pass landmarks[None]" if lm.shape == (k, 2) else "")
+            + ("; for one face pass landmarks[None]" if lm.shape == (k, 2) else "")
         )
     lm = lm.astype(np.float64, copy=False)
     finite = np.isfinite(lm).all(axis=(1, 2))
@@ -338,8 +338,7 @@ def align(
         dst = np.asarray(template, dtype=np.float64)
         if dst.shape != (5, 2) or not np.isfinite(dst).all():
             raise ValueError(
-                f"template: expected a finite (5, 2) array in output pixels, got shape "
-                f"{dst.shape}"
+                f"template: expected a finite (5, 2) array in output pixels, got shape {dst.shape}"
             )
         size = 112 if size is None else size
     size = _positive_size(size)
@@ -370,7 +369,12 @@ def align(
         empty = (0, size, size, 3) if output == "uint8" else (0, 3, size, size)
         dtype = np.uint8 if output == "uint8" else np.float32
         return AlignResult(np.empty(empty, dtype), np.empty((0, 2, 3)))
-    M = np.ascontiguousarray(estimate_similarity(lm, dst))
+    if isinstance(template, str) and template == "dlib":
+        # dlib fits the chip-to-image transform (template -> landmarks); least
+        # squares is not symmetric, so fit that direction too and invert it.
+        M = _invert_affine(estimate_similarity(np.broadcast_to(dst, lm.shape), lm))
+    else:
+        M = np.ascontiguousarray(estimate_similarity(lm, dst))
     fixed = kernel == "fixed"
     if output == "uint8":
         crops = _C.warp_affine_u8(imgs, idx, M, size, size, fixed)
@@ -382,6 +386,15 @@ def align(
     channel = [0, 1, 2] if rgb else [2, 1, 0]
     crops = _C.warp_affine_f32_nchw(imgs, idx, M, size, size, m3, s3, channel, fixed)
     return AlignResult(crops, M)
+
+
+def _invert_affine(A: np.ndarray) -> np.ndarray:
+    """Inverses of (F, 2, 3) affine matrices."""
+    L = np.linalg.inv(A[:, :, :2])
+    out = np.empty_like(A)
+    out[:, :, :2] = L
+    out[:, :, 2] = -np.einsum("fij,fj->fi", L, A[:, :, 2])
+    return np.ascontiguousarray(out)
 
 
 def _three(v: float | Sequence[float], name: str) -> list[float]:
