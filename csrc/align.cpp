@@ -18,6 +18,9 @@ constexpr int kInterBits = 5;
 constexpr int kTab = 1 << kInterBits;
 constexpr int64_t kRoundDelta = (int64_t{1} << kAbBits) / kTab / 2;
 
+// About 16 crops of 112 x 112: below this a batch is warped on one thread.
+constexpr int64_t kMinParallelPixels = 200000;
+
 // Inverts a 2 x 3 forward matrix in the order OpenCV does, so that the
 // crop-to-image matrix rounds the same way.
 void invert_affine(const double* m, double* a) {
@@ -260,7 +263,11 @@ void warp_row_fixed(const ImageView& img, const double* a, int64_t y, int64_t w,
 template <class Emit>
 void for_each_row(const ImageView* images, const int64_t* image_index, const double* M, int64_t F,
                   int64_t out_h, int64_t out_w, bool fixed_point, const Emit& emit) {
-#pragma omp parallel
+  // Small batches stay on the calling thread: a parallel region has to wait
+  // for every worker to be scheduled, which on a busy machine can cost more
+  // than warping a few crops.
+  const bool parallel = F > 1 && F * out_h * out_w >= kMinParallelPixels;
+#pragma omp parallel if (parallel)
   {
     Scratch s(out_w);
 #pragma omp for schedule(dynamic, 4)
