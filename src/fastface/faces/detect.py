@@ -38,6 +38,8 @@ _MEAN = np.float32(127.5)
 _SCALE = np.float32(0.0078125)
 _PNET_CELL = 12
 _PNET_STRIDE = 2
+_PYRAMID_PIXELS = 256 * 256
+_NET_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -213,9 +215,15 @@ class MTCNN:
         }
 
     def _run(self, name: str, x: np.ndarray) -> list[np.ndarray]:
+        """Run one network on a batch, in chunks of _NET_BATCH: larger batches
+        gained nothing on CPU and lost cache locality."""
         sess = self._sessions[name]
-        outs = sess.run(None, {sess.get_inputs()[0].name: x})
-        return [np.asarray(o) for o in outs]
+        feed = sess.get_inputs()[0].name
+        parts = [
+            sess.run(None, {feed: np.ascontiguousarray(x[i : i + _NET_BATCH])})
+            for i in range(0, max(len(x), 1), _NET_BATCH)
+        ]
+        return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(parts[0]))]
 
     def detect(
         self,
@@ -248,12 +256,20 @@ class MTCNN:
         threshold: float,
         scale_factor: float,
     ) -> tuple[np.ndarray, np.ndarray]:
-        # Images of one size share every pyramid level: group them.
+        # Images of one size share every pyramid level: group them, in chunks
+        # of about _PYRAMID_PIXELS so that a level's input and P-net's
+        # activations stay in cache (on CPU, ONNX Runtime gains nothing from
+        # a larger batch, and 32 images of 250 x 250 at once ran at half the
+        # speed of one image at a time).
         groups: dict[tuple[int, int], list[int]] = {}
         for i, hw in enumerate(shapes):
             groups.setdefault(hw, []).append(i)
-        all_boxes, all_owner = [], []
+        chunks = []
         for (H, W), members in groups.items():
+            step = max(1, _PYRAMID_PIXELS // (H * W))
+            chunks += [((H, W), members[j : j + step]) for j in range(0, len(members), step)]
+        all_boxes, all_owner = [], []
+        for (H, W), members in chunks:
             batch = (
                 imgs[members]
                 if isinstance(imgs, np.ndarray)
