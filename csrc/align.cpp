@@ -1,5 +1,7 @@
 #include "align.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -262,12 +264,13 @@ void warp_row_fixed(const ImageView& img, const double* a, int64_t y, int64_t w,
 // hands them to `emit(f, y, px)`. Parallel over faces.
 template <class Emit>
 void for_each_row(const ImageView* images, const int64_t* image_index, const double* M, int64_t F,
-                  int64_t out_h, int64_t out_w, bool fixed_point, const Emit& emit) {
+                  int64_t out_h, int64_t out_w, bool fixed_point, int threads, const Emit& emit) {
   // Small batches stay on the calling thread: a parallel region has to wait
   // for every worker to be scheduled, which on a busy machine can cost more
   // than warping a few crops.
-  const bool parallel = F > 1 && F * out_h * out_w >= kMinParallelPixels;
-#pragma omp parallel if (parallel)
+  const bool parallel = F > 1 && F * out_h * out_w >= kMinParallelPixels && threads != 1;
+  const int team = threads > 0 ? threads : omp_get_max_threads();
+#pragma omp parallel if (parallel) num_threads(team)
   {
     Scratch s(out_w);
 #pragma omp for schedule(dynamic, 4)
@@ -296,8 +299,9 @@ void for_each_row(const ImageView* images, const int64_t* image_index, const dou
 }  // namespace
 
 void warp_affine_u8(const ImageView* images, const int64_t* image_index, const double* M,
-                    int64_t F, int64_t out_h, int64_t out_w, bool fixed_point, uint8_t* out) {
-  for_each_row(images, image_index, M, F, out_h, out_w, fixed_point,
+                    int64_t F, int64_t out_h, int64_t out_w, bool fixed_point, int threads,
+                    uint8_t* out) {
+  for_each_row(images, image_index, M, F, out_h, out_w, fixed_point, threads,
                [=](int64_t f, int64_t y, const uint32_t* px) {
                  uint8_t* o = out + (f * out_h + y) * out_w * 3;
                  // Overlapping 4-byte stores; the last pixel writes 3 bytes.
@@ -308,8 +312,9 @@ void warp_affine_u8(const ImageView* images, const int64_t* image_index, const d
 
 void warp_affine_f32_nchw(const ImageView* images, const int64_t* image_index, const double* M,
                           int64_t F, int64_t out_h, int64_t out_w, const float* mean,
-                          const float* std, const int* channel, bool fixed_point, float* out) {
-  for_each_row(images, image_index, M, F, out_h, out_w, fixed_point,
+                          const float* std, const int* channel, bool fixed_point, int threads,
+                          float* out) {
+  for_each_row(images, image_index, M, F, out_h, out_w, fixed_point, threads,
                [=](int64_t f, int64_t y, const uint32_t* __restrict px) {
                  for (int c = 0; c < 3; ++c) {
                    float* __restrict o = out + ((f * 3 + c) * out_h + y) * out_w;

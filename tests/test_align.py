@@ -220,3 +220,14 @@ def test_fixed_point_kernel_equals_its_numpy_twin_bit_for_bit():
     crops, M = align(imgs, lm, kernel="fixed")
     for i in range(12):
         np.testing.assert_array_equal(crops[i], fixed_point_twin(imgs[i], M[i], 112))
+
+
+def test_thread_count_does_not_change_the_crops():
+    rng = np.random.default_rng(8)
+    imgs = rng.integers(0, 256, (40, 120, 120, 3), dtype=np.uint8)
+    lm = random_faces(rng, 40, 120, 120)
+    one, _ = align(imgs, lm, threads=1)
+    two, _ = align(imgs, lm, threads=2)
+    np.testing.assert_array_equal(one, two)
+    with pytest.raises(ValueError, match="threads"):
+        align(imgs, lm, threads=0)
