@@ -109,6 +109,9 @@ def test_detect_bad_input():
         detect([np.zeros((50, 50, 3), np.uint8)], min_face_size=0)
     with pytest.raises(ValueError, match="thresholds"):
         detect([np.zeros((50, 50, 3), np.uint8)], thresholds=(0.6, 0.7))
+    with pytest.raises(ValueError, match="gray_to_rgb"):
+        detect([np.zeros((50, 50), np.uint8)])
+    assert len(detect([np.zeros((50, 50), np.uint8)], gray_to_rgb=True)[0]) == 0
 
 
 def test_dlib_template_reproduces_dlib_get_face_chip(astronaut, astronaut_faces):

@@ -232,6 +232,7 @@ class MTCNN:
         min_face_size: float = 20,
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
         scale_factor: float = 0.709,
+        gray_to_rgb: bool = False,
     ) -> list[Detections]:
         """See :func:`fastface.faces.detect`."""
         if not (np.isfinite(min_face_size) and min_face_size >= 1):
@@ -240,7 +241,7 @@ class MTCNN:
             raise ValueError(f"thresholds: expected three probabilities, got {thresholds!r}")
         if not 0.0 < scale_factor < 1.0:
             raise ValueError(f"scale_factor: expected a value in (0, 1), got {scale_factor!r}")
-        imgs, shapes = _check_images(images, gray_to_rgb=False)
+        imgs, shapes = _check_images(images, gray_to_rgb)
         n = len(shapes)
         if n == 0:
             return []
@@ -392,6 +393,7 @@ def detect(
     min_face_size: float = 20,
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
     scale_factor: float = 0.709,
+    gray_to_rgb: bool = False,
 ) -> list[Detections]:
     """Find faces and their 5 landmarks with MTCNN.
 
@@ -405,6 +407,8 @@ def detect(
         Face-probability thresholds of P-net, R-net and O-net.
     scale_factor : float
         Ratio between pyramid levels.
+    gray_to_rgb : bool
+        Replicate single-channel images to 3 channels instead of raising.
 
     Returns
     -------
@@ -422,5 +426,9 @@ def detect(
     (1, 112, 112, 3)
     """
     return _default_model().detect(
-        images, min_face_size=min_face_size, thresholds=thresholds, scale_factor=scale_factor
+        images,
+        min_face_size=min_face_size,
+        thresholds=thresholds,
+        scale_factor=scale_factor,
+        gray_to_rgb=gray_to_rgb,
     )
