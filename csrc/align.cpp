@@ -86,10 +86,11 @@ void gather_taps(const ImageView& img, int64_t lo, int64_t hi, Scratch& s) {
 }
 
 // floor(v) for |v| < 2^31: truncate, then subtract 1 where that rounded up
-// (the sign bit of v - trunc(v)). std::floor does not vectorise here.
+// (the sign bit of v - trunc(v); adding +0 turns a -0 from v = -0 into +0).
+// std::floor does not vectorise here.
 inline int32_t floor_int(float v) {
   const int32_t t = static_cast<int32_t>(v);
-  const float d = v - static_cast<float>(t);
+  const float d = (v - static_cast<float>(t)) + 0.0f;
   int32_t bits;
   std::memcpy(&bits, &d, sizeof bits);
   return t + (bits >> 31);
@@ -166,7 +167,7 @@ void warp_row_f32(const ImageView& img, const double* a, int64_t y, int64_t w, S
   int32_t* __restrict ix = s.ix.data();
   int32_t* __restrict iy = s.iy.data();
   const float hx = static_cast<float>(img.width + 1), hy = static_cast<float>(img.height + 1);
-  // A 32-bit counter: int32 -> float converts in vector registers, int64 not.
+  // 32-bit counters: int32 -> float converts in vector registers, int64 not.
   // Two passes of a shape GCC vectorises (it gives up on clamp, convert and
   // subtract in one loop under -ftrapping-math). Far-away coordinates are
   // clamped to [-2, size + 1] before the integer conversion: those ends are
