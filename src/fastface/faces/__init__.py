@@ -10,7 +10,7 @@ from .align import (
     estimate_similarity,
     template,
 )
-from .detect import MTCNN, Detections, detect, mtcnn_model_paths
+from .detect import MTCNN, Detections, detect, mtcnn_model_paths, stack_landmarks
 from .landmarks import dlib_landmarks, dlib_shape_predictor_path
 
 templates = {"arcface": ARCFACE_TEMPLATE, "dlib": DLIB_TEMPLATE}
@@ -27,6 +27,7 @@ __all__ = [
     "dlib_shape_predictor_path",
     "estimate_similarity",
     "mtcnn_model_paths",
+    "stack_landmarks",
     "template",
     "templates",
 ]

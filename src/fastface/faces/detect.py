@@ -32,7 +32,7 @@ import numpy as np
 from .. import _C  # type: ignore[attr-defined]
 from .align import _check_images
 
-__all__ = ["MTCNN", "Detections", "detect", "mtcnn_model_paths"]
+__all__ = ["MTCNN", "Detections", "detect", "mtcnn_model_paths", "stack_landmarks"]
 
 _MEAN = np.float32(127.5)
 _SCALE = np.float32(0.0078125)
@@ -63,6 +63,27 @@ class Detections:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+
+def stack_landmarks(detections: Sequence[Detections]) -> tuple[np.ndarray, np.ndarray]:
+    """All faces' landmarks as one ``(F, 5, 2)`` array and the image each comes from.
+
+    The two arguments :func:`fastface.faces.align` takes after ``images``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> one = Detections(np.zeros((2, 4)), np.ones(2), np.zeros((2, 5, 2)))
+    >>> none = Detections(np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2)))
+    >>> lm, image_index = stack_landmarks([none, one])
+    >>> lm.shape, image_index.tolist()
+    ((2, 5, 2), [1, 1])
+    """
+    if not detections:
+        return np.zeros((0, 5, 2), np.float32), np.zeros(0, np.int64)
+    lm = np.concatenate([np.asarray(d.landmarks, np.float32) for d in detections])
+    index = np.repeat(np.arange(len(detections)), [len(d) for d in detections])
+    return lm, index.astype(np.int64)
 
 
 def mtcnn_model_paths() -> dict[str, Path]:
@@ -419,11 +440,13 @@ def detect(
     Examples
     --------
     >>> from skimage import data
-    >>> from fastface.faces import detect, align
-    >>> [faces] = detect([data.astronaut()])
-    >>> crops, M = align([data.astronaut()], faces.landmarks[:1])
-    >>> crops.shape
-    (1, 112, 112, 3)
+    >>> from fastface.faces import align, detect, stack_landmarks
+    >>> images = [data.astronaut()]
+    >>> faces = detect(images)
+    >>> landmarks, image_index = stack_landmarks(faces)
+    >>> crops, M = align(images, landmarks, image_index=image_index)
+    >>> crops.shape[1:], faces[0].scores[0] > 0.99
+    ((112, 112, 3), np.True_)
     """
     return _default_model().detect(
         images,
