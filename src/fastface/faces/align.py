@@ -110,6 +110,9 @@ def template(name: str = "arcface", size: int | None = None) -> np.ndarray:
     raise ValueError(f"template: unknown name {name!r}; use 'arcface', 'dlib' or a (5, 2) array")
 
 
+_named_template = template  # align's `template` argument shadows the function
+
+
 def _positive_size(size: Any, name: str = "size") -> int:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
         raise ValueError(f"{name}: expected a positive int, got {size!r}")
@@ -335,7 +338,7 @@ def align(
     if kernel not in ("float", "fixed"):
         raise ValueError(f"kernel: expected 'float' or 'fixed', got {kernel!r}")
     if isinstance(template, str):
-        dst = globals()["template"](template, size)
+        dst = _named_template(template, size)
         size = 112 if size is None and template == "arcface" else size
         size = DLIB_CHIP_SIZE if size is None else size
     else:
