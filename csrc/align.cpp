@@ -38,15 +38,15 @@ void invert_affine(const double* m, double* a) {
 
 // Per-thread buffers, one crop row long.
 struct Scratch {
-  std::vector<int64_t> adelta, bdelta;      // fixed point: per-column coordinate steps
-  std::vector<float> sx, sy;                // float: source coordinates, then fractions
-  std::vector<float> cx, cy;                // float: coordinates clamped near the image
-  std::vector<int32_t> ix, iy, wx, wy;      // integer tap position, fixed-point weights
+  std::vector<int64_t> adelta, bdelta;       // fixed point: per-column coordinate steps
+  std::vector<float> sx, sy;                 // float: source coordinates, then fractions
+  std::vector<float> cx, cy;                 // float: coordinates clamped near the image
+  std::vector<int32_t> ix, iy, wx, wy;       // integer tap position, fixed-point weights
   std::vector<uint32_t> t00, t01, t10, t11;  // the four taps, 3 channels + 1 spare byte
-  std::vector<uint32_t> px;                 // the row: channel c in byte c of each word
+  std::vector<uint32_t> px;                  // the row: channel c in byte c of each word
   explicit Scratch(int64_t w)
-      : adelta(w), bdelta(w), sx(w), sy(w), cx(w), cy(w), ix(w), iy(w), wx(w), wy(w), t00(w), t01(w), t10(w),
-        t11(w), px(w) {}
+      : adelta(w), bdelta(w), sx(w), sy(w), cx(w), cy(w), ix(w), iy(w), wx(w), wy(w), t00(w),
+        t01(w), t10(w), t11(w), px(w) {}
 };
 
 inline int64_t round_double(double v) { return static_cast<int64_t>(std::nearbyint(v)); }

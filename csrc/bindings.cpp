@@ -125,9 +125,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_w"), py::arg("fixed_point"), py::arg("threads") = 0, warp_doc);
   m.def("warp_affine_f32_nchw", &warp_affine_f32_nchw<u8c>, py::arg("images").noconvert(),
         py::arg("image_index").noconvert(), py::arg("M").noconvert(), py::arg("out_h"),
-        py::arg("out_w"), py::arg("mean"), py::arg("std"), py::arg("channel"), py::arg("fixed_point"), py::arg("threads") = 0, warp_doc);
+        py::arg("out_w"), py::arg("mean"), py::arg("std"), py::arg("channel"),
+        py::arg("fixed_point"), py::arg("threads") = 0, warp_doc);
   m.def("warp_affine_f32_nchw", &warp_affine_f32_nchw<std::vector<u8c>>,
         py::arg("images").noconvert(), py::arg("image_index").noconvert(),
-        py::arg("M").noconvert(), py::arg("out_h"), py::arg("out_w"), py::arg("mean"), py::arg("std"),
-        py::arg("channel"), py::arg("fixed_point"), py::arg("threads") = 0, warp_doc);
+        py::arg("M").noconvert(), py::arg("out_h"), py::arg("out_w"), py::arg("mean"),
+        py::arg("std"), py::arg("channel"), py::arg("fixed_point"), py::arg("threads") = 0,
+        warp_doc);
 }
