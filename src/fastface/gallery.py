@@ -412,7 +412,8 @@ class Gallery:
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise FileExistsError(
-                f"{path}: exists and is not empty; open it with Gallery.open or pick a new directory"
+                f"{path}: exists and is not empty; open it with Gallery.open or pick a new "
+                "directory"
             )
         config = {
             "format": FORMAT,
@@ -440,9 +441,7 @@ class Gallery:
                 with db:
                     db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
                 with db:
-                    db.execute(
-                        "INSERT INTO meta VALUES ('key', ?)", (secrets.token_hex(32),)
-                    )
+                    db.execute("INSERT INTO meta VALUES ('key', ?)", (secrets.token_hex(32),))
                     db.execute(
                         "INSERT INTO meta VALUES ('audit_head', ?)",
                         (json.dumps({"seq": 0, "hash": _GENESIS}),),
@@ -557,7 +556,9 @@ class Gallery:
         return hmac.new(self._key, subject_id.encode(), hashlib.sha256).hexdigest()[:32]
 
     # --- train / enrol ------------------------------------------------------------------------
-    def train(self, x: npt.NDArray[np.float32], *, max_points: int | None = None, seed: int = 0) -> None:
+    def train(
+        self, x: npt.NDArray[np.float32], *, max_points: int | None = None, seed: int = 0
+    ) -> None:
         """Train the index codec on a sample (before the first enrolment).
 
         The sample's vectors are not stored; only the codebooks learnt from them.
@@ -626,8 +627,19 @@ class Gallery:
                     "embedder_id, embedder_version, enrolled_at, retain_until, op_id, embedding) "
                     "VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        (int(i), subject_id, legal_basis, consent_ref, source, cfg["embedder_id"],
-                         cfg["embedder_version"], now, retain, op_id, row.tobytes())
+                        (
+                            int(i),
+                            subject_id,
+                            legal_basis,
+                            consent_ref,
+                            source,
+                            cfg["embedder_id"],
+                            cfg["embedder_version"],
+                            now,
+                            retain,
+                            op_id,
+                            row.tobytes(),
+                        )
                         for i, row in zip(ids, x, strict=True)
                     ),
                 )
@@ -660,7 +672,9 @@ class Gallery:
             if not taken:
                 return ids
 
-    def _log_op(self, db: sqlite3.Connection, kind: str, state: str, payload: dict[str, Any]) -> int:
+    def _log_op(
+        self, db: sqlite3.Connection, kind: str, state: str, payload: dict[str, Any]
+    ) -> int:
         cur = db.execute(
             "INSERT INTO ops (kind, state, payload) VALUES (?, ?, ?)",
             (kind, state, json.dumps(payload)),
@@ -668,18 +682,24 @@ class Gallery:
         return int(cur.lastrowid or 0)
 
     def _finish_enroll(
-        self, op_id: int, subject_id: str | None, n: int, legal_basis: str | None,
-        requester: str | None, recovered: bool = False,
+        self,
+        op_id: int,
+        subject_id: str | None,
+        n: int,
+        legal_basis: str | None,
+        requester: str | None,
+        recovered: bool = False,
     ) -> None:
         with self._txn() as db:
             db.execute("UPDATE records SET state='active', op_id=NULL WHERE op_id=?", (op_id,))
             db.execute("DELETE FROM ops WHERE id=?", (op_id,))
-            if subject_id is not None:
-                tags = [self._tag(subject_id)]
-            else:
-                tags = []
+            tags = [self._tag(subject_id)] if subject_id is not None else []
             self._append_audit(
-                db, "enroll", requester=requester, purpose=None, subjects=tags,
+                db,
+                "enroll",
+                requester=requester,
+                purpose=None,
+                subjects=tags,
                 detail={"records": n, "legal_basis": legal_basis, "recovered": recovered},
             )
 
@@ -717,7 +737,11 @@ class Gallery:
             isinstance(threshold, bool) or not np.isfinite(float(threshold))
         ):
             raise ValueError(f"threshold: expected a finite number, got {threshold!r}")
-        q = queries.reshape(1, -1) if isinstance(queries, np.ndarray) and queries.ndim == 1 else queries
+        q = (
+            queries.reshape(1, -1)
+            if isinstance(queries, np.ndarray) and queries.ndim == 1
+            else queries
+        )
         q = check_matrix(q, "queries", d=self.d)
         search_kw: dict[str, Any] = {"nprobe": nprobe}
         if rerank is not None:
@@ -733,7 +757,7 @@ class Gallery:
             subj = self._subjects_of(I)
             keep = np.isin(I, np.fromiter(subj.keys(), np.int64, len(subj)))
             if threshold is not None:
-                keep &= D >= threshold if larger else D <= threshold
+                keep &= threshold <= D if larger else threshold >= D
             # compact each row: kept matches first, in score order
             scores = np.full_like(D, -np.inf if larger else np.inf)
             rids = np.full_like(I, -1)
@@ -746,11 +770,17 @@ class Gallery:
             returned = sorted({s for row in names for s in row})
             with self._txn() as db:
                 self._append_audit(
-                    db, "search", requester=requester, purpose=purpose,
+                    db,
+                    "search",
+                    requester=requester,
+                    purpose=purpose,
                     subjects=[self._tag(s) for s in returned],
-                    detail={"nq": int(q.shape[0]), "k": k,
-                            "results": int(sum(len(row) for row in names)),
-                            "threshold": None if threshold is None else float(threshold)},
+                    detail={
+                        "nq": int(q.shape[0]),
+                        "k": k,
+                        "results": int(sum(len(row) for row in names)),
+                        "threshold": None if threshold is None else float(threshold),
+                    },
                 )
         return GalleryMatches(scores, rids, names)
 
@@ -786,11 +816,15 @@ class Gallery:
         _check_text(subject_id, "subject_id", limit=256)
         _check_text(requester, "requester", optional=True, limit=256)
         with self._mutex:
-            rows = self._conn().execute(
-                f"SELECT {_RECORD_COLS}, embedding FROM records WHERE subject_id=? ORDER BY "
-                "enrolled_at, id",
-                (subject_id,),
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute(
+                    f"SELECT {_RECORD_COLS}, embedding FROM records WHERE subject_id=? ORDER BY "
+                    "enrolled_at, id",
+                    (subject_id,),
+                )
+                .fetchall()
+            )
             if not rows:
                 raise UnknownSubjectError(f"{self.path}: no record of subject {subject_id!r}")
             names = [c.strip() for c in _RECORD_COLS.split(",")]
@@ -803,7 +837,11 @@ class Gallery:
             now = _iso(_now())
             with self._txn() as db:
                 self._append_audit(
-                    db, "export", requester=requester, purpose=None, subjects=[tag],
+                    db,
+                    "export",
+                    requester=requester,
+                    purpose=None,
+                    subjects=[tag],
                     detail={"records": len(records), "audit_entries": len(audit)},
                 )
         gallery = {k: self._config[k] for k in ("purpose", "embedder_id", "embedder_version")}
@@ -823,9 +861,11 @@ class Gallery:
         _check_text(subject_id, "subject_id", limit=256)
         _check_text(requester, "requester", optional=True, limit=256)
         with self._mutex:
-            rows = self._conn().execute(
-                "SELECT id, state FROM records WHERE subject_id=?", (subject_id,)
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute("SELECT id, state FROM records WHERE subject_id=?", (subject_id,))
+                .fetchall()
+            )
             ids = np.array([r[0] for r in rows if r[1] == "active"], np.int64)
             if ids.size == 0:
                 hint = (
@@ -855,7 +895,11 @@ class Gallery:
         subjects, or only the matched records with ``whole_subjects=False``);
         call ``plan.confirm()`` to erase.
         """
-        q = embedding.reshape(1, -1) if isinstance(embedding, np.ndarray) and embedding.ndim == 1 else embedding
+        q = (
+            embedding.reshape(1, -1)
+            if isinstance(embedding, np.ndarray) and embedding.ndim == 1
+            else embedding
+        )
         q = check_matrix(q, "embedding", d=self.d)
         if isinstance(threshold, bool) or not np.isfinite(float(threshold)):
             raise ValueError(f"threshold: expected a finite number, got {threshold!r}")
@@ -877,8 +921,11 @@ class Gallery:
                     hit = s <= threshold
                 for j in np.flatnonzero(hit):
                     matches.append(
-                        {"record_id": int(batch[j][0]), "subject_id": batch[j][1],
-                         "score": float(s[j])}
+                        {
+                            "record_id": int(batch[j][0]),
+                            "subject_id": batch[j][1],
+                            "score": float(s[j]),
+                        }
                     )
             matches.sort(key=lambda m: -m["score"] if larger else m["score"])
             subjects = sorted({m["subject_id"] for m in matches})
@@ -908,7 +955,9 @@ class Gallery:
         _check_text(requester, "requester", optional=True, limit=256)
         with self._mutex:
             if plan.record_ids.size == 0:
-                raise UnknownSubjectError(f"{self.path}: the plan matched no record; nothing to erase")
+                raise UnknownSubjectError(
+                    f"{self.path}: the plan matched no record; nothing to erase"
+                )
             active = 0
             for part in _chunks(plan.record_ids.tolist()):
                 q = (
@@ -929,11 +978,15 @@ class Gallery:
         """Erase every record whose retention date is past (``now``: default the clock)."""
         t = _now() if now is None else _parse_time(now, "now")
         with self._mutex:
-            rows = self._conn().execute(
-                "SELECT id, subject_id FROM records WHERE state='active' AND retain_until IS NOT "
-                "NULL AND retain_until < ?",
-                (_iso(t),),
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT id, subject_id FROM records WHERE state='active' AND "
+                    "retain_until IS NOT NULL AND retain_until < ?",
+                    (_iso(t),),
+                )
+                .fetchall()
+            )
             if not rows:
                 return None
             ids = np.array([r[0] for r in rows], np.int64)
@@ -954,9 +1007,16 @@ class Gallery:
         with _owner_only():
             with self._txn() as db:
                 op_id = self._log_op(
-                    db, "erase", "logged",
-                    {"reason": reason, "subjects": tags, "requester": requester,
-                     "requested_at": requested_at, "purge": purge},
+                    db,
+                    "erase",
+                    "logged",
+                    {
+                        "reason": reason,
+                        "subjects": tags,
+                        "requester": requester,
+                        "requested_at": requested_at,
+                        "purge": purge,
+                    },
                 )
                 for part in _chunks(ids.tolist()):
                     db.execute(
@@ -969,9 +1029,16 @@ class Gallery:
             t_hidden = time.perf_counter()
             invisible_at = _iso(_now())
             with self._txn() as db:
-                self._update_op(db, op_id, "hidden", {"invisible_at": invisible_at,
-                                                      "invisible_ms": (t_hidden - t0) * 1e3,
-                                                      "shards": shards})
+                self._update_op(
+                    db,
+                    op_id,
+                    "hidden",
+                    {
+                        "invisible_at": invisible_at,
+                        "invisible_ms": (t_hidden - t0) * 1e3,
+                        "shards": shards,
+                    },
+                )
             _step("erase:hidden")
             if not purge:
                 self._index.flush()  # tombstones on disk; compact() finishes the erasure
@@ -982,12 +1049,12 @@ class Gallery:
 
     def _hide(self, ids: npt.NDArray[np.int64]) -> int:
         """Remove ``ids`` from the in-memory index (no commit); how many shards held them."""
-        held = 0
-        for shard in self._index.shards():
-            if shard.contains(ids).any():
-                held += 1
+        held = self._shards_holding(ids)
         self._index.remove(ids, commit=False)
         return held
+
+    def _shards_holding(self, ids: npt.NDArray[np.int64]) -> int:
+        return sum(1 for shard in self._index.shards() if shard.contains(ids).any())
 
     def _update_op(
         self, db: sqlite3.Connection, op_id: int, state: str, extra: dict[str, Any]
@@ -1031,9 +1098,16 @@ class Gallery:
                     db.execute(
                         f"DELETE FROM records WHERE id IN ({','.join('?' * len(part))})", part
                     )
-                self._update_op(db, op_id, "vacuum", {"records": int(ids.size),
-                                                      "index_generation": generation,
-                                                      "recovered": recovered})
+                self._update_op(
+                    db,
+                    op_id,
+                    "vacuum",
+                    {
+                        "records": int(ids.size),
+                        "index_generation": generation,
+                        "recovered": recovered,
+                    },
+                )
         _step("erase:rows_deleted")
         self._vacuum()
         _step("erase:vacuumed")
@@ -1058,10 +1132,17 @@ class Gallery:
                 stored["subjects"] = p["subjects"]
                 db.execute("INSERT INTO erasures (receipt) VALUES (?)", (json.dumps(stored),))
                 self._append_audit(
-                    db, "erase", requester=p.get("requester"), purpose=None,
+                    db,
+                    "erase",
+                    requester=p.get("requester"),
+                    purpose=None,
                     subjects=p["subjects"],
-                    detail={"reason": p["reason"], "records": int(p["records"]),
-                            "digest": rec.digest, "recovered": bool(p.get("recovered"))},
+                    detail={
+                        "reason": p["reason"],
+                        "records": int(p["records"]),
+                        "digest": rec.digest,
+                        "recovered": bool(p.get("recovered")),
+                    },
                 )
                 db.execute("DELETE FROM ops WHERE id=?", (op_id,))
                 out[op_id] = (rec, ids)
@@ -1135,6 +1216,10 @@ class Gallery:
                 )
             ]
             pending = self._index.pending_removals
+            if ops:
+                with self._txn() as db:
+                    for op_id in ops:
+                        self._update_op(db, op_id, "purging", {})
             _step("compact:start")
             if ops:
                 done = self._purge(ops, None)
@@ -1145,8 +1230,11 @@ class Gallery:
                 }
             stats = self._index.compact()
             _step("compact:index")
-            return {"erasures_completed": 0, "records_purged": 0,
-                    "pending_removals_folded": int(stats["removed"])}
+            return {
+                "erasures_completed": 0,
+                "records_purged": 0,
+                "pending_removals_folded": int(stats["removed"]),
+            }
 
     # --- recovery -----------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -1155,6 +1243,7 @@ class Gallery:
         ops = db.execute("SELECT id, kind, state FROM ops ORDER BY id").fetchall()
         erase_purge: list[int] = []
         erase_finish: list[int] = []
+        erase_hide: list[int] = []
         for op_id, kind, state in ops:
             if kind == "enroll":
                 ids = np.array(
@@ -1178,10 +1267,12 @@ class Gallery:
                         tx.execute("DELETE FROM ops WHERE id=?", (op_id,))
                     self._vacuum()
             elif kind == "erase":
-                if state in ("logged", "hidden"):
-                    erase_purge.append(op_id)
-                else:
+                if state == "vacuum":
                     erase_finish.append(op_id)
+                elif state == "purging" or self._op_payload(op_id).get("purge", True):
+                    erase_purge.append(op_id)
+                else:  # a deferred erasure: keep it hidden until compact()
+                    erase_hide.append(op_id)
             else:
                 raise CorruptIndexError(f"{self.path / META}: unknown pending op {kind!r}")
         if erase_finish:
@@ -1194,15 +1285,36 @@ class Gallery:
                     [r[0] for r in db.execute("SELECT id FROM records WHERE op_id=?", (op_id,))],
                     np.int64,
                 )
-                shards = sum(1 for s in self._index.shards() if s.contains(ids).any())
                 with self._txn() as tx:
-                    self._update_op(tx, op_id, "hidden", {
-                        "invisible_at": _iso(_now()), "shards": shards,
-                    })
+                    self._update_op(
+                        tx,
+                        op_id,
+                        "purging",
+                        {
+                            "invisible_at": _iso(_now()),
+                            "shards": self._shards_holding(ids),
+                        },
+                    )
             with self._txn() as tx:
-                self._update_op(tx, op_id, "hidden", {"recovered": True})
+                self._update_op(tx, op_id, "purging", {"recovered": True})
         if erase_purge:
             self._purge(erase_purge, None, recovered=True)
+        for op_id in erase_hide:
+            ids = np.array(
+                [r[0] for r in db.execute("SELECT id FROM records WHERE op_id=?", (op_id,))],
+                np.int64,
+            )
+            if self._index.contains(ids).any():
+                self._index.remove(ids)  # commits the tombstones
+            payload = self._op_payload(op_id)
+            if "shards" not in payload:
+                with self._txn() as tx:
+                    self._update_op(
+                        tx,
+                        op_id,
+                        "hidden",
+                        {"invisible_at": _iso(_now()), "shards": self._shards_holding(ids)},
+                    )
         self._checkpoint()
 
     # --- audit --------------------------------------------------------------------------------
@@ -1261,21 +1373,26 @@ class Gallery:
                     raise AuditChainError(
                         f"{where}: audit entry {expect} is missing (next is {seq}); the log "
                         "was tampered with",
-                        where, expect,
+                        where,
+                        expect,
                     )
                 if hashlib.sha256((prev + text).encode()).hexdigest() != digest:
                     raise AuditChainError(
                         f"{where}: audit entry {seq} does not match its hash; it was edited",
-                        where, seq,
+                        where,
+                        seq,
                     )
                 try:
                     entry = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise AuditChainError(f"{where}: audit entry {seq} is not JSON", where, seq) from e
+                    raise AuditChainError(
+                        f"{where}: audit entry {seq} is not JSON", where, seq
+                    ) from e
                 if entry.get("prev") != prev or entry.get("seq") != seq:
                     raise AuditChainError(
                         f"{where}: audit entry {seq} does not chain to entry {seq - 1}",
-                        where, seq,
+                        where,
+                        seq,
                     )
                 prev = digest
                 expect += 1
@@ -1286,7 +1403,8 @@ class Gallery:
             raise AuditChainError(
                 f"{where}: the audit log ends at entry {expect - 1} but its head records entry "
                 f"{head['seq']}; entries were removed from (or added to) the end",
-                where, expect,
+                where,
+                expect,
             )
         return out
 
@@ -1331,8 +1449,11 @@ def _dedup_groups(
 
     dedup = getattr(fastface, "dedup", None)
     if dedup is None:
-        return {"available": False, "reason": "fastface.dedup is not part of this build",
-                "groups": []}
+        return {
+            "available": False,
+            "reason": "fastface.dedup is not part of this build",
+            "groups": [],
+        }
     try:
         result = dedup(gallery.index)
         groups = getattr(result, "groups", result)

@@ -175,6 +175,8 @@ class IVFPQIndex:
         """Boolean mask: which of ``ids`` are stored here."""
         arr = np.asarray(ids, dtype=np.int64)
         srt = self._sorted_ids()
+        if srt.size == 0:  # an emptied shard: nothing to index into
+            return np.zeros(arr.shape, bool)
         pos = np.searchsorted(srt, arr)
         pos[pos >= srt.size] = 0
         return (srt.size > 0) & (srt[pos] == arr)
