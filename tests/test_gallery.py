@@ -294,7 +294,8 @@ def test_erased_subject_is_never_returned(gallery, purge, victim):
         g.erase_subject(name)
 
 
-def test_purge_leaves_no_byte_of_the_subject(gallery):
+@pytest.mark.parametrize("vacuum", [True, False])
+def test_purge_leaves_no_byte_of_the_subject(gallery, vacuum):
     g, xb = gallery
     victims = [4, N_SUBJECTS - 1]  # one in a sealed shard, one in the open shard
     pats: dict[str, list[bytes]] = {}
@@ -307,8 +308,9 @@ def test_purge_leaves_no_byte_of_the_subject(gallery):
     before = _found(g.path, pats)
     # the scan sees them before: vectors and ids in SQLite and the shards, codes in the shards
     assert {"float32", "codes", "ids", "subject"} <= set(before), before
-    receipts = [g.erase_subject(_subject(v)) for v in victims]
-    assert all(r.vacuumed and r.purged_at and r.shards_rewritten >= 1 for r in receipts)
+    receipts = [g.erase_subject(_subject(v), vacuum=vacuum) for v in victims]
+    assert all(r.vacuumed is vacuum for r in receipts)
+    assert all(r.purged_at and r.shards_rewritten >= 1 for r in receipts)
     assert _found(g.path, pats) == {}
     assert not [r for r in _records(g.path) if r[1] in {_subject(v) for v in victims}]
     wal = g.path / "meta.sqlite-wal"
@@ -356,6 +358,40 @@ def test_purge_expired_erases_only_past_retention(gallery):
     r = g.purge_expired(now=soon + dt.timedelta(seconds=1))
     assert r is not None and r.subject_ids == ("temp-visitor",) and r.reason == "retention"
     assert "temp-visitor" not in g.subjects() and g.ntotal == N_SUBJECTS * PER
+
+
+def test_deferred_erasure_stays_invisible_across_reopen(gallery):
+    g, xb = gallery
+    name = _subject(6)
+    x = xb[6 * PER : 7 * PER]
+    pats = _patterns(g, name, x, np.array([r[0] for r in _records(g.path) if r[1] == name]))
+    g.erase_subject(name, purge=False)
+    g.close()
+    with Gallery.open(g.path) as g2:
+        assert g2.index.pending_removals == PER
+        m = g2.search(x, 50, requester="r", purpose=PURPOSE, nprobe=NLIST)
+        assert all(name not in row for row in m.subject_ids)
+        assert "float32" in _found(g2.path, pats)  # not purged yet: that is compact()'s job
+        assert g2.compact() == {
+            "erasures_completed": 1,
+            "records_purged": PER,
+            "pending_removals_folded": PER,
+        }
+        assert _found(g2.path, pats) == {}
+
+
+def test_enroll_many_is_one_atomic_batch(gallery):
+    g, xb = gallery
+    names = ["bulk-a"] * 3 + ["bulk-b"] * 2
+    ids = g.enroll_many(names, xb[-5:], legal_basis="public_task")
+    assert ids.size == 5 and {"bulk-a", "bulk-b"} <= set(g.subjects())
+    assert len(g.export_subject("bulk-b").records) == 2
+    before = g.ntotal
+    with pytest.raises(ValueError, match="one per row"):
+        g.enroll_many(["x"] * 2, xb[:3], legal_basis="contract")
+    with pytest.raises(ValueError, match="subject_ids"):
+        g.enroll_many(["x", ""], xb[:2], legal_basis="contract")
+    assert g.ntotal == before
 
 
 def test_reenrolment_after_deferred_erasure_gets_new_ids(gallery):

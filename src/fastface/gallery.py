@@ -585,6 +585,48 @@ class Gallery:
         Nothing is stored when any argument is wrong.
         """
         _check_text(subject_id, "subject_id", limit=256)
+        x = check_matrix(embeddings, "embeddings", d=self.d)
+        return self._enroll(
+            [subject_id] * x.shape[0], x, legal_basis, consent_ref, source, retain_until, requester
+        )
+
+    def enroll_many(
+        self,
+        subject_ids: Sequence[str],
+        embeddings: npt.NDArray[np.float32],
+        *,
+        legal_basis: str,
+        consent_ref: str | None = None,
+        source: str | None = None,
+        retain_until: dt.date | dt.datetime | str | None = None,
+        requester: str | None = None,
+    ) -> npt.NDArray[np.int64]:
+        """Bulk :meth:`enroll`: row ``i`` of ``embeddings`` belongs to ``subject_ids[i]``.
+
+        One transaction and one index commit for the whole batch (all or
+        nothing), under one legal basis.
+        """
+        x = check_matrix(embeddings, "embeddings", d=self.d)
+        if isinstance(subject_ids, str) or len(subject_ids) != x.shape[0]:
+            raise ValueError(
+                f"subject_ids: expected a sequence of {x.shape[0]} ids (one per row of "
+                "embeddings); for one subject use enroll()"
+            )
+        subjects = list(subject_ids)
+        for s_id in set(subjects):
+            _check_text(s_id, "subject_ids[i]", limit=256)
+        return self._enroll(subjects, x, legal_basis, consent_ref, source, retain_until, requester)
+
+    def _enroll(
+        self,
+        subjects: list[str],
+        x: npt.NDArray[np.float32],
+        legal_basis: str,
+        consent_ref: str | None,
+        source: str | None,
+        retain_until: dt.date | dt.datetime | str | None,
+        requester: str | None,
+    ) -> npt.NDArray[np.int64]:
         if legal_basis is None or (isinstance(legal_basis, str) and not legal_basis.strip()):
             raise ValueError(
                 "legal_basis: enrolment needs a recorded legal basis; pass one of "
@@ -608,7 +650,6 @@ class Gallery:
             if retain_dt <= _now():
                 raise ValueError(f"retain_until: {_iso(retain_dt)} is already past")
             retain = _iso(retain_dt)
-        x = check_matrix(embeddings, "embeddings", d=self.d)
         with self._mutex, _owner_only():
             if not self._index.is_trained:
                 from .errors import NotTrainedError
@@ -629,7 +670,7 @@ class Gallery:
                     (
                         (
                             int(i),
-                            subject_id,
+                            s_id,
                             legal_basis,
                             consent_ref,
                             source,
@@ -640,13 +681,13 @@ class Gallery:
                             op_id,
                             row.tobytes(),
                         )
-                        for i, row in zip(ids, x, strict=True)
+                        for i, s_id, row in zip(ids, subjects, x, strict=True)
                     ),
                 )
             _step("enroll:logged")
             self._index.add(x, ids)
             _step("enroll:indexed")
-            self._finish_enroll(op_id, subject_id, int(ids.size), legal_basis, requester)
+            self._finish_enroll(op_id, sorted(set(subjects)), int(ids.size), legal_basis, requester)
             _step("enroll:done")
             return ids
 
@@ -684,7 +725,7 @@ class Gallery:
     def _finish_enroll(
         self,
         op_id: int,
-        subject_id: str | None,
+        subjects: list[str],
         n: int,
         legal_basis: str | None,
         requester: str | None,
@@ -693,7 +734,7 @@ class Gallery:
         with self._txn() as db:
             db.execute("UPDATE records SET state='active', op_id=NULL WHERE op_id=?", (op_id,))
             db.execute("DELETE FROM ops WHERE id=?", (op_id,))
-            tags = [self._tag(subject_id)] if subject_id is not None else []
+            tags = [self._tag(s) for s in subjects]
             self._append_audit(
                 db,
                 "enroll",
@@ -850,13 +891,22 @@ class Gallery:
 
     # --- erasure (art. 17) --------------------------------------------------------------------
     def erase_subject(
-        self, subject_id: str, *, requester: str | None = None, purge: bool = True
+        self,
+        subject_id: str,
+        *,
+        requester: str | None = None,
+        purge: bool = True,
+        vacuum: bool = True,
     ) -> ErasureReceipt:
         """Erase every record of ``subject_id``: invisible at once, then physically purged.
 
         With ``purge=False`` the physical step (shard rewrite, row deletion,
         vacuum) waits for :meth:`compact`; the records are invisible either
         way and the erasure completes even if the process is killed.
+        ``vacuum=False`` skips the SQLite ``VACUUM`` (which rewrites the whole
+        metadata file): deleted rows are still overwritten with zeros
+        (``secure_delete``) and the WAL is truncated, so their bytes are gone
+        too; the file just keeps its size until the next vacuum.
         """
         _check_text(subject_id, "subject_id", limit=256)
         _check_text(requester, "requester", optional=True, limit=256)
@@ -876,7 +926,7 @@ class Gallery:
                 raise UnknownSubjectError(
                     f"{self.path}: no active record of subject {subject_id!r}; {hint}"
                 )
-            return self._erase(ids, [subject_id], "erase_subject", requester, purge)
+            return self._erase(ids, [subject_id], "erase_subject", requester, purge, vacuum)
 
     def erase_by_face(
         self,
@@ -1000,6 +1050,7 @@ class Gallery:
         reason: str,
         requester: str | None,
         purge: bool,
+        vacuum: bool = True,
     ) -> ErasureReceipt:
         t0 = time.perf_counter()
         requested_at = _iso(_now())
@@ -1044,7 +1095,7 @@ class Gallery:
                 self._index.flush()  # tombstones on disk; compact() finishes the erasure
                 payload = self._op_payload(op_id)
                 return self._receipt(payload, int(ids.size), subject_ids, ids, None, None, False)
-            receipt, _ = self._purge([op_id], t_hidden)[op_id]
+            receipt, _ = self._purge([op_id], t_hidden, vacuum=vacuum)[op_id]
         return dataclasses.replace(receipt, subject_ids=tuple(subject_ids))
 
     def _hide(self, ids: npt.NDArray[np.int64]) -> int:
@@ -1070,7 +1121,12 @@ class Gallery:
         return dict(json.loads(row[0]))
 
     def _purge(
-        self, op_ids: list[int], t_hidden: float | None, *, recovered: bool = False
+        self,
+        op_ids: list[int],
+        t_hidden: float | None,
+        *,
+        recovered: bool = False,
+        vacuum: bool = True,
     ) -> dict[int, tuple[ErasureReceipt, npt.NDArray[np.int64]]]:
         """Physical step of erase ops: rewrite shards, delete rows, vacuum, write receipts."""
         db = self._conn()
@@ -1109,15 +1165,20 @@ class Gallery:
                     },
                 )
         _step("erase:rows_deleted")
-        self._vacuum()
+        if vacuum:
+            self._vacuum()
+        else:
+            self._checkpoint()
         _step("erase:vacuumed")
-        return self._finish_erasures(op_ids, t1, per_op)
+        return self._finish_erasures(op_ids, t1, per_op, vacuumed=vacuum)
 
     def _finish_erasures(
         self,
         op_ids: list[int],
         t1: float,
         per_op: dict[int, npt.NDArray[np.int64]] | None = None,
+        *,
+        vacuumed: bool = True,
     ) -> dict[int, tuple[ErasureReceipt, npt.NDArray[np.int64]]]:
         purged_at = _iso(_now())
         purge_ms = (time.perf_counter() - t1) * 1e3
@@ -1126,7 +1187,7 @@ class Gallery:
             for op_id in op_ids:
                 p = self._op_payload(op_id)
                 ids = (per_op or {}).get(op_id, np.empty(0, np.int64))
-                rec = self._receipt(p, int(p["records"]), [], ids, purged_at, purge_ms, True)
+                rec = self._receipt(p, int(p["records"]), [], ids, purged_at, purge_ms, vacuumed)
                 stored = rec.to_dict()
                 stored.pop("subject_ids")
                 stored["subjects"] = p["subjects"]
@@ -1252,11 +1313,18 @@ class Gallery:
                 )
                 present = self._index.contains(ids) if ids.size else np.zeros(0, bool)
                 if ids.size and present.all():
-                    subject, basis = db.execute(
-                        "SELECT subject_id, legal_basis FROM records WHERE op_id=? LIMIT 1",
+                    rows = db.execute(
+                        "SELECT DISTINCT subject_id, legal_basis FROM records WHERE op_id=?",
                         (op_id,),
-                    ).fetchone()
-                    self._finish_enroll(op_id, subject, int(ids.size), basis, None, recovered=True)
+                    ).fetchall()
+                    self._finish_enroll(
+                        op_id,
+                        sorted({r[0] for r in rows}),
+                        int(ids.size),
+                        rows[0][1],
+                        None,
+                        recovered=True,
+                    )
                 else:  # the index commit never happened: the enrolment did not take place
                     if present.any():
                         self._index.remove(ids[present], commit=False)
