@@ -60,6 +60,9 @@ def bench_meta(argv: list[str]) -> dict[str, Any]:
         "build_info": fastface.build_info(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "load_avg_at_start": os.getloadavg(),
+        "env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ
+        },
     }
 
 

@@ -315,6 +315,15 @@ def test_purge_leaves_no_byte_of_the_subject(gallery, vacuum):
     assert not [r for r in _records(g.path) if r[1] in {_subject(v) for v in victims}]
     wal = g.path / "meta.sqlite-wal"
     assert not wal.exists() or wal.stat().st_size == 0
+    with sqlite3.connect(g.path / "meta.sqlite") as db:
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+    if vacuum:
+        assert free == 0  # the freed pages went back to the file system
+    size = (g.path / "meta.sqlite").stat().st_size
+    g.compact()  # a full VACUUM
+    assert (g.path / "meta.sqlite").stat().st_size <= size
+    assert _found(g.path, pats) == {}
     # the rest is intact
     assert g.ntotal == (N_SUBJECTS - len(victims)) * PER
     m = g.search(xb[:1], 1, requester="r", purpose=PURPOSE)

@@ -486,6 +486,9 @@ class Gallery:
         db = sqlite3.connect(
             self.path / META, isolation_level=None, check_same_thread=False, timeout=30.0
         )
+        # freed pages can be returned without rewriting the file (see _vacuum); this only
+        # takes effect on a new, empty database, so it comes before journal_mode
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA secure_delete=ON")
@@ -903,10 +906,10 @@ class Gallery:
         With ``purge=False`` the physical step (shard rewrite, row deletion,
         vacuum) waits for :meth:`compact`; the records are invisible either
         way and the erasure completes even if the process is killed.
-        ``vacuum=False`` skips the SQLite ``VACUUM`` (which rewrites the whole
-        metadata file): deleted rows are still overwritten with zeros
-        (``secure_delete``) and the WAL is truncated, so their bytes are gone
-        too; the file just keeps its size until the next vacuum.
+        The deleted rows are overwritten with zeros (``secure_delete``), the
+        freed pages returned by an incremental vacuum (``vacuum=False`` skips
+        it: the file keeps its size until :meth:`compact`, which runs a full
+        ``VACUUM``) and the WAL truncated, so no byte of them stays on disk.
         """
         _check_text(subject_id, "subject_id", limit=256)
         _check_text(requester, "requester", optional=True, limit=256)
@@ -1249,9 +1252,19 @@ class Gallery:
     def _index_generation(self) -> int:
         return int(self._index._generation)
 
-    def _vacuum(self) -> None:
+    def _vacuum(self, *, full: bool = False) -> None:
+        """Return free pages to the file system, then truncate the WAL.
+
+        Deleted rows are already zeroed (``secure_delete``); the incremental
+        vacuum moves the last pages into the freed ones and truncates the
+        file, so it costs what was freed, not the size of the gallery.
+        ``full=True`` rewrites the whole file (``VACUUM``), as compaction does.
+        """
         db = self._conn()
-        db.execute("VACUUM")
+        if full:
+            db.execute("VACUUM")
+        else:
+            db.execute("PRAGMA incremental_vacuum").fetchall()
         self._checkpoint()
 
     def _checkpoint(self) -> None:
@@ -1284,6 +1297,7 @@ class Gallery:
             _step("compact:start")
             if ops:
                 done = self._purge(ops, None)
+                self._vacuum(full=True)
                 return {
                     "erasures_completed": len(done),
                     "records_purged": sum(int(r.records_erased) for r, _ in done.values()),
@@ -1291,6 +1305,7 @@ class Gallery:
                 }
             stats = self._index.compact()
             _step("compact:index")
+            self._vacuum(full=True)
             return {
                 "erasures_completed": 0,
                 "records_purged": 0,
