@@ -4,8 +4,9 @@ On a synthetic gallery (``fastface.datasets.SyntheticFaces``) of ``--n`` vectors
 
 1. time until an erased subject is invisible to search (goal: < 50 ms) and the
    time of its physical purge (shards rewritten, old files deleted, rows
-   deleted, SQLite vacuumed; and without VACUUM, where ``secure_delete`` alone
-   zeroes the rows), each checked by searching the subject's own vectors with
+   deleted and zeroed, SQLite's freed pages returned by an incremental vacuum;
+   also without that vacuum, and the full ``VACUUM`` that ``compact()`` runs),
+   each erasure checked by searching the subject's own vectors with
    ``nprobe = nlist``;
 2. search QPS with 0%, 10% and 30% of the vectors tombstoned, side by side with
    the same index after compaction (goal: within 10% at 10%).
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                 g, data, args, vacuum=False, offset=data.n_identities // (2 * args.erasures)
             )
             meta_bytes = (path / "meta.sqlite").stat().st_size
+            t0 = time.perf_counter()
+            g.compact()  # nothing pending: a full VACUUM of the metadata file
+            t_full_vacuum = time.perf_counter() - t0
         finally:
             g.close()
         qps_rows = qps_sweep(path / "index", data, args)
@@ -247,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{'operation':<34}{'median':>12}{'goal':>12}")
     print(f"{'erase: invisible':<34}{med('invisible_ms', True):>10.1f}ms{'< 50 ms':>12}")
-    print(f"{'erase: physical purge + VACUUM':<34}{med('purge_ms', True):>10.1f}ms{'':>12}")
-    print(f"{'erase: physical purge, no VACUUM':<34}{med('purge_ms', False):>10.1f}ms{'':>12}")
+    print(f"{'erase: physical purge':<34}{med('purge_ms', True):>10.1f}ms{'':>12}")
+    print(f"{'  the same without vacuum':<34}{med('purge_ms', False):>10.1f}ms{'':>12}")
+    print(f"{'compact(): full VACUUM':<34}{t_full_vacuum * 1e3:>10.1f}ms{'':>12}")
     leaks = sum(r["returned_after_erasure"] for r in erase_rows)
     print(f"erased subjects returned by a search with nprobe=nlist: {leaks}")
     print(f"\n{'tombstoned':>10}{'QPS tombstoned':>16}{'QPS compacted':>15}{'ratio':>8}")
@@ -267,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         "erasures": erase_rows,
         "summary": {
             "invisible_ms_median": med("invisible_ms", True),
-            "purge_ms_median_vacuum": med("purge_ms", True),
-            "purge_ms_median_no_vacuum": med("purge_ms", False),
+            "purge_ms_median": med("purge_ms", True),
+            "purge_ms_median_no_incremental_vacuum": med("purge_ms", False),
+            "full_vacuum_ms": t_full_vacuum * 1e3,
             "erased_records_returned": leaks,
         },
         "tombstone_qps": qps_rows,

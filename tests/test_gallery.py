@@ -731,3 +731,23 @@ def test_erasing_every_subject_leaves_an_empty_searchable_gallery(tmp_path):
         m = g.search(train[:2], 4, requester="r", purpose=PURPOSE)
         assert m.subject_ids == [[], []] and (m.record_ids == -1).all()
         assert np.isneginf(m.scores).all() and g.ntotal == 0
+
+
+def test_enrolment_redraws_an_id_that_clashes_with_a_row(gallery, monkeypatch):
+    g, xb = gallery
+    existing = _records(g.path)[0][0]
+    real = Gallery._new_ids
+    calls = []
+
+    def clashing(self, n):
+        ids = real(self, n)
+        calls.append(n)
+        if len(calls) == 1:
+            ids[0] = existing
+        return ids
+
+    monkeypatch.setattr(Gallery, "_new_ids", clashing)
+    ids = g.enroll("clash-q", xb[:2], legal_basis="contract")
+    assert len(calls) == 2 and existing not in ids.tolist()
+    assert len(g.export_subject("clash-q").records) == 2
+    assert g.ntotal == N_SUBJECTS * PER + 2

@@ -356,6 +356,11 @@ CREATE TABLE audit (seq INTEGER PRIMARY KEY, entry TEXT NOT NULL, hash TEXT NOT 
 CREATE TABLE erasures (id INTEGER PRIMARY KEY AUTOINCREMENT, receipt TEXT NOT NULL);
 """
 
+_INSERT_PENDING = (
+    "INSERT INTO records (id, subject_id, state, legal_basis, consent_ref, source, embedder_id, "
+    "embedder_version, enrolled_at, retain_until, op_id, embedding) "
+    "VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _RECORD_COLS = (
     "id, subject_id, state, legal_basis, consent_ref, source, embedder_id, embedder_version, "
     "enrolled_at, retain_until"
@@ -493,6 +498,7 @@ class Gallery:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA secure_delete=ON")
         db.execute("PRAGMA temp_store=MEMORY")
+        db.execute("PRAGMA cache_size=-65536")  # 64 MiB: random-id inserts touch many pages
         db.execute("PRAGMA foreign_keys=ON")
         self._db = db
 
@@ -661,32 +667,36 @@ class Gallery:
                     f"{self.path}: the index codec is not trained; call gallery.train(sample) "
                     "before the first enrolment"
                 )
-            ids = self._new_ids(x.shape[0])
             now = _iso(_now())
             cfg = self._config
-            with self._txn() as db:
-                op_id = self._log_op(db, "enroll", "logged", {"n": int(x.shape[0])})
-                db.executemany(
-                    "INSERT INTO records (id, subject_id, state, legal_basis, consent_ref, source, "
-                    "embedder_id, embedder_version, enrolled_at, retain_until, op_id, embedding) "
-                    "VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        (
-                            int(i),
-                            s_id,
-                            legal_basis,
-                            consent_ref,
-                            source,
-                            cfg["embedder_id"],
-                            cfg["embedder_version"],
-                            now,
-                            retain,
-                            op_id,
-                            row.tobytes(),
+            for attempt in range(3):
+                ids = self._new_ids(x.shape[0])
+                try:
+                    with self._txn() as db:
+                        op_id = self._log_op(db, "enroll", "logged", {"n": int(x.shape[0])})
+                        db.executemany(
+                            _INSERT_PENDING,
+                            (
+                                (
+                                    int(i),
+                                    s_id,
+                                    legal_basis,
+                                    consent_ref,
+                                    source,
+                                    cfg["embedder_id"],
+                                    cfg["embedder_version"],
+                                    now,
+                                    retain,
+                                    op_id,
+                                    row.tobytes(),
+                                )
+                                for i, s_id, row in zip(ids, subjects, x, strict=True)
+                            ),
                         )
-                        for i, s_id, row in zip(ids, subjects, x, strict=True)
-                    ),
-                )
+                    break
+                except sqlite3.IntegrityError:  # a random id met a stored one: draw again
+                    if attempt == 2:
+                        raise
             _step("enroll:logged")
             self._index.add(x, ids)
             _step("enroll:indexed")
@@ -695,9 +705,9 @@ class Gallery:
             return ids
 
     def _new_ids(self, n: int) -> npt.NDArray[np.int64]:
-        """Random ids unused by any record, stored vector or pending removal."""
+        """Random ids not stored in any shard, removed or not (the records' primary key
+        catches the astronomically unlikely clash with a row)."""
         rng = np.random.default_rng(secrets.randbits(128))
-        db = self._conn()
         while True:
             ids = rng.integers(1, _MAX_ID, size=n, dtype=np.int64)
             if np.unique(ids).size != n:
@@ -705,15 +715,7 @@ class Gallery:
             in_index = np.zeros(n, bool)
             for shard in self._index.shards():
                 in_index |= shard.contains(ids)
-            if in_index.any():
-                continue
-            taken = False
-            for part in _chunks(ids.tolist()):
-                q = f"SELECT 1 FROM records WHERE id IN ({','.join('?' * len(part))}) LIMIT 1"
-                if db.execute(q, part).fetchone():
-                    taken = True
-                    break
-            if not taken:
+            if not in_index.any():
                 return ids
 
     def _log_op(
