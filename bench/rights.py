@@ -129,66 +129,69 @@ def erasures(
 
 
 def qps_sweep(index_dir: Path, data: SyntheticFaces, args: argparse.Namespace) -> list[dict]:
-    """QPS with tombstones vs the same index compacted, at each removed fraction.
+    """QPS with a fraction of the vectors tombstoned vs the same index compacted.
 
-    The tombstoned state is a read-only copy loaded before compaction, so both
-    are in memory at once and timed alternately (the machine's load drifts).
+    Each fraction starts from a copy of the full index: the tombstones are
+    committed, a read-only copy is loaded with them, then the index is
+    compacted, so both states are in memory at once and are timed
+    alternately (the machine's load drifts).
     """
     q, _ = data.queries(args.nq, seed=7)
-    index = ShardedIndex.open(index_dir, mode="a")
-    rows = []
 
     def timed(ix: ShardedIndex) -> float:
         t0 = time.perf_counter()
         ix.search(q, args.k, nprobe=args.nprobe)
         return time.perf_counter() - t0
 
-    try:
-        every = np.concatenate([s.ids for s in index.shards()])
-        order = np.random.default_rng(0).permutation(every)
-        n0 = index.ntotal
-        timed(index)
-        base = args.nq / statistics.median(timed(index) for _ in range(args.repeat))
+    with ShardedIndex.open(index_dir, mode="r") as full:
+        every = np.concatenate([s.ids for s in full.shards()])
+        every = every[full.contains(every)]
+        n0 = every.size
+        timed(full)
+        base = args.nq / statistics.median(timed(full) for _ in range(args.repeat))
+    order = np.random.default_rng(0).permutation(every)
+    rows = [
+        {
+            "tombstoned": 0.0,
+            "qps_tombstoned": base,
+            "qps_compacted": base,
+            "ratio": 1.0,
+            "ntotal": n0,
+        }
+    ]
+    for frac in args.fractions:
+        work = index_dir.with_name(f"{index_dir.name}-{frac}")
+        shutil.copytree(index_dir, work)
+        try:
+            with ShardedIndex.open(work, mode="a") as index:
+                index.remove(order[: round(frac * n0)])  # commits the tombstones
+                tomb = ShardedIndex.open(work, mode="r")
+                pending = tomb.pending_removals
+                t0 = time.perf_counter()
+                index.compact()
+                t_compact = time.perf_counter() - t0
+                timed(tomb), timed(index)
+                t_tomb, t_comp = [], []
+                for _ in range(args.repeat):
+                    t_tomb.append(timed(tomb))
+                    t_comp.append(timed(index))
+                tomb.close()
+                ntotal = index.ntotal
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        with_tomb = args.nq / statistics.median(t_tomb)
+        compacted = args.nq / statistics.median(t_comp)
         rows.append(
             {
-                "tombstoned": 0.0,
-                "qps_tombstoned": base,
-                "qps_compacted": base,
-                "ratio": 1.0,
-                "ntotal": n0,
+                "tombstoned": frac,
+                "qps_tombstoned": with_tomb,
+                "qps_compacted": compacted,
+                "ratio": with_tomb / compacted,
+                "tombstones": pending,
+                "compact_s": t_compact,
+                "ntotal_after_compact": ntotal,
             }
         )
-        removed = 0
-        for frac in args.fractions:
-            want = round(frac * n0)
-            index.remove(order[removed:want])  # commits the tombstones
-            removed = want
-            tomb = ShardedIndex.open(index_dir, mode="r")
-            pending = tomb.pending_removals
-            t0 = time.perf_counter()
-            index.compact()
-            t_compact = time.perf_counter() - t0
-            timed(tomb), timed(index)
-            t_tomb, t_comp = [], []
-            for _ in range(args.repeat):
-                t_tomb.append(timed(tomb))
-                t_comp.append(timed(index))
-            tomb.close()
-            with_tomb = args.nq / statistics.median(t_tomb)
-            compacted = args.nq / statistics.median(t_comp)
-            rows.append(
-                {
-                    "tombstoned": frac,
-                    "qps_tombstoned": with_tomb,
-                    "qps_compacted": compacted,
-                    "ratio": with_tomb / compacted,
-                    "pending_before_compact": pending,
-                    "compact_s": t_compact,
-                    "ntotal": index.ntotal,
-                }
-            )
-    finally:
-        index.close()
     return rows
 
 
