@@ -6,12 +6,16 @@ __version__ = "0.1.0"
 
 from . import datasets, errors, eval, faces
 from ._native import build_info
+from .gallery import ErasureReceipt, Gallery, SubjectExport
 from .index import IVFPQIndex, IVFPQParams, ShardedIndex
 
 __all__ = [
+    "ErasureReceipt",
+    "Gallery",
     "IVFPQIndex",
     "IVFPQParams",
     "ShardedIndex",
+    "SubjectExport",
     "__version__",
     "build_info",
     "datasets",

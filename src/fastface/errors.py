@@ -7,12 +7,14 @@ Bad arguments raise the built-in ``TypeError`` / ``ValueError`` /
 from __future__ import annotations
 
 __all__ = [
+    "AuditChainError",
     "CorruptIndexError",
     "EmptyIndexError",
     "FastfaceError",
     "IndexLockedError",
     "NotTrainedError",
     "ReadOnlyIndexError",
+    "UnknownSubjectError",
     "UnsupportedFormatError",
 ]
 
@@ -50,3 +52,18 @@ class EmptyIndexError(FastfaceError, RuntimeError):
 
 class ReadOnlyIndexError(FastfaceError, RuntimeError):
     """The index was opened memory-mapped or read-only and cannot change."""
+
+
+class AuditChainError(CorruptIndexError):
+    """A gallery's audit log fails its hash chain: an entry was edited, removed or added.
+
+    ``seq`` is the sequence number of the first entry that does not verify.
+    """
+
+    def __init__(self, message: str, path: str | None = None, seq: int | None = None) -> None:
+        super().__init__(message, path)
+        self.seq = seq
+
+
+class UnknownSubjectError(FastfaceError, LookupError):
+    """A gallery holds no (active) record of the subject named in the call."""
