@@ -182,12 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.add_argument("index", type=Path)
     p_info.set_defaults(func=_cmd_info)
 
-    try:
-        from . import cli_gallery  # type: ignore[attr-defined]
-    except ImportError:
-        pass
-    else:
-        cli_gallery.register(sub)
+    from . import cli_gallery
+
+    cli_gallery.register(sub)
     return parser
 
 
