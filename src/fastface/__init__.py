@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import datasets, errors, eval
+from . import datasets, errors, eval, faces
 from ._native import build_info
 from .index import IVFPQIndex, IVFPQParams, ShardedIndex
 
@@ -17,4 +17,5 @@ __all__ = [
     "datasets",
     "errors",
     "eval",
+    "faces",
 ]

