@@ -11,6 +11,14 @@ from .align import (
     template,
 )
 from .detect import MTCNN, Detections, detect, mtcnn_model_paths
+from .embed import (
+    DlibEmbedder,
+    Embedder,
+    FaceEmbedder,
+    dlib_face_model_path,
+    l2_normalize,
+    resolve_providers,
+)
 from .landmarks import dlib_landmarks, dlib_shape_predictor_path
 
 templates = {"arcface": ARCFACE_TEMPLATE, "dlib": DLIB_TEMPLATE}
@@ -21,12 +29,18 @@ __all__ = [
     "MTCNN",
     "AlignResult",
     "Detections",
+    "DlibEmbedder",
+    "Embedder",
+    "FaceEmbedder",
     "align",
     "detect",
+    "dlib_face_model_path",
     "dlib_landmarks",
     "dlib_shape_predictor_path",
     "estimate_similarity",
+    "l2_normalize",
     "mtcnn_model_paths",
+    "resolve_providers",
     "template",
     "templates",
 ]
