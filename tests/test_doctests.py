@@ -10,6 +10,8 @@ import pytest
 MODULES = [
     "fastface._native",
     "fastface.datasets",
+    "fastface.faces.embed",
+    "fastface.faces.pipeline",
     "fastface.index.ivfpq",
     "fastface.index.sharded",
 ]

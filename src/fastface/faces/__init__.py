@@ -20,6 +20,7 @@ from .embed import (
     resolve_providers,
 )
 from .landmarks import dlib_landmarks, dlib_shape_predictor_path
+from .pipeline import Face, FacePipeline, ImageError, IndexReport, decode_image
 
 templates = {"arcface": ARCFACE_TEMPLATE, "dlib": DLIB_TEMPLATE}
 
@@ -31,8 +32,13 @@ __all__ = [
     "Detections",
     "DlibEmbedder",
     "Embedder",
+    "Face",
     "FaceEmbedder",
+    "FacePipeline",
+    "ImageError",
+    "IndexReport",
     "align",
+    "decode_image",
     "detect",
     "dlib_face_model_path",
     "dlib_landmarks",
