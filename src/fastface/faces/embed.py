@@ -222,7 +222,7 @@ class Embedder:
     ...      helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)],
     ...     "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
     ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [w])
-    >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     >>> emb = Embedder(m.SerializeToString(), providers="cpu")
     >>> emb.d, emb.size, emb.layout
     (8, 16, 'NCHW')
