@@ -56,9 +56,7 @@ def test_list_of_sizes_and_several_faces_per_image():
     rng = np.random.default_rng(1)
     imgs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(90, 160), (300, 200)]]
     image_index = np.array([1, 0, 1, 1, 0])
-    lm = np.concatenate(
-        [random_faces(rng, 1, *imgs[i].shape[:2]) for i in image_index], axis=0
-    )
+    lm = np.concatenate([random_faces(rng, 1, *imgs[i].shape[:2]) for i in image_index], axis=0)
     crops, _ = align(imgs, lm, image_index=image_index, size=112)
     for f, i in enumerate(image_index):
         ref, _ = reference(imgs[i], lm[f])

@@ -365,3 +365,13 @@ def test_dlib_bad_input(dlib_raw: DlibEmbedder, tmp_path: object) -> None:
     with pytest.raises(FileNotFoundError):
         DlibEmbedder(pathlib.Path(str(tmp_path)) / "nope.dat")
     assert dlib_raw.embed(np.zeros((0, 150, 150, 3), np.uint8)).shape == (0, 128)
+
+
+def test_dlib_worker_processes_match_in_process(dlib_raw: DlibEmbedder) -> None:
+    chips = np.random.default_rng(3).integers(0, 256, (5, 150, 150, 3), dtype=np.uint8)
+    with DlibEmbedder(normalize=False, processes=2, batch_size=2) as multi:
+        got = multi.embed(chips)
+    np.testing.assert_allclose(got, dlib_raw.embed(chips), atol=1e-6)
+    assert multi._pool is None
+    with pytest.raises(ValueError, match="processes"):
+        DlibEmbedder(processes=-1)

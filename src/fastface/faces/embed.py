@@ -522,6 +522,11 @@ class DlibEmbedder:
     its same-person rule is a Euclidean distance below 0.6 between them:
     ``normalize=False`` returns them unchanged for that rule.
 
+    dlib runs its network on one core and holds the GIL throughout, so
+    threads cannot overlap it with anything; ``processes=n`` runs it in
+    ``n`` worker processes instead (each loads the model once), which frees
+    the calling process for detection and alignment meanwhile.
+
     Parameters
     ----------
     model : path, optional
@@ -531,6 +536,9 @@ class DlibEmbedder:
         Chips per call into dlib.
     normalize : bool
         Scale rows to unit norm (the library's convention; default).
+    processes : int
+        0 (default): run in this process. ``n >= 1``: run in ``n`` worker
+        processes (spawned on first use; :meth:`close` ends them).
 
     Examples
     --------
@@ -550,23 +558,23 @@ class DlibEmbedder:
         *,
         batch_size: int = 32,
         normalize: bool = True,
+        processes: int = 0,
     ) -> None:
         from .._validation import check_positive_int
 
         path = dlib_face_model_path() if model is None else Path(model)
         if not path.is_file():
             raise FileNotFoundError(f"model: no such file: {path}")
-        import dlib
-
         self.batch_size = check_positive_int(batch_size, "batch_size")
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
+            raise ValueError(f"processes: expected an int >= 0, got {processes!r}")
+        self.processes = processes
         self.normalize = bool(normalize)
         self.path = path
         self.name = "dlib_face_recognition_resnet_model_v1"
         self.version = "sha256:" + _file_sha256(path)[:16]
-        try:
-            self._model = dlib.face_recognition_model_v1(str(path))
-        except RuntimeError as e:
-            raise ValueError(f"model: dlib cannot read {path}: {e}") from e
+        self._model = _load_dlib_model(str(path))
+        self._pool: Any = None
 
     def align_options(self) -> dict[str, Any]:
         """Keyword arguments for ``align`` that make this model's chips."""
@@ -588,16 +596,80 @@ class DlibEmbedder:
             )
         F = crops.shape[0]
         out = np.empty((F, self.d), np.float32)
-        for s in range(0, F, self.batch_size):
-            chips = [np.ascontiguousarray(c) for c in crops[s : s + self.batch_size]]
-            vecs = self._model.compute_face_descriptor(chips)
-            out[s : s + len(chips)] = np.asarray([np.asarray(v) for v in vecs], np.float32)
+        if self.processes and F:
+            pool = self._worker_pool()
+            step = min(self.batch_size, -(-F // self.processes))
+            starts = range(0, F, step)
+            parts = pool.map(_dlib_worker_embed, [crops[s : s + step] for s in starts])
+            for s, part in zip(starts, parts, strict=True):
+                out[s : s + len(part)] = part
+        else:
+            for s in range(0, F, self.batch_size):
+                out[s : s + self.batch_size] = _dlib_descriptors(
+                    self._model, crops[s : s + self.batch_size]
+                )
         return l2_normalize(out) if self.normalize else out
 
     __call__ = embed
 
+    def _worker_pool(self) -> Any:
+        if self._pool is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(
+                self.processes,
+                mp_context=mp.get_context("spawn"),  # no fork of a threaded process
+                initializer=_dlib_worker_init,
+                initargs=(str(self.path),),
+            )
+        return self._pool
+
+    def close(self) -> None:
+        """End the worker processes (if any); the in-process model stays usable."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> DlibEmbedder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+
     def __repr__(self) -> str:
-        return f"DlibEmbedder(d=128, version={self.version!r})"
+        return f"DlibEmbedder(d=128, version={self.version!r}, processes={self.processes})"
+
+
+def _load_dlib_model(path: str) -> Any:
+    import dlib
+
+    try:
+        return dlib.face_recognition_model_v1(path)
+    except RuntimeError as e:
+        raise ValueError(f"model: dlib cannot read {path}: {e}") from e
+
+
+def _dlib_descriptors(model: Any, chips: np.ndarray) -> np.ndarray:
+    vecs = model.compute_face_descriptor([np.ascontiguousarray(c) for c in chips])
+    return np.asarray([np.asarray(v) for v in vecs], np.float32).reshape(len(chips), 128)
+
+
+_WORKER_MODEL: Any = None
+
+
+def _dlib_worker_init(path: str) -> None:
+    global _WORKER_MODEL
+    _WORKER_MODEL = _load_dlib_model(path)
+
+
+def _dlib_worker_embed(chips: np.ndarray) -> np.ndarray:
+    return _dlib_descriptors(_WORKER_MODEL, chips)
 
 
 def _file_sha256(path: Path) -> str:

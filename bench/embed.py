@@ -1,0 +1,237 @@
+"""Embedding throughput: the batched ``Embedder`` against a per-face ONNX Runtime loop.
+
+Same run, same inputs, same model. Two models:
+
+* ``resnet112``: a ResNet-like net for 112 x 112 crops built here with
+  ``onnx.helper`` (seeded weights; stem conv, three residual stages 64/128/256
+  at stride 2, a 512-d linear head: about 0.15 GMAC per face, the size class
+  of MobileFaceNet-style face models). Methods: ``Embedder`` on uint8 crops
+  for several batch sizes, ``Embedder`` on the fused float32 NCHW input, and
+  the reference: a plain ``InferenceSession`` (default options) called once
+  per face with NumPy preprocessing and normalisation per face.
+* ``dlib``: dlib's ResNet (``DlibEmbedder``, batches of 32 chips) against
+  ``compute_face_descriptor`` called once per chip.
+
+Prints one table (faces/s, ms/face, ratio to the per-face loop; medians) and
+writes bench/results/embed.json.
+
+    python bench/embed.py [--faces 512] [--dlib-faces 48] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from statistics import median
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from fastface._bench.common import bench_meta, print_table, results_dir, write_results
+from fastface.faces import DlibEmbedder, Embedder, align, detect, dlib_landmarks
+
+
+def resnet112(d: int = 512, seed: int = 0) -> bytes:
+    """ResNet-like face model for (N, 3, 112, 112) float32 input, d-dim output."""
+    rng = np.random.default_rng(seed)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    counter = [0]
+
+    def name(prefix: str) -> str:
+        counter[0] += 1
+        return f"{prefix}{counter[0]}"
+
+    def conv(x: str, cin: int, cout: int, k: int, stride: int, relu: bool) -> str:
+        w = name("w")
+        b = name("b")
+        fan_in = cin * k * k
+        inits.append(
+            numpy_helper.from_array(
+                rng.normal(0, np.sqrt(2.0 / fan_in), (cout, cin, k, k)).astype(np.float32), w
+            )
+        )
+        inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), b))
+        y = name("c")
+        p = k // 2
+        nodes.append(helper.make_node("Conv", [x, w, b], [y], strides=[stride] * 2, pads=[p] * 4))
+        if relu:
+            r = name("r")
+            nodes.append(helper.make_node("Relu", [y], [r]))
+            return r
+        return y
+
+    def block(x: str, cin: int, cout: int, stride: int) -> str:
+        h = conv(x, cin, cout, 3, stride, True)
+        h = conv(h, cout, cout, 3, 1, False)
+        skip = conv(x, cin, cout, 1, stride, False) if (stride != 1 or cin != cout) else x
+        s = name("add")
+        nodes.append(helper.make_node("Add", [h, skip], [s]))
+        r = name("r")
+        nodes.append(helper.make_node("Relu", [s], [r]))
+        return r
+
+    h = conv("input", 3, 32, 3, 2, True)  # 56 x 56
+    h = block(h, 32, 64, 2)  # 28
+    h = block(h, 64, 64, 1)
+    h = block(h, 64, 128, 2)  # 14
+    h = block(h, 128, 256, 2)  # 7
+    nodes.append(helper.make_node("Flatten", [h], ["flat"]))
+    wf = rng.normal(0, np.sqrt(1.0 / (256 * 49)), (d, 256 * 49)).astype(np.float32)
+    inits.append(numpy_helper.from_array(wf, "wf"))
+    inits.append(numpy_helper.from_array(np.zeros(d, np.float32), "bf"))
+    nodes.append(helper.make_node("Gemm", ["flat", "wf", "bf"], ["embedding"], transB=1))
+    graph = helper.make_graph(
+        nodes,
+        "resnet112",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", d])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def face_crops(n: int, size: int, template: str, seed: int = 0) -> np.ndarray:
+    """n aligned crops of the astronaut's face, jittered (shifts, noise) so they differ."""
+    from skimage import data
+
+    img = data.astronaut()
+    [faces] = detect([img])
+    dlib_points = template == "dlib"
+    lm = dlib_landmarks([img], [faces.boxes[:1]])[0] if dlib_points else faces.landmarks[:1]
+    rng = np.random.default_rng(seed)
+    jitter = lm + rng.normal(0, 2.0, (n, *lm.shape[1:])).astype(np.float32)
+    crops, _ = align([img], jitter, image_index=np.zeros(n, np.int64), template=template, size=size)
+    noise = rng.integers(-8, 9, crops.shape)
+    return np.clip(crops.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def per_face_onnx(model: bytes) -> Callable[[np.ndarray], np.ndarray]:
+    """What code without batching does: one session run per face."""
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0].name
+
+    def run(crops: np.ndarray) -> np.ndarray:
+        out = []
+        for c in crops:
+            x = ((c.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
+            y = sess.run(None, {inp: np.ascontiguousarray(x)})[0][0]
+            out.append(y / np.linalg.norm(y))
+        return np.stack(out)
+
+    return run
+
+
+def per_face_dlib(emb: DlibEmbedder) -> Callable[[np.ndarray], np.ndarray]:
+    def run(chips: np.ndarray) -> np.ndarray:
+        out = [np.asarray(emb._model.compute_face_descriptor(c), np.float32) for c in chips]
+        x = np.stack(out)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    return run
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    out = fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return median(times), out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--faces", type=int, default=512, help="crops for the ONNX model")
+    p.add_argument("--dlib-faces", type=int, default=48, help="chips for dlib (slow model)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--batch-sizes", default="8,32,64,128")
+    args = p.parse_args(argv)
+
+    rows: list[dict[str, Any]] = []
+    model = resnet112()
+    crops = face_crops(args.faces, 112, "arcface")
+    t_ref, ref = timed(lambda: per_face_onnx(model)(crops), args.repeat)
+    rows.append({"model": "resnet112", "method": "per-face ORT loop", "batch": 1, "seconds": t_ref})
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        emb = Embedder(model, providers="cpu", batch_size=bs)
+        t, got = timed(lambda emb=emb: emb.embed(crops), args.repeat)
+        err = float(np.abs(got - ref).max())
+        rows.append(
+            {
+                "model": "resnet112",
+                "method": "Embedder uint8",
+                "batch": bs,
+                "seconds": t,
+                "max_abs_diff": err,
+            }
+        )
+    emb = Embedder(model, providers="cpu", batch_size=64)
+    x = ((crops.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2).copy()
+    t, got = timed(lambda: emb.embed(x), args.repeat)
+    rows.append(
+        {
+            "model": "resnet112",
+            "method": "Embedder float32_nchw",
+            "batch": 64,
+            "seconds": t,
+            "max_abs_diff": float(np.abs(got - ref).max()),
+        }
+    )
+    for r in rows:
+        r["faces"] = args.faces
+        r["ratio"] = t_ref / r["seconds"]
+
+    demb = DlibEmbedder(batch_size=32)
+    chips = face_crops(args.dlib_faces, 150, "dlib")
+    reps = max(1, args.repeat - 2)
+    t_dref, dref = timed(lambda: per_face_dlib(demb)(chips), reps)
+    t_d, dgot = timed(lambda: demb.embed(chips), reps)
+    for method, t, diff in (
+        ("per-face dlib loop", t_dref, None),
+        ("DlibEmbedder", t_d, float(np.abs(dgot - dref).max())),
+    ):
+        rows.append(
+            {
+                "model": "dlib",
+                "method": method,
+                "batch": 1 if diff is None else 32,
+                "seconds": t,
+                "faces": args.dlib_faces,
+                "ratio": t_dref / t,
+                "max_abs_diff": diff,
+            }
+        )
+    for r in rows:
+        r["faces_per_s"] = r["faces"] / r["seconds"]
+        r["ms_per_face"] = 1e3 * r["seconds"] / r["faces"]
+    print_table(
+        rows,
+        [
+            ("model", "model", "s"),
+            ("method", "method", "s"),
+            ("batch", "batch", "d"),
+            ("faces_per_s", "faces/s", ".1f"),
+            ("ms_per_face", "ms/face", ".2f"),
+            ("ratio", "x loop", ".2f"),
+            ("max_abs_diff", "max|diff|", ".1e"),
+        ],
+    )
+    meta = bench_meta(["python", "bench/embed.py", *(argv if argv is not None else sys.argv[1:])])
+    meta["onnxruntime"] = ort.__version__
+    meta["threads"] = "Embedder: intra-op threads = usable cores; loop: ORT defaults"
+    path = write_results(results_dir() / "embed.json", {"meta": meta, "rows": rows})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
