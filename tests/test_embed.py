@@ -375,3 +375,42 @@ def test_dlib_worker_processes_match_in_process(dlib_raw: DlibEmbedder) -> None:
     assert multi._pool is None
     with pytest.raises(ValueError, match="processes"):
         DlibEmbedder(processes=-1)
+
+
+# --- dlib's network in ONNX Runtime ----------------------------------------------------------
+
+
+def test_dlib_onnx_matches_dlib(dlib_raw: DlibEmbedder) -> None:
+    """The converted graph against dlib itself: astronaut chips and random chips."""
+    from fastface.faces import dlib_onnx_embedder
+
+    img = data.astronaut()
+    [faces] = detect([img])
+    lm = dlib_landmarks([img], [faces.boxes])[0]
+    chips, _ = align([img], lm, image_index=np.zeros(len(lm), np.int64), template="dlib")
+    noise = np.random.default_rng(5).integers(0, 256, (3, 150, 150, 3), dtype=np.uint8)
+    chips = np.concatenate([chips, noise])
+    want = l2_normalize(dlib_raw.embed(chips))
+    emb = dlib_onnx_embedder(providers="cpu", batch_size=2)
+    got = emb.embed(chips)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert (emb.name, emb.version, emb.d) == (dlib_raw.name, dlib_raw.version, 128)
+    assert emb.align_options()["template"] == "dlib" and emb.size == 150
+
+
+def test_dlib_onnx_bad_files(tmp_path: object) -> None:
+    import pathlib
+
+    from fastface.faces import dlib_resnet_to_onnx
+
+    root = pathlib.Path(str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        dlib_resnet_to_onnx(root / "missing.dat")
+    bad = root / "bad.dat"
+    bad.write_bytes(b"\x01\x01" * 100)
+    with pytest.raises(ValueError, match="not dlib's face ResNet"):
+        dlib_resnet_to_onnx(bad)
+    from fastface.faces import dlib_shape_predictor_path
+
+    with pytest.raises(ValueError, match="dlib model"):  # a dlib file, but not the ResNet
+        dlib_resnet_to_onnx(dlib_shape_predictor_path())

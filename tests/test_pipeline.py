@@ -206,3 +206,16 @@ def test_bad_arguments(dlib_emb: DlibEmbedder) -> None:
         decode_image(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(FileNotFoundError):
         decode_image("/nonexistent/image.jpg")
+
+
+def test_pipeline_dlib_onnx_equals_dlib(folder: list[str], dlib_emb: DlibEmbedder) -> None:
+    from fastface.faces import dlib_onnx_embedder
+
+    a = [r for r in FacePipeline(None, dlib_emb, progress=False).run(folder[:6])]
+    onnx_emb = dlib_onnx_embedder(providers="cpu")
+    b = [r for r in FacePipeline(None, onnx_emb, batch_size=4, progress=False).run(folder[:6])]
+    assert [type(r) for r in a] == [type(r) for r in b]
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, Face) and isinstance(y, Face):
+            assert (x.image, x.face) == (y.image, y.face)
+            np.testing.assert_allclose(x.embedding, y.embedding, atol=1e-5)

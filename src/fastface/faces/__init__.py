@@ -11,6 +11,7 @@ from .align import (
     template,
 )
 from .detect import MTCNN, Detections, detect, mtcnn_model_paths
+from .dlib_onnx import dlib_onnx_embedder, dlib_resnet_to_onnx
 from .embed import (
     DlibEmbedder,
     Embedder,
@@ -42,6 +43,8 @@ __all__ = [
     "detect",
     "dlib_face_model_path",
     "dlib_landmarks",
+    "dlib_onnx_embedder",
+    "dlib_resnet_to_onnx",
     "dlib_shape_predictor_path",
     "estimate_similarity",
     "l2_normalize",

@@ -211,6 +211,9 @@ class Embedder:
     threads : int, optional
         ONNX Runtime intra-op threads on CPU (default: the cores this process
         may use).
+    template : {"arcface", "dlib"}
+        The alignment the model was trained with (for :meth:`align_options`
+        and :class:`FacePipeline`).
 
     Examples
     --------
@@ -231,7 +234,6 @@ class Embedder:
     ((5, 8), True)
     """
 
-    template = "arcface"
     input = "float32_nchw"
 
     def __init__(
@@ -246,12 +248,16 @@ class Embedder:
         rgb: bool = True,
         fp16: bool = False,
         threads: int | None = None,
+        template: str = "arcface",
     ) -> None:
         import onnxruntime as ort
 
         from .._validation import check_positive_int
 
         data, stem = _model_bytes(model)
+        if template not in ("arcface", "dlib"):
+            raise ValueError(f"template: expected 'arcface' or 'dlib', got {template!r}")
+        self.template = template
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.mean = _three(mean, "mean")
         self.std = _three(std, "std")

@@ -181,6 +181,9 @@ class FacePipeline:
         Images per batch through the stages.
     workers : int
         Decoding threads.
+    detect_threads : int
+        Batches detected at once (ONNX Runtime runs them concurrently while
+        the detector's Python steps take turns).
     min_face_size : float
         Smallest face to look for, in pixels.
     max_faces : int, optional
@@ -214,6 +217,7 @@ class FacePipeline:
         *,
         batch_size: int = 16,
         workers: int = 2,
+        detect_threads: int = 2,
         min_face_size: float = 20,
         max_faces: int | None = None,
         progress: bool = True,
@@ -235,6 +239,7 @@ class FacePipeline:
         self.embedder = embedder
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.workers = check_positive_int(workers, "workers")
+        self.detect_threads = check_positive_int(detect_threads, "detect_threads")
         if not (np.isfinite(min_face_size) and min_face_size >= 1):
             raise ValueError(f"min_face_size: expected a number >= 1, got {min_face_size!r}")
         self.min_face_size = float(min_face_size)
@@ -428,22 +433,52 @@ class FacePipeline:
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
 
+        lock = threading.Lock()
+
         def stage(
-            name: str, fn: Callable[[_Batch], None], q_in: queue.Queue[Any], q_o: queue.Queue[Any]
+            name: str,
+            fn: Callable[[_Batch], None],
+            q_in: queue.Queue[Any],
+            q_o: queue.Queue[Any],
+            threads: int = 1,
         ) -> Callable[[], None]:
+            def work(b: _Batch) -> _Batch:
+                t0 = time.perf_counter()
+                fn(b)
+                with lock:
+                    busy[name] += time.perf_counter() - t0
+                return b
+
             def loop() -> None:
                 while True:
                     b = get(q_in)
                     if b is _STOP:
                         put(q_o, _STOP)
                         return
-                    t0 = time.perf_counter()
-                    fn(b)
-                    busy[name] += time.perf_counter() - t0
-                    if not put(q_o, b):
+                    if not put(q_o, work(b)):
                         return
 
-            return loop
+            def loop_parallel() -> None:
+                # `threads` batches in flight, handed on in input order
+                pool = ThreadPoolExecutor(threads, thread_name_prefix=f"fastface-{name}")
+                pending: deque[Future[_Batch]] = deque()
+                try:
+                    while True:
+                        b = get(q_in)
+                        if b is not _STOP:
+                            pending.append(pool.submit(work, b))
+                        while pending and (
+                            b is _STOP or len(pending) >= threads or pending[0].done()
+                        ):
+                            if not put(q_o, pending.popleft().result()):
+                                return
+                        if b is _STOP:
+                            put(q_o, _STOP)
+                            return
+                finally:
+                    pool.shutdown(wait=True, cancel_futures=True)
+
+            return loop if threads == 1 else loop_parallel
 
         errors: list[BaseException] = []
 
@@ -460,7 +495,10 @@ class FacePipeline:
         threads = [
             threading.Thread(target=guarded(reader), name="fastface-read", daemon=True),
             threading.Thread(
-                target=guarded(stage("detect", self._stage_detect, q_dec, q_det)), daemon=True
+                target=guarded(
+                    stage("detect", self._stage_detect, q_dec, q_det, self.detect_threads)
+                ),
+                daemon=True,
             ),
             threading.Thread(
                 target=guarded(stage("landmarks", self._stage_landmarks, q_det, q_lm)), daemon=True
