@@ -414,3 +414,16 @@ def test_dlib_onnx_bad_files(tmp_path: object) -> None:
 
     with pytest.raises(ValueError, match="dlib model"):  # a dlib file, but not the ResNet
         dlib_resnet_to_onnx(dlib_shape_predictor_path())
+
+
+@pytest.mark.gpu
+def test_dlib_onnx_cuda_matches_cpu() -> None:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDA execution provider (install onnxruntime-gpu on a CUDA machine)")
+    from fastface.faces import dlib_onnx_embedder
+
+    chips = np.random.default_rng(6).integers(0, 256, (9, 150, 150, 3), dtype=np.uint8)
+    cpu = dlib_onnx_embedder(providers="cpu").embed(chips)
+    gpu = dlib_onnx_embedder(providers="cuda", batch_size=4)
+    assert gpu.on_gpu
+    np.testing.assert_allclose(gpu.embed(chips), cpu, atol=1e-4)
