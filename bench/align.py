@@ -128,13 +128,17 @@ def main() -> None:
     t_ref = median_time(lambda: insightface_loop(imgs, lm), max(1, args.repeat // 2))
     with ThreadPoolExecutor(args.threads) as pool:
         t_cv = median_time(lambda: opencv_pool(imgs, lm, pool, args.threads), args.repeat)
-    t_ff = median_time(lambda: align(imgs, lm), args.repeat)
-    t_ff32 = median_time(lambda: align(imgs, lm, output="float32_nchw"), args.repeat)
-    t_fix = median_time(lambda: align(imgs, lm, kernel="fixed"), args.repeat)
+    t_ff = median_time(lambda: align(imgs, lm, threads=args.threads), args.repeat)
+    t_ff1 = median_time(lambda: align(imgs, lm, threads=1), args.repeat)
+    t_ff32 = median_time(
+        lambda: align(imgs, lm, output="float32_nchw", threads=args.threads), args.repeat
+    )
+    t_fix = median_time(lambda: align(imgs, lm, kernel="fixed", threads=args.threads), args.repeat)
     for name, t in [
         ("insightface loop (skimage + cv2.warpAffine)", t_ref),
         (f"opencv estimateAffinePartial2D + warpAffine, {args.threads} threads", t_cv),
-        ("fastface align uint8", t_ff),
+        (f"fastface align uint8, {args.threads} threads", t_ff),
+        ("fastface align uint8, 1 thread", t_ff1),
         ("fastface align uint8, kernel='fixed'", t_fix),
         ("fastface align float32_nchw (fused)", t_ff32),
     ]:

@@ -1,5 +1,7 @@
 #include "align.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -36,15 +38,15 @@ void invert_affine(const double* m, double* a) {
 
 // Per-thread buffers, one crop row long.
 struct Scratch {
-  std::vector<int64_t> adelta, bdelta;      // fixed point: per-column coordinate steps
-  std::vector<float> sx, sy;                // float: source coordinates, then fractions
-  std::vector<float> cx, cy;                // float: coordinates clamped near the image
-  std::vector<int32_t> ix, iy, wx, wy;      // integer tap position, fixed-point weights
+  std::vector<int64_t> adelta, bdelta;       // fixed point: per-column coordinate steps
+  std::vector<float> sx, sy;                 // float: source coordinates, then fractions
+  std::vector<float> cx, cy;                 // float: coordinates clamped near the image
+  std::vector<int32_t> ix, iy, wx, wy;       // integer tap position, fixed-point weights
   std::vector<uint32_t> t00, t01, t10, t11;  // the four taps, 3 channels + 1 spare byte
-  std::vector<uint32_t> px;                 // the row: channel c in byte c of each word
+  std::vector<uint32_t> px;                  // the row: channel c in byte c of each word
   explicit Scratch(int64_t w)
-      : adelta(w), bdelta(w), sx(w), sy(w), cx(w), cy(w), ix(w), iy(w), wx(w), wy(w), t00(w), t01(w), t10(w),
-        t11(w), px(w) {}
+      : adelta(w), bdelta(w), sx(w), sy(w), cx(w), cy(w), ix(w), iy(w), wx(w), wy(w), t00(w),
+        t01(w), t10(w), t11(w), px(w) {}
 };
 
 inline int64_t round_double(double v) { return static_cast<int64_t>(std::nearbyint(v)); }
@@ -84,10 +86,11 @@ void gather_taps(const ImageView& img, int64_t lo, int64_t hi, Scratch& s) {
 }
 
 // floor(v) for |v| < 2^31: truncate, then subtract 1 where that rounded up
-// (the sign bit of v - trunc(v)). std::floor does not vectorise here.
+// (the sign bit of v - trunc(v); adding +0 turns a -0 from v = -0 into +0).
+// std::floor does not vectorise here.
 inline int32_t floor_int(float v) {
   const int32_t t = static_cast<int32_t>(v);
-  const float d = v - static_cast<float>(t);
+  const float d = (v - static_cast<float>(t)) + 0.0f;
   int32_t bits;
   std::memcpy(&bits, &d, sizeof bits);
   return t + (bits >> 31);
@@ -164,7 +167,7 @@ void warp_row_f32(const ImageView& img, const double* a, int64_t y, int64_t w, S
   int32_t* __restrict ix = s.ix.data();
   int32_t* __restrict iy = s.iy.data();
   const float hx = static_cast<float>(img.width + 1), hy = static_cast<float>(img.height + 1);
-  // A 32-bit counter: int32 -> float converts in vector registers, int64 not.
+  // 32-bit counters: int32 -> float converts in vector registers, int64 not.
   // Two passes of a shape GCC vectorises (it gives up on clamp, convert and
   // subtract in one loop under -ftrapping-math). Far-away coordinates are
   // clamped to [-2, size + 1] before the integer conversion: those ends are
@@ -262,12 +265,13 @@ void warp_row_fixed(const ImageView& img, const double* a, int64_t y, int64_t w,
 // hands them to `emit(f, y, px)`. Parallel over faces.
 template <class Emit>
 void for_each_row(const ImageView* images, const int64_t* image_index, const double* M, int64_t F,
-                  int64_t out_h, int64_t out_w, bool fixed_point, const Emit& emit) {
+                  int64_t out_h, int64_t out_w, bool fixed_point, int threads, const Emit& emit) {
   // Small batches stay on the calling thread: a parallel region has to wait
   // for every worker to be scheduled, which on a busy machine can cost more
   // than warping a few crops.
-  const bool parallel = F > 1 && F * out_h * out_w >= kMinParallelPixels;
-#pragma omp parallel if (parallel)
+  const bool parallel = F > 1 && F * out_h * out_w >= kMinParallelPixels && threads != 1;
+  const int team = threads > 0 ? threads : omp_get_max_threads();
+#pragma omp parallel if (parallel) num_threads(team)
   {
     Scratch s(out_w);
 #pragma omp for schedule(dynamic, 4)
@@ -296,8 +300,9 @@ void for_each_row(const ImageView* images, const int64_t* image_index, const dou
 }  // namespace
 
 void warp_affine_u8(const ImageView* images, const int64_t* image_index, const double* M,
-                    int64_t F, int64_t out_h, int64_t out_w, bool fixed_point, uint8_t* out) {
-  for_each_row(images, image_index, M, F, out_h, out_w, fixed_point,
+                    int64_t F, int64_t out_h, int64_t out_w, bool fixed_point, int threads,
+                    uint8_t* out) {
+  for_each_row(images, image_index, M, F, out_h, out_w, fixed_point, threads,
                [=](int64_t f, int64_t y, const uint32_t* px) {
                  uint8_t* o = out + (f * out_h + y) * out_w * 3;
                  // Overlapping 4-byte stores; the last pixel writes 3 bytes.
@@ -308,8 +313,9 @@ void warp_affine_u8(const ImageView* images, const int64_t* image_index, const d
 
 void warp_affine_f32_nchw(const ImageView* images, const int64_t* image_index, const double* M,
                           int64_t F, int64_t out_h, int64_t out_w, const float* mean,
-                          const float* std, const int* channel, bool fixed_point, float* out) {
-  for_each_row(images, image_index, M, F, out_h, out_w, fixed_point,
+                          const float* std, const int* channel, bool fixed_point, int threads,
+                          float* out) {
+  for_each_row(images, image_index, M, F, out_h, out_w, fixed_point, threads,
                [=](int64_t f, int64_t y, const uint32_t* __restrict px) {
                  for (int c = 0; c < 3; ++c) {
                    float* __restrict o = out + ((f * 3 + c) * out_h + y) * out_w;

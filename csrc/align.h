@@ -27,10 +27,13 @@ struct ImageView {
 // pixel (INTER_BITS = 5) through the same 10-bit steps, integer weights
 // summing to 1024, rounded half up.
 //
-// `out` receives (F, out_h, out_w, 3) uint8. Parallel over faces (OpenMP);
-// the caller must not hold the GIL. Indices must be valid (checked in Python).
+// `out` receives (F, out_h, out_w, 3) uint8. Parallel over faces (OpenMP,
+// `threads` threads, or OpenMP's default when 0; small batches run on the
+// calling thread); the caller must not hold the GIL. Indices must be valid
+// (checked in Python).
 void warp_affine_u8(const ImageView* images, const int64_t* image_index, const double* M,
-                    int64_t F, int64_t out_h, int64_t out_w, bool fixed_point, uint8_t* out);
+                    int64_t F, int64_t out_h, int64_t out_w, bool fixed_point, int threads,
+                    uint8_t* out);
 
 // Same warp, fused with a model's input transform: writes (F, 3, out_h,
 // out_w) float32 with out[f, c] = (v - mean[c]) / std[c] in float32, where v
@@ -38,6 +41,7 @@ void warp_affine_u8(const ImageView* images, const int64_t* image_index, const d
 // the result equals normalising the uint8 crop exactly.
 void warp_affine_f32_nchw(const ImageView* images, const int64_t* image_index, const double* M,
                           int64_t F, int64_t out_h, int64_t out_w, const float* mean,
-                          const float* std, const int* channel, bool fixed_point, float* out);
+                          const float* std, const int* channel, bool fixed_point, int threads,
+                          float* out);
 
 }  // namespace fastface

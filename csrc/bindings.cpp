@@ -54,7 +54,7 @@ std::vector<fastface::ImageView> image_views(const std::vector<u8c>& images) {
 
 template <class Images>
 u8c warp_affine_u8(const Images& images, const i64c& image_index, const f64c& M, int64_t out_h,
-                   int64_t out_w, bool fixed_point) {
+                   int64_t out_w, bool fixed_point, int threads) {
   const std::vector<fastface::ImageView> views = image_views(images);
   const int64_t F = image_index.shape(0);
   u8c out({F, out_h, out_w, int64_t{3}});
@@ -63,7 +63,7 @@ u8c warp_affine_u8(const Images& images, const i64c& image_index, const f64c& M,
   uint8_t* o = out.mutable_data();
   {
     py::gil_scoped_release release;
-    fastface::warp_affine_u8(views.data(), idx, m, F, out_h, out_w, fixed_point, o);
+    fastface::warp_affine_u8(views.data(), idx, m, F, out_h, out_w, fixed_point, threads, o);
   }
   return out;
 }
@@ -72,7 +72,7 @@ template <class Images>
 f32c warp_affine_f32_nchw(const Images& images, const i64c& image_index, const f64c& M,
                           int64_t out_h, int64_t out_w, const std::vector<float>& mean,
                           const std::vector<float>& std, const std::vector<int>& channel,
-                          bool fixed_point) {
+                          bool fixed_point, int threads) {
   const std::vector<fastface::ImageView> views = image_views(images);
   const int64_t F = image_index.shape(0);
   f32c out({F, int64_t{3}, out_h, out_w});
@@ -82,7 +82,7 @@ f32c warp_affine_f32_nchw(const Images& images, const i64c& image_index, const f
   {
     py::gil_scoped_release release;
     fastface::warp_affine_f32_nchw(views.data(), idx, m, F, out_h, out_w, mean.data(), std.data(),
-                                   channel.data(), fixed_point, o);
+                                   channel.data(), fixed_point, threads, o);
   }
   return out;
 }
@@ -119,15 +119,17 @@ PYBIND11_MODULE(_C, m) {
       "bilinear with border 0, as cv2.warpAffine. Inputs validated in Python.";
   m.def("warp_affine_u8", &warp_affine_u8<u8c>, py::arg("images").noconvert(),
         py::arg("image_index").noconvert(), py::arg("M").noconvert(), py::arg("out_h"),
-        py::arg("out_w"), py::arg("fixed_point"), warp_doc);
+        py::arg("out_w"), py::arg("fixed_point"), py::arg("threads") = 0, warp_doc);
   m.def("warp_affine_u8", &warp_affine_u8<std::vector<u8c>>, py::arg("images").noconvert(),
         py::arg("image_index").noconvert(), py::arg("M").noconvert(), py::arg("out_h"),
-        py::arg("out_w"), py::arg("fixed_point"), warp_doc);
+        py::arg("out_w"), py::arg("fixed_point"), py::arg("threads") = 0, warp_doc);
   m.def("warp_affine_f32_nchw", &warp_affine_f32_nchw<u8c>, py::arg("images").noconvert(),
         py::arg("image_index").noconvert(), py::arg("M").noconvert(), py::arg("out_h"),
-        py::arg("out_w"), py::arg("mean"), py::arg("std"), py::arg("channel"), py::arg("fixed_point"), warp_doc);
+        py::arg("out_w"), py::arg("mean"), py::arg("std"), py::arg("channel"),
+        py::arg("fixed_point"), py::arg("threads") = 0, warp_doc);
   m.def("warp_affine_f32_nchw", &warp_affine_f32_nchw<std::vector<u8c>>,
         py::arg("images").noconvert(), py::arg("image_index").noconvert(),
-        py::arg("M").noconvert(), py::arg("out_h"), py::arg("out_w"), py::arg("mean"), py::arg("std"),
-        py::arg("channel"), py::arg("fixed_point"), warp_doc);
+        py::arg("M").noconvert(), py::arg("out_h"), py::arg("out_w"), py::arg("mean"),
+        py::arg("std"), py::arg("channel"), py::arg("fixed_point"), py::arg("threads") = 0,
+        warp_doc);
 }

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from fastface.faces import align, detect, dlib_landmarks, template
+from fastface.faces import align, detect, dlib_landmarks, stack_landmarks, template
 from fastface.faces.detect import mtcnn_model_paths
 from fastface.faces.landmarks import _predictor, dlib_shape_predictor_path
 
@@ -96,6 +96,12 @@ def test_batch_gives_what_single_images_give(astronaut):
     np.testing.assert_allclose(listed[0].landmarks, batch[0].landmarks, atol=1e-3)
     np.testing.assert_allclose(listed[2].landmarks, batch[1].landmarks, atol=1e-3)
     assert len(listed[1]) == 0 and listed[1].landmarks.shape == (0, 5, 2)
+    lm, image_index = stack_landmarks(listed)
+    assert image_index.tolist() == [0] * len(listed[0]) + [2] * len(listed[2])
+    crops, _ = align(
+        [small, np.zeros((100, 140, 3), np.uint8), flipped], lm, image_index=image_index
+    )
+    assert crops.shape == (len(lm), 112, 112, 3)
     # The mirrored face's landmarks come back in image order, not swapped.
     lm = batch[1].landmarks[0]
     assert lm[0, 0] < lm[1, 0] and lm[3, 0] < lm[4, 0]
@@ -109,6 +115,9 @@ def test_detect_bad_input():
         detect([np.zeros((50, 50, 3), np.uint8)], min_face_size=0)
     with pytest.raises(ValueError, match="thresholds"):
         detect([np.zeros((50, 50, 3), np.uint8)], thresholds=(0.6, 0.7))
+    with pytest.raises(ValueError, match="gray_to_rgb"):
+        detect([np.zeros((50, 50), np.uint8)])
+    assert len(detect([np.zeros((50, 50), np.uint8)], gray_to_rgb=True)[0]) == 0
 
 
 def test_dlib_template_reproduces_dlib_get_face_chip(astronaut, astronaut_faces):

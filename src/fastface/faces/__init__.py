@@ -10,7 +10,7 @@ from .align import (
     estimate_similarity,
     template,
 )
-from .detect import MTCNN, Detections, detect, mtcnn_model_paths
+from .detect import MTCNN, Detections, detect, mtcnn_model_paths, stack_landmarks
 from .dlib_onnx import dlib_onnx_embedder, dlib_resnet_to_onnx
 from .embed import (
     DlibEmbedder,
@@ -50,6 +50,7 @@ __all__ = [
     "l2_normalize",
     "mtcnn_model_paths",
     "resolve_providers",
+    "stack_landmarks",
     "template",
     "templates",
 ]

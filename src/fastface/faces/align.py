@@ -110,9 +110,12 @@ def template(name: str = "arcface", size: int | None = None) -> np.ndarray:
     raise ValueError(f"template: unknown name {name!r}; use 'arcface', 'dlib' or a (5, 2) array")
 
 
-def _positive_size(size: Any) -> int:
+_named_template = template  # align's `template` argument shadows the function
+
+
+def _positive_size(size: Any, name: str = "size") -> int:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
-        raise ValueError(f"size: expected a positive int, got {size!r}")
+        raise ValueError(f"{name}: expected a positive int, got {size!r}")
     return int(size)
 
 
@@ -274,6 +277,7 @@ def align(
     rgb: bool = True,
     kernel: Literal["float", "fixed"] = "float",
     gray_to_rgb: bool = False,
+    threads: int | None = None,
 ) -> AlignResult:
     """Aligned face crops from images and 5 landmarks per face.
 
@@ -307,6 +311,9 @@ def align(
         crops most ArcFace-family models were trained on.
     gray_to_rgb : bool
         Replicate single-channel images to 3 channels instead of raising.
+    threads : int, optional
+        Threads for the warp (default: OpenMP's, i.e. ``OMP_NUM_THREADS`` or
+        all cores). Batches under about 16 crops run on the calling thread.
 
     Returns
     -------
@@ -331,7 +338,7 @@ def align(
     if kernel not in ("float", "fixed"):
         raise ValueError(f"kernel: expected 'float' or 'fixed', got {kernel!r}")
     if isinstance(template, str):
-        dst = globals()["template"](template, size)
+        dst = _named_template(template, size)
         size = 112 if size is None and template == "arcface" else size
         size = DLIB_CHIP_SIZE if size is None else size
     else:
@@ -342,6 +349,7 @@ def align(
             )
         size = 112 if size is None else size
     size = _positive_size(size)
+    n_threads = 0 if threads is None else _positive_size(threads, "threads")
     imgs, shapes = _check_images(images, gray_to_rgb)
     lm = _check_landmarks(landmarks, dst.shape[0])
     F, N = lm.shape[0], len(shapes)
@@ -377,14 +385,14 @@ def align(
         M = np.ascontiguousarray(estimate_similarity(lm, dst))
     fixed = kernel == "fixed"
     if output == "uint8":
-        crops = _C.warp_affine_u8(imgs, idx, M, size, size, fixed)
+        crops = _C.warp_affine_u8(imgs, idx, M, size, size, fixed, n_threads)
         return AlignResult(crops, M)
     m3 = _three(mean, "mean")
     s3 = _three(std, "std")
     if any(v == 0 for v in s3):
         raise ValueError(f"std: must be non-zero, got {s3}")
     channel = [0, 1, 2] if rgb else [2, 1, 0]
-    crops = _C.warp_affine_f32_nchw(imgs, idx, M, size, size, m3, s3, channel, fixed)
+    crops = _C.warp_affine_f32_nchw(imgs, idx, M, size, size, m3, s3, channel, fixed, n_threads)
     return AlignResult(crops, M)
 
 

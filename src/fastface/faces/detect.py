@@ -32,12 +32,14 @@ import numpy as np
 from .. import _C  # type: ignore[attr-defined]
 from .align import _check_images
 
-__all__ = ["MTCNN", "Detections", "detect", "mtcnn_model_paths"]
+__all__ = ["MTCNN", "Detections", "detect", "mtcnn_model_paths", "stack_landmarks"]
 
 _MEAN = np.float32(127.5)
 _SCALE = np.float32(0.0078125)
 _PNET_CELL = 12
 _PNET_STRIDE = 2
+_PYRAMID_PIXELS = 512 * 512
+_NET_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,27 @@ class Detections:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+
+def stack_landmarks(detections: Sequence[Detections]) -> tuple[np.ndarray, np.ndarray]:
+    """All faces' landmarks as one ``(F, 5, 2)`` array and the image each comes from.
+
+    The two arguments :func:`fastface.faces.align` takes after ``images``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> one = Detections(np.zeros((2, 4)), np.ones(2), np.zeros((2, 5, 2)))
+    >>> none = Detections(np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2)))
+    >>> lm, image_index = stack_landmarks([none, one])
+    >>> lm.shape, image_index.tolist()
+    ((2, 5, 2), [1, 1])
+    """
+    if not detections:
+        return np.zeros((0, 5, 2), np.float32), np.zeros(0, np.int64)
+    lm = np.concatenate([np.asarray(d.landmarks, np.float32) for d in detections])
+    index = np.repeat(np.arange(len(detections)), [len(d) for d in detections])
+    return lm, index.astype(np.int64)
 
 
 def mtcnn_model_paths() -> dict[str, Path]:
@@ -213,9 +236,15 @@ class MTCNN:
         }
 
     def _run(self, name: str, x: np.ndarray) -> list[np.ndarray]:
+        """Run one network on a batch, in chunks of _NET_BATCH: larger batches
+        gained nothing on CPU and lost cache locality."""
         sess = self._sessions[name]
-        outs = sess.run(None, {sess.get_inputs()[0].name: x})
-        return [np.asarray(o) for o in outs]
+        feed = sess.get_inputs()[0].name
+        parts = [
+            sess.run(None, {feed: np.ascontiguousarray(x[i : i + _NET_BATCH])})
+            for i in range(0, max(len(x), 1), _NET_BATCH)
+        ]
+        return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(parts[0]))]
 
     def detect(
         self,
@@ -224,6 +253,7 @@ class MTCNN:
         min_face_size: float = 20,
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
         scale_factor: float = 0.709,
+        gray_to_rgb: bool = False,
     ) -> list[Detections]:
         """See :func:`fastface.faces.detect`."""
         if not (np.isfinite(min_face_size) and min_face_size >= 1):
@@ -232,7 +262,7 @@ class MTCNN:
             raise ValueError(f"thresholds: expected three probabilities, got {thresholds!r}")
         if not 0.0 < scale_factor < 1.0:
             raise ValueError(f"scale_factor: expected a value in (0, 1), got {scale_factor!r}")
-        imgs, shapes = _check_images(images, gray_to_rgb=False)
+        imgs, shapes = _check_images(images, gray_to_rgb)
         n = len(shapes)
         if n == 0:
             return []
@@ -248,12 +278,20 @@ class MTCNN:
         threshold: float,
         scale_factor: float,
     ) -> tuple[np.ndarray, np.ndarray]:
-        # Images of one size share every pyramid level: group them.
+        # Images of one size share every pyramid level: group them, in chunks
+        # of about _PYRAMID_PIXELS (four 250 x 250 images) so that a level's
+        # input and P-net's activations stay in cache. On CPU, P-net ran ~20%
+        # faster per image in batches of 2-8 than alone, but 32 images of
+        # 250 x 250 at once ran at half the speed of one image at a time.
         groups: dict[tuple[int, int], list[int]] = {}
         for i, hw in enumerate(shapes):
             groups.setdefault(hw, []).append(i)
-        all_boxes, all_owner = [], []
+        chunks = []
         for (H, W), members in groups.items():
+            step = max(1, _PYRAMID_PIXELS // (H * W))
+            chunks += [((H, W), members[j : j + step]) for j in range(0, len(members), step)]
+        all_boxes, all_owner = [], []
+        for (H, W), members in chunks:
             batch = (
                 imgs[members]
                 if isinstance(imgs, np.ndarray)
@@ -376,6 +414,7 @@ def detect(
     min_face_size: float = 20,
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
     scale_factor: float = 0.709,
+    gray_to_rgb: bool = False,
 ) -> list[Detections]:
     """Find faces and their 5 landmarks with MTCNN.
 
@@ -389,6 +428,8 @@ def detect(
         Face-probability thresholds of P-net, R-net and O-net.
     scale_factor : float
         Ratio between pyramid levels.
+    gray_to_rgb : bool
+        Replicate single-channel images to 3 channels instead of raising.
 
     Returns
     -------
@@ -399,12 +440,18 @@ def detect(
     Examples
     --------
     >>> from skimage import data
-    >>> from fastface.faces import detect, align
-    >>> [faces] = detect([data.astronaut()])
-    >>> crops, M = align([data.astronaut()], faces.landmarks[:1])
-    >>> crops.shape
-    (1, 112, 112, 3)
+    >>> from fastface.faces import align, detect, stack_landmarks
+    >>> images = [data.astronaut()]
+    >>> faces = detect(images)
+    >>> landmarks, image_index = stack_landmarks(faces)
+    >>> crops, M = align(images, landmarks, image_index=image_index)
+    >>> crops.shape[1:], faces[0].scores[0] > 0.99
+    ((112, 112, 3), np.True_)
     """
     return _default_model().detect(
-        images, min_face_size=min_face_size, thresholds=thresholds, scale_factor=scale_factor
+        images,
+        min_face_size=min_face_size,
+        thresholds=thresholds,
+        scale_factor=scale_factor,
+        gray_to_rgb=gray_to_rgb,
     )

@@ -51,7 +51,7 @@ def _predictor() -> Any:
 
 
 def dlib_landmarks(
-    images: np.ndarray | Sequence[np.ndarray], boxes: Sequence[Any]
+    images: np.ndarray | Sequence[np.ndarray], boxes: Sequence[Any], *, gray_to_rgb: bool = False
 ) -> list[np.ndarray]:
     """dlib's 5 landmarks for each face box.
 
@@ -61,6 +61,8 @@ def dlib_landmarks(
         Decoded RGB images.
     boxes : list of (n_i, 4) arrays or of Detections, one per image
         Face boxes ``x1, y1, x2, y2`` in pixels (e.g. ``detect(images)``).
+    gray_to_rgb : bool
+        Replicate single-channel images to 3 channels instead of raising.
 
     Returns
     -------
@@ -77,7 +79,7 @@ def dlib_landmarks(
     >>> pts.shape
     (1, 5, 2)
     """
-    imgs, shapes = _check_images(images, gray_to_rgb=False)
+    imgs, shapes = _check_images(images, gray_to_rgb)
     if len(boxes) != len(shapes):
         raise ValueError(f"boxes: expected one entry per image ({len(shapes)}), got {len(boxes)}")
     import dlib
