@@ -178,7 +178,9 @@ class FacePipeline:
         boxes (:func:`~fastface.faces.dlib_landmarks`); otherwise the
         detector's own 5 points.
     batch_size : int
-        Images per batch through the stages.
+        Images per batch through the stages: small enough that the stages
+        have batches to overlap, large enough to batch the models (on a GPU,
+        raise it).
     workers : int
         Decoding threads.
     detect_threads : int
@@ -215,7 +217,7 @@ class FacePipeline:
         detector: Any,
         embedder: FaceEmbedder,
         *,
-        batch_size: int = 16,
+        batch_size: int = 8,
         workers: int = 2,
         detect_threads: int = 2,
         min_face_size: float = 20,
