@@ -137,9 +137,9 @@ def test_pipeline_onnx_embedder_arrays_and_bytes() -> None:
 
 def test_index_images(folder: list[str], dlib_emb: DlibEmbedder) -> None:
     rng = np.random.default_rng(0)
-    train = rng.normal(size=(600, 128)).astype(np.float32)
+    train = rng.normal(size=(700, 128)).astype(np.float32)
     train /= np.linalg.norm(train, axis=1, keepdims=True)
-    index = IVFPQIndex(IVFPQParams(128, 2, 16, nbits=4))
+    index = IVFPQIndex(IVFPQParams(128, 2, 4, nbits=4))
     index.train(train)
     pipe = FacePipeline(None, dlib_emb, batch_size=4, progress=False)
     ids = np.arange(100, 100 + len(folder))
@@ -149,20 +149,21 @@ def test_index_images(folder: list[str], dlib_emb: DlibEmbedder) -> None:
     assert {e.image for e in report.errors} == {1, 3, 6, 7}
     assert index.ntotal == 4 and report.model_version == dlib_emb.version
     [f] = [r for r in pipe.run([folder[0]]) if isinstance(r, Face) and r.face == 0]
-    _, I = index.search(f.embedding[None], 2, nprobe=2)
-    assert I[0, 0] == 100
-    every = IVFPQIndex(IVFPQParams(128, 2, 16, nbits=4))
+    _, I = index.search(f.embedding[None], 4, nprobe=2)
+    # 16-bit codes: the astronaut's three vectors may tie, the cameraman comes last
+    assert set(I[0, :3].tolist()) == {100, 102, 105} and I[0, 3] == 104
+    every = IVFPQIndex(IVFPQParams(128, 2, 4, nbits=4))
     every.train(train)
     rep = pipe.index_images(folder[:3], every, faces="all")
     assert rep.image.tolist() == [0, 0, 2] and every.ntotal == 3
     with pytest.raises(ValueError, match="faces='all'"):
         pipe.index_images(folder, every, ids=ids, faces="all")
     with pytest.raises(ValueError, match="dimension"):
-        pipe.index_images(folder, IVFPQIndex(IVFPQParams(64, 2, 8, nbits=4)))
+        pipe.index_images(folder, IVFPQIndex(IVFPQParams(64, 2, 4, nbits=4)))
     from fastface.errors import NotTrainedError
 
     with pytest.raises(NotTrainedError):
-        pipe.index_images(folder, IVFPQIndex(IVFPQParams(128, 2, 16, nbits=4)))
+        pipe.index_images(folder, IVFPQIndex(IVFPQParams(128, 2, 4, nbits=4)))
 
 
 class _Boom:
