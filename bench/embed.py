@@ -153,14 +153,26 @@ def per_face_dlib(emb: DlibEmbedder) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    out = fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return median(times), out
+class Interleaved:
+    """Times functions round-robin (after one warm-up call each), so the load
+    swings of a shared machine fall on every method alike; medians."""
+
+    def __init__(self) -> None:
+        self.fns: dict[str, tuple[Callable[[], Any], int]] = {}
+
+    def add(self, key: str, fn: Callable[[], Any], repeat: int) -> None:
+        self.fns[key] = (fn, max(1, repeat))
+
+    def run(self) -> dict[str, tuple[float, Any]]:
+        outs = {k: fn() for k, (fn, _) in self.fns.items()}
+        times: dict[str, list[float]] = {k: [] for k in self.fns}
+        for rep in range(max(r for _, r in self.fns.values())):
+            for k, (fn, r) in self.fns.items():
+                if rep < r:
+                    t0 = time.perf_counter()
+                    outs[k] = fn()
+                    times[k].append(time.perf_counter() - t0)
+        return {k: (median(times[k]), outs[k]) for k in self.fns}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,63 +183,73 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="8,32,64,128")
     args = p.parse_args(argv)
 
-    rows: list[dict[str, Any]] = []
+    bench = Interleaved()
     model = resnet112()
     crops = face_crops(args.faces, 112, "arcface")
-    t_ref, ref = timed(lambda: per_face_onnx(model)(crops), args.repeat)
-    rows.append({"model": "resnet112", "method": "per-face ORT loop", "batch": 1, "seconds": t_ref})
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+    bench.add("ref", lambda: per_face_onnx(model)(crops), args.repeat)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    for bs in sizes:
         emb = Embedder(model, providers="cpu", batch_size=bs)
-        t, got = timed(lambda emb=emb: emb.embed(crops), args.repeat)
-        err = float(np.abs(got - ref).max())
-        rows.append(
-            {
-                "model": "resnet112",
-                "method": "Embedder uint8",
-                "batch": bs,
-                "seconds": t,
-                "max_abs_diff": err,
-            }
-        )
-    emb = Embedder(model, providers="cpu", batch_size=64)
+        bench.add(f"u8-{bs}", lambda emb=emb: emb.embed(crops), args.repeat)
+    emb64 = Embedder(model, providers="cpu", batch_size=64)
     x = ((crops.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2).copy()
-    t, got = timed(lambda: emb.embed(x), args.repeat)
-    rows.append(
-        {
-            "model": "resnet112",
-            "method": "Embedder float32_nchw",
-            "batch": 64,
-            "seconds": t,
-            "max_abs_diff": float(np.abs(got - ref).max()),
-        }
-    )
-    for r in rows:
-        r["faces"] = args.faces
-        r["ratio"] = t_ref / r["seconds"]
+    bench.add("f32-64", lambda: emb64.embed(x), args.repeat)
 
     # dlib's model: the ONNX graph (batched vs per face) and dlib-bin itself
     chips = face_crops(args.dlib_faces, 150, "dlib")
     graph, mean = dlib_resnet_to_onnx()
-    t_oref, oref = timed(lambda: per_face_onnx(graph, mean, 256.0)(chips), args.repeat)
+    bench.add("dref", lambda: per_face_onnx(graph, mean, 256.0)(chips), args.repeat)
     demb = DlibEmbedder(batch_size=32)
     reps = max(1, args.repeat - 2)  # dlib-bin is ~20x slower
-    t_dref, dref = timed(lambda: per_face_dlib(demb)(chips), reps)
-    t_d, dgot = timed(lambda: demb.embed(chips), reps)
-    dlib_rows = [
-        {"method": "per-face ORT loop (dlib graph)", "batch": 1, "seconds": t_oref},
-        {"method": "per-face dlib-bin loop", "batch": 1, "seconds": t_dref, "x": dref},
-        {"method": "DlibEmbedder (dlib-bin)", "batch": 32, "seconds": t_d, "x": dgot},
-    ]
+    bench.add("dlib-loop", lambda: per_face_dlib(demb)(chips), reps)
+    bench.add("dlib-batch", lambda: demb.embed(chips), reps)
     for bs in (8, 32):
-        emb = dlib_onnx_embedder(providers="cpu", batch_size=bs)
-        t, got = timed(lambda emb=emb: emb.embed(chips), args.repeat)
-        dlib_rows.append({"method": "Embedder (dlib graph)", "batch": bs, "seconds": t, "x": got})
-    for r in dlib_rows:
-        x = r.pop("x", None)
-        r["max_abs_diff"] = None if x is None else float(np.abs(x - oref).max())
-        r.update(model="dlib", faces=args.dlib_faces, ratio=t_oref / r["seconds"])
-        r["ratio_dlib_loop"] = t_dref / r["seconds"]
-        rows.append(r)
+        demb_onnx = dlib_onnx_embedder(providers="cpu", batch_size=bs)
+        bench.add(f"dlib-onnx-{bs}", lambda e=demb_onnx: e.embed(chips), args.repeat)
+    res = bench.run()
+
+    t_ref, ref = res["ref"]
+    rows: list[dict[str, Any]] = [
+        {"model": "resnet112", "method": "per-face ORT loop", "batch": 1, "seconds": t_ref}
+    ]
+    for key, method, bs in [(f"u8-{b}", "Embedder uint8", b) for b in sizes] + [
+        ("f32-64", "Embedder float32_nchw", 64)
+    ]:
+        t, got = res[key]
+        rows.append(
+            {
+                "model": "resnet112",
+                "method": method,
+                "batch": bs,
+                "seconds": t,
+                "max_abs_diff": float(np.abs(got - ref).max()),
+            }
+        )
+    for r in rows:
+        r["faces"] = args.faces
+        r["ratio"] = t_ref / r["seconds"]
+    t_oref, oref = res["dref"]
+    t_dref = res["dlib-loop"][0]
+    for key, method, bs in [
+        ("dref", "per-face ORT loop (dlib graph)", 1),
+        ("dlib-loop", "per-face dlib-bin loop", 1),
+        ("dlib-batch", "DlibEmbedder (dlib-bin)", 32),
+        ("dlib-onnx-8", "Embedder (dlib graph)", 8),
+        ("dlib-onnx-32", "Embedder (dlib graph)", 32),
+    ]:
+        t, got = res[key]
+        rows.append(
+            {
+                "model": "dlib",
+                "method": method,
+                "batch": bs,
+                "seconds": t,
+                "faces": args.dlib_faces,
+                "ratio": t_oref / t,
+                "ratio_dlib_loop": t_dref / t,
+                "max_abs_diff": None if key == "dref" else float(np.abs(got - oref).max()),
+            }
+        )
     for r in rows:
         r["faces_per_s"] = r["faces"] / r["seconds"]
         r["ms_per_face"] = 1e3 * r["seconds"] / r["faces"]

@@ -18,9 +18,10 @@ medians, and where the time goes.
   ``skimage SimilarityTransform.estimate``, ``cv2.warpAffine`` and one ONNX
   Runtime run; pipeline = ``FacePipeline(MTCNN(), Embedder(model))``.
 
-The stage columns are seconds spent in each step (naive: summed over the
-loop; pipeline: busy time of each stage thread, which overlap, so they add up
-to more than the wall time).
+The stage columns are seconds spent in each step in the last run (naive:
+summed over the loop; pipeline: busy time of each stage thread; the stages
+overlap, so they add up to more than the wall time). Methods are timed
+round-robin after a warm-up run each (bench/embed.py ``Interleaved``).
 
     python bench/pipeline.py [--images 48] [--repeat 2] [--dlib-processes 0,1,2]
 """
@@ -28,7 +29,6 @@ to more than the wall time).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +43,7 @@ from skimage import data
 from skimage.transform import SimilarityTransform
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embed import resnet112  # bench/embed.py
+from embed import Interleaved, resnet112  # bench/embed.py
 
 from fastface._bench.common import bench_meta, print_table, results_dir, write_results
 from fastface.faces import (
@@ -168,24 +168,6 @@ def run_pipeline(paths: list[str], pipe: FacePipeline) -> tuple[int, dict[str, f
     return faces, {k: float(pipe.stats[k]) for k in STAGES}
 
 
-def measure(fn: Callable[[], tuple[int, dict[str, float]]], repeat: int) -> dict[str, Any]:
-    fn()  # warm-up: sessions, worker processes, page cache
-    walls, stages, faces = [], [], 0
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        faces, st = fn()
-        walls.append(time.perf_counter() - t0)
-        stages.append(st)
-    i = walls.index(sorted(walls)[len(walls) // 2])
-    return {"seconds": statistics.median(walls), "faces": faces, **stages[i]}
-
-
-def _ratios(group: list[dict[str, Any]], ref: dict[str, Any]) -> list[dict[str, Any]]:
-    for row in group:
-        row["ratio"] = ref["seconds"] / row["seconds"]
-    return group
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=48)
@@ -196,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dlib-processes", default="0,1,2")
     args = p.parse_args(argv)
 
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_folder(Path(tmp), args.images)
         detector = MTCNN()
@@ -211,39 +192,50 @@ def main(argv: list[str] | None = None) -> int:
                 progress=False,
             )
 
+        bench = Interleaved()
         demb = DlibEmbedder()
-        ref = measure(lambda: naive_dlib(paths, demb), args.repeat)
-        group = [{"model": "dlib-bin", "method": "naive per image/face", **ref}]
-        for procs in [int(x) for x in args.dlib_processes.split(",")]:
-            with DlibEmbedder(processes=procs) as pe:
-                pipe = pipeline(pe)
-                r = measure(lambda pipe=pipe: run_pipeline(paths, pipe), args.repeat)
-            group.append({"model": "dlib-bin", "method": f"FacePipeline processes={procs}", **r})
-        oref = measure(lambda: naive_dlib(paths, demb, onnx=True), args.repeat)
-        pipe = pipeline(dlib_onnx_embedder(providers="cpu"))
-        r = measure(lambda: run_pipeline(paths, pipe), args.repeat)
-        rows += _ratios(group, ref)
-        rows += _ratios(
-            [
-                {"model": "dlib-onnx", "method": "naive per image/face", **oref},
-                {"model": "dlib-onnx", "method": "FacePipeline", **r},
-            ],
-            oref,
-        )
-        for row in rows:
-            row["ratio_dlib_bin"] = ref["seconds"] / row["seconds"]
-
+        bench.add("dlib-naive", lambda: naive_dlib(paths, demb), args.repeat)
+        procs = [int(x) for x in args.dlib_processes.split(",")]
+        pools = [DlibEmbedder(processes=n) for n in procs]
+        for n, pe in zip(procs, pools, strict=True):
+            pipe = pipeline(pe)
+            bench.add(f"dlib-pipe-{n}", lambda pipe=pipe: run_pipeline(paths, pipe), args.repeat)
+        bench.add("onnx-naive", lambda: naive_dlib(paths, demb, onnx=True), args.repeat)
+        dpipe = pipeline(dlib_onnx_embedder(providers="cpu"))
+        bench.add("onnx-pipe", lambda: run_pipeline(paths, dpipe), args.repeat)
         model = resnet112()
-        nref = measure(lambda: naive_onnx(paths, model), args.repeat)
-        pipe = pipeline(Embedder(model, providers="cpu"))
-        r = measure(lambda: run_pipeline(paths, pipe), args.repeat)
-        rows += _ratios(
-            [
-                {"model": "resnet112", "method": "naive per image/face", **nref},
-                {"model": "resnet112", "method": "FacePipeline", **r},
-            ],
-            nref,
-        )
+        bench.add("r112-naive", lambda: naive_onnx(paths, model), args.repeat)
+        rpipe = pipeline(Embedder(model, providers="cpu"))
+        bench.add("r112-pipe", lambda: run_pipeline(paths, rpipe), args.repeat)
+        try:
+            res = bench.run()
+        finally:
+            for pe in pools:
+                pe.close()
+
+    def row(key: str, model: str, method: str, ref: str) -> dict[str, Any]:
+        t, (faces, stages) = res[key]
+        return {
+            "model": model,
+            "method": method,
+            "seconds": t,
+            "faces": faces,
+            **stages,
+            "ratio": res[ref][0] / t,
+            "ratio_dlib_bin": res["dlib-naive"][0] / t if model.startswith("dlib") else None,
+        }
+
+    rows = [row("dlib-naive", "dlib-bin", "naive per image/face", "dlib-naive")]
+    rows += [
+        row(f"dlib-pipe-{n}", "dlib-bin", f"FacePipeline processes={n}", "dlib-naive")
+        for n in procs
+    ]
+    rows += [
+        row("onnx-naive", "dlib-onnx", "naive per image/face", "onnx-naive"),
+        row("onnx-pipe", "dlib-onnx", "FacePipeline", "onnx-naive"),
+        row("r112-naive", "resnet112", "naive per image/face", "r112-naive"),
+        row("r112-pipe", "resnet112", "FacePipeline", "r112-naive"),
+    ]
     for r in rows:
         r["images"] = args.images
         r["images_per_s"] = args.images / r["seconds"]
