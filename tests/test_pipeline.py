@@ -148,6 +148,10 @@ def test_index_images(folder: list[str], dlib_emb: DlibEmbedder) -> None:
     assert report.ids.tolist() == [100, 102, 104, 105]
     assert {e.image for e in report.errors} == {1, 3, 6, 7}
     assert index.ntotal == 4 and report.model_version == dlib_emb.version
+    # called again (a resumed run): the indexed images are skipped, the bad ones retried
+    again = pipe.index_images(folder, index, ids=ids)
+    assert again.skipped == 4 and again.ids.size == 0 and index.ntotal == 4
+    assert sorted(e.image for e in again.errors) == [1, 3, 6, 7]
     [f] = [r for r in pipe.run([folder[0]]) if isinstance(r, Face) and r.face == 0]
     _, I = index.search(f.embedding[None], 4, nprobe=2)
     # 16-bit codes: the astronaut's three vectors may tie, the cameraman comes last

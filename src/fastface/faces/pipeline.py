@@ -11,6 +11,7 @@ never stops the run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -84,7 +85,8 @@ class IndexReport:
     """What :meth:`FacePipeline.index_images` added.
 
     ``ids[j]`` is the vector id of the face at ``boxes[j]`` in image
-    ``image[j]``; ``errors`` lists the images that added nothing.
+    ``image[j]``; ``errors`` lists the images that added nothing;
+    ``skipped`` counts the images whose id was in the index already.
     """
 
     ids: npt.NDArray[np.int64]
@@ -93,6 +95,7 @@ class IndexReport:
     errors: list[ImageError]
     model: str
     model_version: str
+    skipped: int = 0
 
 
 @dataclass
@@ -580,7 +583,9 @@ class FacePipeline:
             Trained, of dimension ``embedder.d``.
         ids : (N,) int, optional
             One id per image (for ``faces="largest"``); by default the index
-            numbers the vectors.
+            numbers the vectors. Images whose id the index holds already are
+            skipped, so a stopped run resumes when called again (vectors go
+            to the index every ``chunk`` faces).
         faces : {"largest", "all"}
             Index the largest face of each image, or every face (then
             ``ids`` must be None; the report maps ids to images).
@@ -641,8 +646,15 @@ class FacePipeline:
             if len(buf_x) >= chunk:
                 flush()
 
+        todo = np.arange(n)
+        if id_arr is not None and hasattr(index, "contains"):
+            todo = np.flatnonzero(~np.asarray(index.contains(id_arr), bool))
+        items = source if todo.size == n else [source[int(i)] for i in todo]
+
         best: Face | None = None
-        for item in self.run(source):
+        for item in self.run(items):
+            if todo.size != n:  # back to positions in source
+                item = dataclasses.replace(item, image=int(todo[item.image]))
             if isinstance(item, ImageError):
                 errors.append(item)
                 continue
@@ -664,6 +676,7 @@ class FacePipeline:
             errors=errors,
             model=str(self.embedder.name),
             model_version=str(self.embedder.version),
+            skipped=n - int(todo.size),
         )
 
 
