@@ -3,8 +3,10 @@
 Each stage is one thread (decoding is a small pool) joined to the next by a
 bounded queue, so a batch of images is decoded while the previous one is
 detected, the one before is aligned and the one before that is embedded.
-Every stage spends its time in code that releases the GIL (OpenCV decoding,
-ONNX Runtime, the native warp), which is what lets them overlap. Batches
+The stages spend their time in code that releases the GIL (OpenCV decoding,
+ONNX Runtime, the native warp), which is what lets them overlap; dlib does
+not release it, hence ``DlibEmbedder(processes=n)`` and, better,
+:func:`~fastface.faces.dlib_onnx_embedder` (the same model in ONNX Runtime). Batches
 keep the input order; a bad image becomes an :class:`ImageError` item and
 never stops the run.
 """
@@ -179,7 +181,9 @@ class FacePipeline:
         Its ``align_options()`` decide the crops. For the ``"dlib"``
         template the landmarks are dlib's 5 points inside the detector's
         boxes (:func:`~fastface.faces.dlib_landmarks`); otherwise the
-        detector's own 5 points.
+        detector's own 5 points. dlib's model is fastest as
+        :func:`~fastface.faces.dlib_onnx_embedder` (same vectors); a
+        ``DlibEmbedder`` holds the GIL, so give it ``processes=1`` or more.
     batch_size : int
         Images per batch through the stages: small enough that the stages
         have batches to overlap, large enough to batch the models (on a GPU,
