@@ -264,6 +264,41 @@ def test_bad_crops(crops: np.ndarray) -> None:
         emb.embed(bad)
 
 
+class _HostDeviceArray:
+    """Host memory behind ``__cuda_array_interface__``: drives the device-array
+    path of Embedder with I/O binding on the CPU, where no GPU is present."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a = np.ascontiguousarray(a)
+        self.shape = self.a.shape
+
+    def __getitem__(self, key: slice) -> _HostDeviceArray:
+        return _HostDeviceArray(self.a[key])
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, object]:
+        return {
+            "shape": self.a.shape,
+            "typestr": self.a.dtype.str,
+            "data": (self.a.ctypes.data, False),
+            "strides": None,
+            "version": 3,
+        }
+
+
+def test_io_binding_paths_on_cpu(crops: np.ndarray) -> None:
+    """The GPU code (bound inputs/outputs, arrays read in place) with the binding on the CPU."""
+    plain = Embedder(make_model(), providers="cpu", batch_size=4)
+    bound = Embedder(make_model(), providers="cpu", batch_size=4)
+    bound._bind_device = "cpu"
+    want = plain.embed(crops)
+    np.testing.assert_allclose(bound.embed(crops), want, atol=1e-6)
+    x = ((crops.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(bound.embed(_HostDeviceArray(x)), want, atol=1e-6)
+    with pytest.raises(ValueError, match="float32"):
+        bound.embed(_HostDeviceArray(x.astype(np.float64)))
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu_with_io_binding(crops: np.ndarray) -> None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():

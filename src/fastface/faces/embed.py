@@ -267,6 +267,9 @@ class Embedder:
         self.providers = resolve_providers(providers)
         names = [p[0] if isinstance(p, tuple) else p for p in self.providers]
         self.on_gpu = names[0] in _GPU_PROVIDERS
+        # Where inputs and outputs are bound (I/O binding): the GPU when the
+        # session runs there; None (plain run) on CPU.
+        self._bind_device: str | None = "cuda" if self.on_gpu else None
         self.fp16 = bool(fp16)
         if self.fp16 and not self.on_gpu:
             raise ValueError(
@@ -375,12 +378,13 @@ class Embedder:
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         if self._in_dtype != np.float32:
             x = x.astype(self._in_dtype)
-        if self.on_gpu:
+        if self._bind_device is not None:
             import onnxruntime as ort
 
+            dev = self._bind_device
             binding = self._session.io_binding()
-            binding.bind_ortvalue_input(self._in_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda"))
-            binding.bind_output(self._out_name, "cuda")
+            binding.bind_ortvalue_input(self._in_name, ort.OrtValue.ortvalue_from_numpy(x, dev))
+            binding.bind_output(self._out_name, dev)
             self._session.run_with_iobinding(binding)
             y = binding.copy_outputs_to_cpu()[0]
         else:
@@ -400,9 +404,9 @@ class Embedder:
         iface = x.__cuda_array_interface__
         binding = self._session.io_binding()
         binding.bind_input(
-            self._in_name, "cuda", 0, np.float32, list(iface["shape"]), iface["data"][0]
+            self._in_name, self._bind_device, 0, np.float32, list(iface["shape"]), iface["data"][0]
         )
-        binding.bind_output(self._out_name, "cuda")
+        binding.bind_output(self._out_name, self._bind_device)
         self._session.run_with_iobinding(binding)
         y = np.asarray(binding.copy_outputs_to_cpu()[0])
         return y.reshape(n, -1).astype(np.float32, copy=False)
@@ -423,7 +427,7 @@ class Embedder:
         (F, d) float32
             Rows of unit norm.
         """
-        if self.on_gpu and hasattr(crops, "__cuda_array_interface__"):
+        if self._bind_device is not None and hasattr(crops, "__cuda_array_interface__"):
             return self._embed_device(crops)
         kind = _check_crops(crops, self.size)
         F = crops.shape[0]
