@@ -10,6 +10,9 @@ import pytest
 MODULES = [
     "fastface._native",
     "fastface.datasets",
+    "fastface.faces.dlib_onnx",
+    "fastface.faces.embed",
+    "fastface.faces.pipeline",
     "fastface.index.ivfpq",
     "fastface.index.sharded",
 ]
