@@ -19,14 +19,18 @@ from .._native import merge_topk
 from .._validation import as_ids, check_k, check_matrix, check_positive_int
 from ..errors import CorruptIndexError, NotTrainedError, ReadOnlyIndexError
 from . import storage
-from .ivfpq import IVFPQIndex, IVFPQParams, read_faiss_index
+from .ivfpq import IVFPQIndex, IVFPQParams, load_vectors, read_faiss_index
+from .vectors import check_storable
 
 __all__ = ["ShardedIndex"]
 
 FORMAT = "fastface.sharded"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_OWNED = re.compile(r"^(codec|shard-\d+|tombstones)(-g\d+)?\.(faiss|npy)$|^\..*\.tmp-\d+$")
+_OWNED = re.compile(
+    r"^(codec|shard-\d+|tombstones)(-g\d+)?\.(faiss|npy|f16\.npy|f32\.npy)$|^\..*\.tmp-\d+$"
+)
+_VEC_SUFFIX = {"float16": "f16.npy", "float32": "f32.npy"}
 
 
 class _Shard:
@@ -148,7 +152,19 @@ class ShardedIndex:
             index_path = storage.verify_file(self.path, entry["files"]["index"])
             ids_path = storage.verify_file(self.path, entry["files"]["ids"])
             ids = np.load(ids_path, allow_pickle=False)
-            index = IVFPQIndex.from_faiss(self.params, read_faiss_index(index_path, mmap=mmap), ids)
+            vectors = None
+            if self.params.store_vectors is not None:
+                if "vectors" not in entry["files"]:
+                    raise CorruptIndexError(
+                        f"{self.path / MANIFEST}: shard {entry['number']} has no vectors file "
+                        f"but store_vectors={self.params.store_vectors!r}",
+                        str(self.path / MANIFEST),
+                    )
+                vec_path = storage.verify_file(self.path, entry["files"]["vectors"])
+                vectors = load_vectors(vec_path, self.params)
+            index = IVFPQIndex.from_faiss(
+                self.params, read_faiss_index(index_path, mmap=mmap), ids, vectors
+            )
             index._read_only = mmap
             if index.ntotal != entry["count"]:
                 raise CorruptIndexError(
@@ -269,6 +285,7 @@ class ShardedIndex:
         if not self.is_trained:
             raise NotTrainedError(f"{self.path}: not trained; call train(x) before add(x)")
         x = check_matrix(x, "x", d=self.d, allow_empty=True)
+        check_storable(x, self.params.store_vectors)
         n = x.shape[0]
         if ids is None:
             start = self._next_id()
@@ -321,6 +338,7 @@ class ShardedIndex:
         k: int,
         *,
         nprobe: int | None = None,
+        rerank: int | None = None,
         parallel: bool = True,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Search every shard and merge: ``(D, I)`` shaped ``(nq, k)``.
@@ -328,6 +346,12 @@ class ShardedIndex:
         Removed vectors are skipped inside the scan, so ``k`` results still come
         back when enough vectors remain. Shards are searched on a thread pool
         (``parallel=True``) and merged by the native k-way merge.
+
+        With ``rerank=f`` each shard proposes ``k * f`` candidates, re-scores
+        them exactly against its stored vectors (read from the memory-mapped
+        file, only the rows needed) and keeps its exact top ``k``; the shards'
+        lists are then merged with ties broken by lower id, so the result is
+        the exact top ``k`` of all candidates.
         """
         if not self.is_trained:
             raise NotTrainedError(f"{self.path}: not trained; nothing to search")
@@ -338,15 +362,17 @@ class ShardedIndex:
         k = check_k(k)
         shards = [s.index for s in self._shards if s.index.ntotal > 0]
         nprobe = shards[0]._check_nprobe(nprobe)
+        factor = shards[0]._check_rerank(rerank)
         q = check_matrix(q, "q", d=self.d)
         exclude = self._exclude
+        k_scan = k if factor is None else k * factor
 
         def one(shard: IVFPQIndex) -> tuple[np.ndarray, np.ndarray]:
-            return shard._search(q, k, nprobe, exclude)
+            return shard._search(q, k_scan, nprobe, exclude)
 
-        if len(shards) == 1:
+        if len(shards) == 1 and factor is None:
             return one(shards[0])
-        if parallel:
+        if parallel and len(shards) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
                     max_workers=min(len(shards), os.cpu_count() or 1),
@@ -355,9 +381,28 @@ class ShardedIndex:
             parts = list(self._pool.map(one, shards))
         else:
             parts = [one(s) for s in shards]
+        if factor is not None:
+            # Numba's parallel kernels must not run from several threads at once:
+            # the scans above ran on the pool, the re-scoring runs here, shard by shard
+            exact = [s._rerank(q, p[1], k) for s, p in zip(shards, parts, strict=True)]
+            if len(exact) == 1:
+                return exact[0]
+            return _merge_exact(exact, k, self.params.larger_is_better)
         D = np.stack([p[0] for p in parts])
         I = np.stack([p[1] for p in parts])
         return merge_topk(D, I, k, larger_is_better=self.params.larger_is_better)
+
+    def _live_rows(self) -> Iterator[tuple[IVFPQIndex, npt.NDArray[np.int64]]]:
+        """Each non-empty shard with the rows of its searchable (not removed) vectors."""
+        for s in self._shards:
+            n = s.index.ntotal
+            if n == 0:
+                continue
+            rows = np.arange(n, dtype=np.int64)
+            if self._tombstones.size:
+                rows = rows[~np.isin(s.index._ids, self._tombstones)]
+            if rows.size:
+                yield s.index, rows
 
     # --- remove / compact ---------------------------------------------------------------------
     def _set_tombstones(self, tomb: npt.NDArray[np.int64]) -> None:
@@ -450,6 +495,13 @@ class ShardedIndex:
                 "index": storage.atomic_write_bytes(self.path / f"{stem}.faiss", s.index.to_bytes()),
                 "ids": storage.atomic_write_npy(self.path / f"{stem}.npy", s.index._ids),
             }
+            store = s.index._store
+            if store is not None and self.params.store_vectors is not None:
+                vec_name = f"{stem}.{_VEC_SUFFIX[self.params.store_vectors]}"
+                s.files["vectors"] = storage.atomic_write_npy(self.path / vec_name, store.array)
+                if s.sealed:
+                    # a sealed shard's vectors stay on disk: map the file just written
+                    store.attach(load_vectors(self.path / vec_name, self.params))
             s.dirty = False
         if self._tombstones.size and self._tomb_rec is None:
             self._tomb_rec = storage.atomic_write_npy(
@@ -585,3 +637,20 @@ class ShardedIndex:
             index.close()
             raise
         return index
+
+
+def _merge_exact(
+    parts: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]],
+    k: int,
+    larger_is_better: bool,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Top-``k`` of per-shard exact lists, equal scores ordered by lower id."""
+    from ..kernels.rerank import merge_exact
+
+    D_all = np.ascontiguousarray(np.concatenate([p[0] for p in parts], axis=1))
+    I_all = np.ascontiguousarray(np.concatenate([p[1] for p in parts], axis=1))
+    nq = D_all.shape[0]
+    D = np.full((nq, k), float("-inf") if larger_is_better else float("inf"), np.float32)
+    I = np.full((nq, k), -1, np.int64)
+    merge_exact(D_all, I_all, larger_is_better, D, I)
+    return D, I

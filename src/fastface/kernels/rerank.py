@@ -1,0 +1,179 @@
+"""Exact re-scoring of candidate lists against stored vectors (Numba).
+
+The stored vectors may be a read-only memory map: the kernels read only the
+rows named by ``rows``, so resident memory stays bounded by the rows touched.
+Numba has no float16 arithmetic on the CPU, so float16 storage is passed as
+its ``uint16`` bit pattern and widened through a 65536-entry float32 table
+(:data:`F16_TABLE`, exact: every float16 is a float32); sums accumulate in
+float32.
+
+Result order: best score first; equal scores keep the lower id first.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "F16_TABLE",
+    "merge_exact",
+    "rerank_f16",
+    "rerank_f32",
+]
+
+#: float32 value of every float16 bit pattern (index = the uint16 bits).
+F16_TABLE: npt.NDArray[np.float32] = (
+    np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+)
+
+# Sums over finite values only (stored vectors are checked finite and in float16 range
+# when added): reassociation lets LLVM vectorise them. No "nnan"/"ninf": the selection
+# below compares against the -inf/+inf padding sentinels, which those flags would break.
+_SUM_FLAGS = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_SUM_FLAGS)
+def _score_f32(
+    q: npt.NDArray[np.float32], base: npt.NDArray[np.float32], r: np.int64, l2: bool
+) -> np.float32:
+    dot = np.float32(0.0)
+    sq = np.float32(0.0)
+    for j in range(q.shape[0]):
+        v = base[r, j]
+        dot += q[j] * v
+        sq += v * v
+    if l2:
+        qq = np.float32(0.0)
+        for j in range(q.shape[0]):
+            qq += q[j] * q[j]
+        return qq - np.float32(2.0) * dot + sq
+    return dot
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_SUM_FLAGS)
+def _score_f16(
+    q: npt.NDArray[np.float32],
+    base: npt.NDArray[np.uint16],
+    table: npt.NDArray[np.float32],
+    r: np.int64,
+    l2: bool,
+) -> np.float32:
+    dot = np.float32(0.0)
+    sq = np.float32(0.0)
+    for j in range(q.shape[0]):
+        v = table[base[r, j]]
+        dot += q[j] * v
+        sq += v * v
+    if l2:
+        qq = np.float32(0.0)
+        for j in range(q.shape[0]):
+            qq += q[j] * q[j]
+        return qq - np.float32(2.0) * dot + sq
+    return dot
+
+
+@numba.njit(cache=True, nogil=True)
+def _insert(
+    out_D: npt.NDArray[np.float32],
+    out_I: npt.NDArray[np.int64],
+    s: np.float32,
+    i: np.int64,
+    larger: bool,
+) -> None:
+    """Insert ``(s, i)`` into a row kept sorted best-first (ties: lower id first).
+
+    ``out_I == -1`` marks empty slots; an empty slot loses to any candidate.
+    """
+    k = out_D.shape[0]
+    last = k - 1
+    # does (s, i) beat the current last entry?
+    if out_I[last] >= 0:
+        t = out_D[last]
+        if larger:
+            if s < t or (s == t and i > out_I[last]):
+                return
+        elif s > t or (s == t and i > out_I[last]):
+            return
+    p = last
+    while p > 0:
+        j = out_I[p - 1]
+        if j >= 0:
+            t = out_D[p - 1]
+            if larger:
+                better = s > t or (s == t and i < j)
+            else:
+                better = s < t or (s == t and i < j)
+            if not better:
+                break
+        out_D[p] = out_D[p - 1]
+        out_I[p] = j
+        p -= 1
+    out_D[p] = s
+    out_I[p] = i
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def rerank_f32(
+    q: npt.NDArray[np.float32],
+    base: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.int64],
+    cand: npt.NDArray[np.int64],
+    l2: bool,
+    out_D: npt.NDArray[np.float32],
+    out_I: npt.NDArray[np.int64],
+) -> None:
+    """Exact top-``k`` of each query's candidates, float32 storage.
+
+    ``rows[i, c]`` is the row of ``base`` holding candidate id ``cand[i, c]``
+    (``-1``: skip). ``out_D``/``out_I`` (``(nq, k)``) must arrive filled with
+    the padding (``-inf``/``+inf`` and ``-1``); each query writes only its row.
+    """
+    for i in numba.prange(q.shape[0]):
+        for c in range(rows.shape[1]):
+            r = rows[i, c]
+            if r < 0:
+                continue
+            s = _score_f32(q[i], base, r, l2)
+            _insert(out_D[i], out_I[i], s, cand[i, c], not l2)
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def rerank_f16(
+    q: npt.NDArray[np.float32],
+    base: npt.NDArray[np.uint16],
+    table: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.int64],
+    cand: npt.NDArray[np.int64],
+    l2: bool,
+    out_D: npt.NDArray[np.float32],
+    out_I: npt.NDArray[np.int64],
+) -> None:
+    """As :func:`rerank_f32`, for float16 storage passed as its ``uint16`` bits."""
+    for i in numba.prange(q.shape[0]):
+        for c in range(rows.shape[1]):
+            r = rows[i, c]
+            if r < 0:
+                continue
+            s = _score_f16(q[i], base, table, r, l2)
+            _insert(out_D[i], out_I[i], s, cand[i, c], not l2)
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def merge_exact(
+    D: npt.NDArray[np.float32],
+    I: npt.NDArray[np.int64],
+    larger: bool,
+    out_D: npt.NDArray[np.float32],
+    out_I: npt.NDArray[np.int64],
+) -> None:
+    """Top-``k`` of concatenated exact lists ``(nq, m)`` into padded ``(nq, k)`` outputs.
+
+    Entries with id ``-1`` are skipped; ties keep the lower id first, whatever
+    list they came from.
+    """
+    for i in numba.prange(D.shape[0]):
+        for c in range(D.shape[1]):
+            if I[i, c] >= 0:
+                _insert(out_D[i], out_I[i], D[i, c], I[i, c], larger)
