@@ -6,15 +6,19 @@ __version__ = "0.1.0"
 
 from . import datasets, errors, eval
 from ._native import build_info
+from .dedup import DedupResult, dedup, dedup_vectors
 from .index import IVFPQIndex, IVFPQParams, ShardedIndex
 
 __all__ = [
+    "DedupResult",
     "IVFPQIndex",
     "IVFPQParams",
     "ShardedIndex",
     "__version__",
     "build_info",
     "datasets",
+    "dedup",
+    "dedup_vectors",
     "errors",
     "eval",
 ]
