@@ -88,9 +88,10 @@ class DedupResult:
 
     def __repr__(self) -> str:
         multi = int((self.sizes > 1).sum())
+        dups = int(self.ids.size - self.n_groups)
         return (
             f"DedupResult(n={self.ids.size}, threshold={self.threshold}, groups_with_duplicates="
-            f"{multi}, duplicates={int(self.ids.size - self.n_groups)}, pairs={self.pairs.shape[0]})"
+            f"{multi}, duplicates={dups}, pairs={self.pairs.shape[0]})"
         )
 
 
@@ -198,9 +199,9 @@ class _Joiner:
                 self.block(self.gather(vis[vb]), vis[vb], xr, r_pos, False)
 
 
-def _csr(keys: npt.NDArray[np.int64], values: npt.NDArray[np.int64], nkeys: int) -> tuple[
-    npt.NDArray[np.int64], npt.NDArray[np.int64]
-]:
+def _csr(
+    keys: npt.NDArray[np.int64], values: npt.NDArray[np.int64], nkeys: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     order = np.argsort(keys, kind="stable")
     offsets = np.zeros(nkeys + 1, np.int64)
     np.cumsum(np.bincount(keys, minlength=nkeys), out=offsets[1:])
@@ -272,7 +273,9 @@ def _run(
     sizes = np.zeros(n, np.int64)
     g = int(kern.group_labels(root, labels, sizes))
     reps = ids_sorted[np.flatnonzero(root == all_pos)]
-    pairs = np.stack([ids_sorted[a], ids_sorted[b]], axis=1) if a.size else np.empty((0, 2), np.int64)
+    pairs = (
+        np.stack([ids_sorted[a], ids_sorted[b]], axis=1) if a.size else np.empty((0, 2), np.int64)
+    )
     return DedupResult(
         ids=ids_sorted,
         labels=labels,
@@ -284,9 +287,9 @@ def _run(
     )
 
 
-def _positions(ids_list: list[npt.NDArray[np.int64]]) -> tuple[
-    npt.NDArray[np.int64], list[npt.NDArray[np.int64]]
-]:
+def _positions(
+    ids_list: list[npt.NDArray[np.int64]],
+) -> tuple[npt.NDArray[np.int64], list[npt.NDArray[np.int64]]]:
     """Ascending ids of all parts, and each part's positions in that order."""
     all_ids = np.concatenate(ids_list) if ids_list else np.empty(0, np.int64)
     order = np.argsort(all_ids, kind="stable")
@@ -369,12 +372,16 @@ def dedup(
     if not shard_rows:
         raise EmptyIndexError(f"{name}: the index is empty; add vectors before dedup")
     ids_sorted, pos = _positions([s._ids[rows] for s, rows in shard_rows])
-    parts = [
-        _Part(s.vectors, rows, p) for (s, rows), p in zip(shard_rows, pos, strict=True)
-    ]
-    quantizer = faiss.downcast_index(codec.quantizer)
+    parts = [_Part(s.vectors, rows, p) for (s, rows), p in zip(shard_rows, pos, strict=True)]
+    quantizer = faiss.downcast_index(codec.quantizer)  # type: ignore[attr-defined]
     return _run(
-        parts, ids_sorted, quantizer, nprobe, threshold, chunk_size, progress,
+        parts,
+        ids_sorted,
+        quantizer,
+        nprobe,
+        threshold,
+        chunk_size,
+        progress,
         normalise_assign=False,
     )
 
@@ -436,6 +443,12 @@ def dedup_vectors(
         km.train(sample)
         quantizer = km.index
     return _run(
-        parts, ids_sorted, quantizer, nprobe, threshold, chunk_size, progress,
+        parts,
+        ids_sorted,
+        quantizer,
+        nprobe,
+        threshold,
+        chunk_size,
+        progress,
         normalise_assign=True,
     )

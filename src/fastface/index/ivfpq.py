@@ -81,8 +81,7 @@ class IVFPQParams:
             raise ValueError(f"metric must be 'ip' or 'l2', got {self.metric!r}")
         if self.store_vectors is not None and self.store_vectors not in STORE_DTYPES:
             raise ValueError(
-                "store_vectors must be 'float16', 'float32' or None, got "
-                f"{self.store_vectors!r}"
+                f"store_vectors must be 'float16', 'float32' or None, got {self.store_vectors!r}"
             )
 
     @property
@@ -140,10 +139,13 @@ class IVFPQIndex:
     >>> xb, _ = data.vectors()
     >>> index = IVFPQIndex(IVFPQParams(32, 16, 8))
     >>> index.train(xb)
-    >>> index.add(xb)
+    >>> _ = index.add(xb)
     >>> D, I = index.search(xb[:2], 5, nprobe=16)
     >>> D.shape, I.dtype.name, index.ntotal
     ((2, 5), 'int64', 4000)
+    >>> D, I = index.search(xb[:2], 5, nprobe=16, rerank=4)  # exact scores, from stored vectors
+    >>> I[:, 0].tolist(), bool(abs(D[0, 0] - 1.0) < 1e-3)
+    ([0, 1], True)
     """
 
     def __init__(self, params: IVFPQParams, *, _faiss_index: faiss.Index | None = None) -> None:
@@ -154,9 +156,7 @@ class IVFPQIndex:
         self._ids = np.empty(0, np.int64)  # row order: the order vectors were added
         self._ids_sorted: npt.NDArray[np.int64] | None = np.empty(0, np.int64)
         self._id_rows: npt.NDArray[np.int64] | None = np.empty(0, np.int64)
-        self._store = (
-            VectorStore(params.store_vectors, params.d) if params.store_vectors else None
-        )
+        self._store = VectorStore(params.store_vectors, params.d) if params.store_vectors else None
         self._read_only = False
 
     # --- state -------------------------------------------------------------------------------
@@ -477,7 +477,12 @@ class IVFPQIndex:
             "data": rec,
         }
         if self._store is not None:
-            meta["vectors"] = storage.atomic_write_npy(self._vectors_path(path), self._store.array)
+            # load() takes the ids from the inverted lists, in list order: store the
+            # vectors in that order so that rows keep matching ids
+            rows = self._rows_of(_invlist_ids(self._index))
+            meta["vectors"] = storage.atomic_write_npy(
+                self._vectors_path(path), self._store.array[rows]
+            )
         storage.atomic_write_json(path.with_name(path.name + ".json"), meta)
 
     @classmethod

@@ -25,7 +25,7 @@ def collect_pairs(
     out_a: npt.NDArray[np.int64],
     out_b: npt.NDArray[np.int64],
     out_s: npt.NDArray[np.float32],
-) -> np.int64:
+) -> int:
     """Pairs with ``S[i, j] >= threshold`` as ``(min pos, max pos, score)``.
 
     Row ``i`` of ``S`` is position ``qpos[i]``, column ``j`` is ``rpos[j]``;
@@ -82,13 +82,13 @@ def union_find(
 @numba.njit(cache=True, nogil=True)
 def group_labels(
     root: npt.NDArray[np.int64], labels: npt.NDArray[np.int64], sizes: npt.NDArray[np.int64]
-) -> np.int64:
+) -> int:
     """Dense labels in order of first position; returns the number of groups.
 
     ``labels`` is filled for every position, ``sizes[g]`` counts group ``g``'s
     members (``sizes`` must arrive zeroed, with room for ``n`` groups).
     """
-    g = np.int64(0)
+    g = 0
     for x in range(root.shape[0]):
         r = root[x]
         if r == x:

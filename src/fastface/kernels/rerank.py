@@ -101,10 +101,7 @@ def _insert(
         j = out_I[p - 1]
         if j >= 0:
             t = out_D[p - 1]
-            if larger:
-                better = s > t or (s == t and i < j)
-            else:
-                better = s < t or (s == t and i < j)
+            better = s > t or (s == t and i < j) if larger else s < t or (s == t and i < j)
             if not better:
                 break
         out_D[p] = out_D[p - 1]
