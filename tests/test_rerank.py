@@ -16,7 +16,7 @@ from fastface import IVFPQIndex, IVFPQParams, ShardedIndex
 from fastface.datasets import SyntheticFaces
 from fastface.errors import CorruptIndexError, EmptyIndexError
 from fastface.eval import ground_truth, recall_at_k
-from fastface.kernels.rerank import F16_TABLE, merge_exact, rerank_f16, rerank_f32
+from fastface.kernels.rerank import F16_SCALE, merge_exact, rerank_f16, rerank_f32, widen_f16
 
 D_DIM = 32
 _CODECS: dict[tuple, faiss.Index] = {}
@@ -72,7 +72,7 @@ def test_kernel_matches_numpy(metric: str, dtype: type) -> None:
     I = np.full((25, k), -1, np.int64)
     rows = cand.copy()  # ids are the rows here
     if dtype == np.float16:
-        rerank_f16(q, base.view(np.uint16), F16_TABLE, rows, cand, metric == "l2", D, I)
+        rerank_f16(q, base.view(np.uint16), rows, cand, metric == "l2", D, I)
     else:
         rerank_f32(q, base, rows, cand, metric == "l2", D, I)
     D_ref, I_ref = _ref_rerank(q, base, cand, k, metric)
@@ -86,12 +86,15 @@ def test_kernel_matches_numpy(metric: str, dtype: type) -> None:
         assert np.flatnonzero(I[row] == 3)[0] < np.flatnonzero(I[row] == 7)[0]
 
 
-def test_f16_table_is_exact() -> None:
-    h = np.arange(65536, dtype=np.uint32).astype(np.uint16)
-    ref = h.view(np.float16).astype(np.float32)
+def test_widen_f16_is_exact_for_every_finite_float16() -> None:
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    ref = bits.view(np.float16).astype(np.float32)
+    out = np.empty(bits.size, np.uint32)
+    widen_f16(bits, out)
+    got = out.view(np.float32) * F16_SCALE
     finite = np.isfinite(ref)
-    np.testing.assert_array_equal(F16_TABLE[finite], ref[finite])
-    assert np.isnan(F16_TABLE[~np.isfinite(ref) & np.isnan(ref)]).all()
+    np.testing.assert_array_equal(got[finite], ref[finite])
+    np.testing.assert_array_equal(np.signbit(got[finite]), np.signbit(ref[finite]))  # -0.0
 
 
 @pytest.mark.parametrize("larger", [True, False])
@@ -320,7 +323,7 @@ def test_kernels_without_jit() -> None:
     code = textwrap.dedent(
         """
         import numpy as np
-        from fastface.kernels.rerank import F16_TABLE, rerank_f16, rerank_f32, merge_exact
+        from fastface.kernels.rerank import rerank_f16, rerank_f32, merge_exact
         assert not hasattr(rerank_f32, "signatures")  # plain Python under NUMBA_DISABLE_JIT
         rng = np.random.default_rng(0)
         base = rng.standard_normal((50, 8)).astype(np.float32)
@@ -332,7 +335,7 @@ def test_kernels_without_jit() -> None:
                 I = np.full((4, 3), -1, np.int64)
                 if kind == "f16":
                     b16 = base.astype(np.float16)
-                    rerank_f16(q, b16.view(np.uint16), F16_TABLE, cand, cand, l2, D, I)
+                    rerank_f16(q, b16.view(np.uint16), cand, cand, l2, D, I)
                     ref_base = b16.astype(np.float32)
                 else:
                     rerank_f32(q, base, cand, cand, l2, D, I)

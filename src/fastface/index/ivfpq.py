@@ -370,7 +370,7 @@ class IVFPQIndex:
         self, q: npt.NDArray[np.float32], cand: npt.NDArray[np.int64], k: int
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Exact top-``k`` of candidate ids ``cand`` (``-1`` skipped); no validation."""
-        from ..kernels.rerank import F16_TABLE, rerank_f16, rerank_f32
+        from ..kernels.rerank import rerank_f16, rerank_f32
 
         assert self._store is not None
         rows = self._rows_of(cand)
@@ -379,7 +379,7 @@ class IVFPQIndex:
         l2 = self.params.metric == "l2"
         base = self._store.array
         if base.dtype == np.float16:
-            rerank_f16(q, base.view(np.uint16), F16_TABLE, rows, cand, l2, D, I)
+            rerank_f16(q, base.view(np.uint16), rows, cand, l2, D, I)
         else:
             rerank_f32(q, base, rows, cand, l2, D, I)
         return D, I

@@ -3,9 +3,8 @@
 The stored vectors may be a read-only memory map: the kernels read only the
 rows named by ``rows``, so resident memory stays bounded by the rows touched.
 Numba has no float16 arithmetic on the CPU, so float16 storage is passed as
-its ``uint16`` bit pattern and widened through a 65536-entry float32 table
-(:data:`F16_TABLE`, exact: every float16 is a float32); sums accumulate in
-float32.
+its ``uint16`` bit pattern and widened exactly by integer operations
+(:func:`widen_f16`; every float16 is a float32); sums accumulate in float32.
 
 Result order: best score first; equal scores keep the lower id first.
 """
@@ -17,16 +16,12 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "F16_TABLE",
+    "F16_SCALE",
     "merge_exact",
     "rerank_f16",
     "rerank_f32",
+    "widen_f16",
 ]
-
-#: float32 value of every float16 bit pattern (index = the uint16 bits).
-F16_TABLE: npt.NDArray[np.float32] = (
-    np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-)
 
 # Sums over finite values only (stored vectors are checked finite and in float16 range
 # when added): reassociation lets LLVM vectorise them. No "nnan"/"ninf": the selection
@@ -53,17 +48,41 @@ def _score_f32(
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_SUM_FLAGS)
+def widen_f16(bits: npt.NDArray[np.uint16], out_bits: npt.NDArray[np.uint32]) -> None:
+    """float16 bit patterns to float32 bit patterns, scaled down by 2**112.
+
+    Moving the float16 exponent and mantissa into float32 position gives a
+    float32 equal to the value times ``2**-112`` (float16 subnormals included,
+    as float32 subnormals); multiplying by :data:`F16_SCALE` restores it
+    exactly. Integer operations only, so the loop vectorises. Inf and NaN are
+    not handled: stored vectors are checked finite when added.
+    """
+    for j in range(bits.shape[0]):
+        h = np.uint32(bits[j])
+        out_bits[j] = ((h & np.uint32(0x7FFF)) << np.uint32(13)) | (
+            (h & np.uint32(0x8000)) << np.uint32(16)
+        )
+
+
+#: Multiplier that completes :func:`widen_f16` (``2**112``, exact in float32).
+F16_SCALE = np.float32(2.0**112)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_SUM_FLAGS)
 def _score_f16(
     q: npt.NDArray[np.float32],
     base: npt.NDArray[np.uint16],
-    table: npt.NDArray[np.float32],
     r: np.int64,
     l2: bool,
+    scratch: npt.NDArray[np.uint32],
 ) -> np.float32:
+    widen_f16(base[r], scratch)
+    v16 = scratch.view(np.float32)
+    scale = np.float32(2.0**112)
     dot = np.float32(0.0)
     sq = np.float32(0.0)
     for j in range(q.shape[0]):
-        v = table[base[r, j]]
+        v = v16[j] * scale
         dot += q[j] * v
         sq += v * v
     if l2:
@@ -140,20 +159,20 @@ def rerank_f32(
 def rerank_f16(
     q: npt.NDArray[np.float32],
     base: npt.NDArray[np.uint16],
-    table: npt.NDArray[np.float32],
     rows: npt.NDArray[np.int64],
     cand: npt.NDArray[np.int64],
     l2: bool,
     out_D: npt.NDArray[np.float32],
     out_I: npt.NDArray[np.int64],
 ) -> None:
-    """As :func:`rerank_f32`, for float16 storage passed as its ``uint16`` bits."""
+    """As :func:`rerank_f32`, for float16 storage passed as its ``uint16`` bits (finite)."""
     for i in numba.prange(q.shape[0]):
+        scratch = np.empty(q.shape[1], np.uint32)
         for c in range(rows.shape[1]):
             r = rows[i, c]
             if r < 0:
                 continue
-            s = _score_f16(q[i], base, table, r, l2)
+            s = _score_f16(q[i], base, r, l2, scratch)
             _insert(out_D[i], out_I[i], s, cand[i, c], not l2)
 
 
