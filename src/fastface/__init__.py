@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from . import datasets, errors, eval
 from ._native import build_info
-from .dedup import DedupResult, dedup, dedup_vectors
+from ._dedup import DedupResult, dedup, dedup_vectors
 from .index import IVFPQIndex, IVFPQParams, ShardedIndex
 
 __all__ = [
