@@ -200,6 +200,10 @@ def test_bad_input(tmp_path, planted) -> None:
         dedup_vectors(x, "0.9", progress=False)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="float32"):
         dedup_vectors(x.astype(np.float64), 0.9, progress=False)
+    bad_x = x.copy()
+    bad_x[100, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        dedup_vectors(bad_x, 0.9, progress=False)
     with pytest.raises(ValueError, match="at least one row"):
         dedup_vectors(np.empty((0, 32), np.float32), 0.9, progress=False)
     with pytest.raises(TypeError, match="dedup_vectors"):

@@ -424,8 +424,15 @@ def dedup_vectors(
     ([0, 1, 2, 0], [0, 1, 2], [[0, 3]])
     """
     threshold = _check_threshold(threshold)
-    x = check_matrix(x, "x")
+    x = check_matrix(x, "x", finite=False)
     n = x.shape[0]
+    for blk in _iter_blocks(n, 65536):  # chunked: x may be a large memory map
+        part = np.asarray(x[blk])
+        if not np.isfinite(part).all():
+            bad = blk.start + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
+            raise ValueError(
+                f"x: row {bad} contains NaN or inf; remove or repair it before calling"
+            )
     nprobe = check_positive_int(nprobe, "nprobe")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     id_arr = np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, n)
