@@ -360,3 +360,20 @@ def test_kernels_without_jit() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_rerank_with_sparse_ids(data) -> None:
+    """Ids far apart take the binary-search path from id to row; dense ids a table."""
+    xb, xq = data
+    ids = np.arange(xb.shape[0], dtype=np.int64) * 1_000_003 + 7
+    index = _index(IVFPQParams(D_DIM, 16, 8, store_vectors="float32"), xb)
+    index.add(xb, ids)
+    _, I = index.search(xq, 5, nprobe=16, rerank=xb.shape[0] // 5)
+    _, gI = ground_truth(xb, xq, 5, ids=ids)
+    np.testing.assert_array_equal(I, gI)
+    assert index._dense_rows is None
+    np.testing.assert_array_equal(index._rows_of(np.array([ids[9], 5, -1])), [9, -1, -1])
+    dense = _index(IVFPQParams(D_DIM, 16, 8, store_vectors="float32"), xb)
+    dense.add(xb[:100], np.arange(100, 200))
+    np.testing.assert_array_equal(dense._rows_of(np.array([150, 99, 200, -1])), [50, -1, -1, -1])
+    assert dense._dense_rows is not None

@@ -156,6 +156,7 @@ class IVFPQIndex:
         self._ids = np.empty(0, np.int64)  # row order: the order vectors were added
         self._ids_sorted: npt.NDArray[np.int64] | None = np.empty(0, np.int64)
         self._id_rows: npt.NDArray[np.int64] | None = np.empty(0, np.int64)
+        self._dense_rows: npt.NDArray[np.int64] | None = None
         self._store = VectorStore(params.store_vectors, params.d) if params.store_vectors else None
         self._read_only = False
 
@@ -205,23 +206,39 @@ class IVFPQIndex:
         """Boolean mask: which of ``ids`` are stored here."""
         arr = np.asarray(ids, dtype=np.int64)
         srt = self._sorted_ids()
+        if srt.size == 0:  # nothing stored (indexing srt below would fail)
+            return np.zeros(arr.shape, bool)
         pos = np.searchsorted(srt, arr)
         pos[pos >= srt.size] = 0
-        return (srt.size > 0) & (srt[pos] == arr)
+        return srt[pos] == arr
 
     def _sorted_ids(self) -> npt.NDArray[np.int64]:
         if self._ids_sorted is None:
             order = np.argsort(self._ids, kind="stable")
             self._ids_sorted = self._ids[order]
             self._id_rows = order.astype(np.int64, copy=False)
+            self._dense_rows = None
         return self._ids_sorted
 
     def _rows_of(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        """Row of each id in the stored order, ``-1`` for ``-1`` or unknown ids."""
+        """Row of each id in the stored order, ``-1`` for ``-1`` or unknown ids.
+
+        Ids spanning at most ``2 * ntotal`` values (the usual case: ids handed
+        out in order) use a dense table, one gather; others binary search.
+        """
         srt = self._sorted_ids()
         assert self._id_rows is not None
         if srt.size == 0:
             return np.full(ids.shape, -1, np.int64)
+        lo, span = int(srt[0]), int(srt[-1]) - int(srt[0]) + 1
+        if span <= 2 * srt.size + 1024:
+            if self._dense_rows is None:
+                table = np.full(span, -1, np.int64)
+                table[srt - lo] = self._id_rows
+                self._dense_rows = table
+            off = ids - lo
+            inside = (off >= 0) & (off < span)
+            return np.where(inside, self._dense_rows[np.where(inside, off, 0)], -1)
         pos = np.searchsorted(srt, ids)
         np.minimum(pos, srt.size - 1, out=pos)
         return np.where(srt[pos] == ids, self._id_rows[pos], -1)
@@ -234,7 +251,9 @@ class IVFPQIndex:
             )
 
     # --- train / add ---------------------------------------------------------------------------
-    def train(self, x: npt.NDArray[np.float32], *, max_points: int | None = None, seed: int = 0) -> None:
+    def train(
+        self, x: npt.NDArray[np.float32], *, max_points: int | None = None, seed: int = 0
+    ) -> None:
         """Train the coarse quantizer and the PQ codebooks (FAISS k-means) on ``x``.
 
         At most ``max_points`` rows (default ``256 * nlist``, at least 65536) are

@@ -30,21 +30,28 @@ _SUM_FLAGS = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_SUM_FLAGS)
-def _score_f32(
-    q: npt.NDArray[np.float32], base: npt.NDArray[np.float32], r: np.int64, l2: bool
+def _score(
+    q: npt.NDArray[np.float32], v: npt.NDArray[np.float32], qq: np.float32, l2: bool
 ) -> np.float32:
+    """Inner product of ``q`` and ``v``, or their squared L2 distance (``qq = |q|^2``)."""
     dot = np.float32(0.0)
+    if not l2:
+        for j in range(q.shape[0]):
+            dot += q[j] * v[j]
+        return dot
     sq = np.float32(0.0)
     for j in range(q.shape[0]):
-        v = base[r, j]
-        dot += q[j] * v
-        sq += v * v
-    if l2:
-        qq = np.float32(0.0)
-        for j in range(q.shape[0]):
-            qq += q[j] * q[j]
-        return qq - np.float32(2.0) * dot + sq
-    return dot
+        dot += q[j] * v[j]
+        sq += v[j] * v[j]
+    return qq - np.float32(2.0) * dot + sq
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_SUM_FLAGS)
+def _sqnorm(q: npt.NDArray[np.float32]) -> np.float32:
+    qq = np.float32(0.0)
+    for j in range(q.shape[0]):
+        qq += q[j] * q[j]
+    return qq
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_SUM_FLAGS)
@@ -66,31 +73,6 @@ def widen_f16(bits: npt.NDArray[np.uint16], out_bits: npt.NDArray[np.uint32]) ->
 
 #: Multiplier that completes :func:`widen_f16` (``2**112``, exact in float32).
 F16_SCALE = np.float32(2.0**112)
-
-
-@numba.njit(cache=True, nogil=True, fastmath=_SUM_FLAGS)
-def _score_f16(
-    q: npt.NDArray[np.float32],
-    base: npt.NDArray[np.uint16],
-    r: np.int64,
-    l2: bool,
-    scratch: npt.NDArray[np.uint32],
-) -> np.float32:
-    widen_f16(base[r], scratch)
-    v16 = scratch.view(np.float32)
-    scale = np.float32(2.0**112)
-    dot = np.float32(0.0)
-    sq = np.float32(0.0)
-    for j in range(q.shape[0]):
-        v = v16[j] * scale
-        dot += q[j] * v
-        sq += v * v
-    if l2:
-        qq = np.float32(0.0)
-        for j in range(q.shape[0]):
-            qq += q[j] * q[j]
-        return qq - np.float32(2.0) * dot + sq
-    return dot
 
 
 @numba.njit(cache=True, nogil=True)
@@ -147,11 +129,12 @@ def rerank_f32(
     the padding (``-inf``/``+inf`` and ``-1``); each query writes only its row.
     """
     for i in numba.prange(q.shape[0]):
+        qq = _sqnorm(q[i])
         for c in range(rows.shape[1]):
             r = rows[i, c]
             if r < 0:
                 continue
-            s = _score_f32(q[i], base, r, l2)
+            s = _score(q[i], base[r], qq, l2)
             _insert(out_D[i], out_I[i], s, cand[i, c], not l2)
 
 
@@ -167,12 +150,24 @@ def rerank_f16(
 ) -> None:
     """As :func:`rerank_f32`, for float16 storage passed as its ``uint16`` bits (finite)."""
     for i in numba.prange(q.shape[0]):
-        scratch = np.empty(q.shape[1], np.uint32)
+        # q is pre-multiplied by 2**112 (exact: a power of two), which completes the
+        # float16 widening (see widen_f16) without a multiply per element
+        qs = q[i] * F16_SCALE
+        qq = _sqnorm(q[i])
+        bits = np.empty(q.shape[1], np.uint32)
+        v = bits.view(np.float32)
         for c in range(rows.shape[1]):
             r = rows[i, c]
             if r < 0:
                 continue
-            s = _score_f16(q[i], base, r, l2, scratch)
+            widen_f16(base[r], bits)
+            if l2:
+                # scale v back instead (L2 needs |v|^2 too)
+                for j in range(v.shape[0]):
+                    v[j] *= F16_SCALE
+                s = _score(q[i], v, qq, l2)
+            else:
+                s = _score(qs, v, qq, l2)
             _insert(out_D[i], out_I[i], s, cand[i, c], not l2)
 
 
