@@ -11,9 +11,14 @@ Result order: best score first; equal scores keep the lower id first.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 import numpy.typing as npt
+from llvmlite import ir
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 __all__ = [
     "F16_SCALE",
@@ -22,6 +27,57 @@ __all__ = [
     "rerank_f32",
     "widen_f16",
 ]
+
+#: Candidates ahead whose rows are prefetched while the current one is scored.
+PREFETCH_AHEAD = 4
+
+
+def _prefetch_codegen(typingctx: Any, arr: Any, r: Any, j: Any) -> Any:
+    """``prefetch(arr, r, j)``: hint the CPU to load ``arr[r, j]``'s cache line (LLVM prefetch).
+
+    Re-ranking reads rows scattered over a memory map: each is a cache and TLB
+    miss. Asking for the next candidates' rows while scoring the current one
+    overlaps those misses. A prefetch never faults and changes no result.
+    """
+    sig = numba.types.void(arr, r, j)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(
+            context, builder, aryty, ary, [args[1], args[2]], wraparound=False
+        )
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
+        )
+        # read, high temporal locality, data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+if numba.config.DISABLE_JIT:
+
+    def _prefetch(arr: Any, r: Any, j: Any) -> None:
+        """Pure-Python twin: a hint has nothing to do without compiled code."""
+
+else:
+    _prefetch = intrinsic(_prefetch_codegen)
+
+
+@numba.njit(cache=True, nogil=True)
+def _prefetch_row(base: Any, rows: npt.NDArray[np.int64], i: int, c: int) -> None:
+    """Prefetch the whole row of candidate ``c`` of query ``i`` (if any), 64 bytes apart."""
+    if c < rows.shape[1]:
+        r = rows[i, c]
+        if r >= 0:
+            step = max(1, 64 // base.itemsize)
+            for j in range(0, base.shape[1], step):
+                _prefetch(base, r, j)
+
 
 # Sums over finite values only (stored vectors are checked finite and in float16 range
 # when added): reassociation lets LLVM vectorise them. No "nnan"/"ninf": the selection
@@ -130,7 +186,10 @@ def rerank_f32(
     """
     for i in numba.prange(q.shape[0]):
         qq = _sqnorm(q[i])
+        for c in range(min(PREFETCH_AHEAD, rows.shape[1])):
+            _prefetch_row(base, rows, i, c)
         for c in range(rows.shape[1]):
+            _prefetch_row(base, rows, i, c + PREFETCH_AHEAD)
             r = rows[i, c]
             if r < 0:
                 continue
@@ -156,7 +215,10 @@ def rerank_f16(
         qq = _sqnorm(q[i])
         bits = np.empty(q.shape[1], np.uint32)
         v = bits.view(np.float32)
+        for c in range(min(PREFETCH_AHEAD, rows.shape[1])):
+            _prefetch_row(base, rows, i, c)
         for c in range(rows.shape[1]):
+            _prefetch_row(base, rows, i, c + PREFETCH_AHEAD)
             r = rows[i, c]
             if r < 0:
                 continue
