@@ -49,9 +49,8 @@ def _prefetch_codegen(typingctx: Any, arr: Any, r: Any, j: Any) -> Any:
         )
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
-        )
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
         # read, high temporal locality, data cache
         builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
@@ -59,13 +58,13 @@ def _prefetch_codegen(typingctx: Any, arr: Any, r: Any, j: Any) -> Any:
     return sig, codegen
 
 
-if numba.config.DISABLE_JIT:
+def _no_prefetch(arr: Any, r: Any, j: Any) -> None:
+    """Pure-Python twin (``NUMBA_DISABLE_JIT=1``): a hint has nothing to do there."""
 
-    def _prefetch(arr: Any, r: Any, j: Any) -> None:
-        """Pure-Python twin: a hint has nothing to do without compiled code."""
 
-else:
-    _prefetch = intrinsic(_prefetch_codegen)
+_prefetch: Any = (
+    _no_prefetch if numba.config.DISABLE_JIT else intrinsic(_prefetch_codegen)  # type: ignore[attr-defined]
+)
 
 
 @numba.njit(cache=True, nogil=True)
