@@ -5,11 +5,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import datasets, errors, eval, faces
+from ._dedup import DedupResult, dedup, dedup_vectors
 from ._native import build_info
 from .gallery import ErasureReceipt, Gallery, SubjectExport
 from .index import IVFPQIndex, IVFPQParams, ShardedIndex
 
 __all__ = [
+    "DedupResult",
     "ErasureReceipt",
     "Gallery",
     "IVFPQIndex",
@@ -19,6 +21,8 @@ __all__ = [
     "__version__",
     "build_info",
     "datasets",
+    "dedup",
+    "dedup_vectors",
     "errors",
     "eval",
     "faces",

@@ -41,6 +41,7 @@ __all__ = [
     "load_npy",
     "load_parquet",
     "open_vectors",
+    "plant_duplicates",
     "write_fvecs",
 ]
 
@@ -226,6 +227,64 @@ class SyntheticFaces:
         out.flush()
         del out
         return path
+
+
+def plant_duplicates(
+    x: npt.NDArray[np.float32],
+    frac: float = 0.05,
+    *,
+    copies: tuple[int, int] = (1, 3),
+    cos: tuple[float, float] = (0.95, 0.99),
+    seed: int = 0,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Append near copies of a random ``frac`` of the rows of unit vectors ``x``.
+
+    Each chosen row gets between ``copies[0]`` and ``copies[1]`` copies (uniform);
+    a copy is ``c * x + sqrt(1 - c**2) * u`` with ``u`` a random unit vector
+    orthogonal to ``x`` and ``c`` uniform in ``cos``, so its cosine to the
+    original is exactly ``c`` (up to float32 rounding). Copies of one row are
+    about ``c1 * c2`` apart from each other. Copies follow the original rows.
+
+    Returns
+    -------
+    x_new : ndarray of float32, shape (n + n_copies, d)
+    origin : ndarray of int64, shape (n + n_copies,)
+        The row each row was copied from (its own index for original rows):
+        the planted groups are the rows that share an origin.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.eye(8, dtype=np.float32)
+    >>> y, origin = plant_duplicates(x, 0.25, copies=(1, 1), seed=0)
+    >>> y.shape, origin[8:].size
+    ((10, 8), 2)
+    >>> c = float(y[8] @ y[origin[8]])
+    >>> 0.95 <= round(c, 4) <= 0.99
+    True
+    """
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"frac must be in [0, 1], got {frac}")
+    lo_c, hi_c = copies
+    if not 1 <= lo_c <= hi_c:
+        raise ValueError(f"copies must be (min, max) with 1 <= min <= max, got {copies}")
+    if not -1.0 < cos[0] <= cos[1] <= 1.0:
+        raise ValueError(f"cos must be (low, high) within (-1, 1], got {cos}")
+    x = np.asarray(x, dtype=np.float32)
+    n = x.shape[0]
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(n, size=round(frac * n), replace=False))
+    reps = rng.integers(lo_c, hi_c + 1, chosen.size)
+    src = np.repeat(chosen, reps).astype(np.int64)
+    base = x[src]
+    u = rng.standard_normal(base.shape, dtype=np.float32)
+    u -= (u * base).sum(1, keepdims=True) * base  # orthogonal to the (unit) original
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    c = rng.uniform(cos[0], cos[1], src.size).astype(np.float32)[:, None]
+    y = c * base + np.sqrt(1 - c * c) * u
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    origin = np.concatenate([np.arange(n, dtype=np.int64), src])
+    return np.concatenate([x, y.astype(np.float32)]), origin
 
 
 # --- loaders ---------------------------------------------------------------------------------

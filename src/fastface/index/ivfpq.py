@@ -20,6 +20,7 @@ from ..errors import (
     ReadOnlyIndexError,
 )
 from . import storage
+from .vectors import STORE_DTYPES, VectorStore, check_storable
 
 __all__ = ["IVFPQIndex", "IVFPQParams"]
 
@@ -43,6 +44,11 @@ class IVFPQParams:
         Bits per sub-quantizer code; 4 selects FAISS's fast-scan layout.
     metric : {"ip", "l2"}
         Inner product (the face metric, on unit vectors) or squared L2.
+    store_vectors : {"float16", "float32", None}
+        Keep the raw vectors beside the codes, in this precision, for exact
+        re-ranking (``search(..., rerank=f)``) and :func:`fastface.dedup`.
+        ``None`` keeps only the PQ codes, like a plain FAISS ``IndexIVFPQ``.
+        A record written before this option existed reads as ``None``.
 
     Examples
     --------
@@ -60,6 +66,7 @@ class IVFPQParams:
     _: KW_ONLY
     nbits: int = 8
     metric: Literal["ip", "l2"] = "ip"
+    store_vectors: Literal["float16", "float32"] | None = "float16"
 
     def __post_init__(self) -> None:
         check_positive_int(self.d, "d")
@@ -72,6 +79,10 @@ class IVFPQParams:
             raise ValueError(f"nbits must be 8 or 4 (fast-scan), got {self.nbits!r}")
         if self.metric not in _METRICS:
             raise ValueError(f"metric must be 'ip' or 'l2', got {self.metric!r}")
+        if self.store_vectors is not None and self.store_vectors not in STORE_DTYPES:
+            raise ValueError(
+                f"store_vectors must be 'float16', 'float32' or None, got {self.store_vectors!r}"
+            )
 
     @property
     def larger_is_better(self) -> bool:
@@ -83,7 +94,9 @@ class IVFPQParams:
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> IVFPQParams:
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in fields})
+        kw = {k: v for k, v in obj.items() if k in fields}
+        kw.setdefault("store_vectors", None)  # written before vectors were stored
+        return cls(**kw)
 
     def new_faiss_index(self) -> Any:
         metric = _METRICS[self.metric]
@@ -129,10 +142,13 @@ class IVFPQIndex:
     >>> xb, _ = data.vectors()
     >>> index = IVFPQIndex(IVFPQParams(32, 16, 8))
     >>> index.train(xb)
-    >>> ids = index.add(xb)
+    >>> _ = index.add(xb)
     >>> D, I = index.search(xb[:2], 5, nprobe=16)
     >>> D.shape, I.dtype.name, index.ntotal
     ((2, 5), 'int64', 4000)
+    >>> D, I = index.search(xb[:2], 5, nprobe=16, rerank=4)  # exact scores, from stored vectors
+    >>> I[:, 0].tolist(), bool(abs(D[0, 0] - 1.0) < 1e-3)
+    ([0, 1], True)
     """
 
     def __init__(self, params: IVFPQParams, *, _faiss_index: Any = None) -> None:
@@ -142,6 +158,9 @@ class IVFPQIndex:
         self._index = params.new_faiss_index() if _faiss_index is None else _faiss_index
         self._ids = np.empty(0, np.int64)  # row order: the order vectors were added
         self._ids_sorted: npt.NDArray[np.int64] | None = np.empty(0, np.int64)
+        self._id_rows: npt.NDArray[np.int64] | None = np.empty(0, np.int64)
+        self._dense_rows: npt.NDArray[np.int64] | None = None
+        self._store = VectorStore(params.store_vectors, params.d) if params.store_vectors else None
         self._read_only = False
 
     # --- state -------------------------------------------------------------------------------
@@ -164,6 +183,18 @@ class IVFPQIndex:
         view.flags.writeable = False
         return view
 
+    @property
+    def vectors(self) -> npt.NDArray[Any] | None:
+        """The stored raw vectors in row order (``ids`` order), read-only; ``None`` if not kept.
+
+        A memory map for an index loaded from disk: indexing it reads only the rows asked for.
+        """
+        if self._store is None:
+            return None
+        view = self._store.array.view()
+        view.flags.writeable = False
+        return view
+
     def __len__(self) -> int:
         return self.ntotal
 
@@ -178,7 +209,7 @@ class IVFPQIndex:
         """Boolean mask: which of ``ids`` are stored here."""
         arr = np.asarray(ids, dtype=np.int64)
         srt = self._sorted_ids()
-        if srt.size == 0:
+        if srt.size == 0:  # nothing stored (indexing srt below would fail)
             return np.zeros(arr.shape, bool)
         pos = np.searchsorted(srt, arr)
         pos[pos >= srt.size] = 0
@@ -186,8 +217,34 @@ class IVFPQIndex:
 
     def _sorted_ids(self) -> npt.NDArray[np.int64]:
         if self._ids_sorted is None:
-            self._ids_sorted = np.sort(self._ids)
+            order = np.argsort(self._ids, kind="stable")
+            self._ids_sorted = self._ids[order]
+            self._id_rows = order.astype(np.int64, copy=False)
+            self._dense_rows = None
         return self._ids_sorted
+
+    def _rows_of(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Row of each id in the stored order, ``-1`` for ``-1`` or unknown ids.
+
+        Ids spanning at most ``2 * ntotal`` values (the usual case: ids handed
+        out in order) use a dense table, one gather; others binary search.
+        """
+        srt = self._sorted_ids()
+        assert self._id_rows is not None
+        if srt.size == 0:
+            return np.full(ids.shape, -1, np.int64)
+        lo, span = int(srt[0]), int(srt[-1]) - int(srt[0]) + 1
+        if span <= 2 * srt.size + 1024:
+            if self._dense_rows is None:
+                table = np.full(span, -1, np.int64)
+                table[srt - lo] = self._id_rows
+                self._dense_rows = table
+            off = ids - lo
+            inside = (off >= 0) & (off < span)
+            return np.where(inside, self._dense_rows[np.where(inside, off, 0)], -1)
+        pos = np.searchsorted(srt, ids)
+        np.minimum(pos, srt.size - 1, out=pos)
+        return np.where(srt[pos] == ids, self._id_rows[pos], -1)
 
     def _check_writable(self) -> None:
         if self._read_only:
@@ -241,6 +298,7 @@ class IVFPQIndex:
         if not self.is_trained:
             raise NotTrainedError("index is not trained; call train(x) before add(x)")
         x = check_matrix(x, "x", d=self.d, allow_empty=True)
+        check_storable(x, self.params.store_vectors)
         n = x.shape[0]
         if ids is None:
             start = int(self._ids.max()) + 1 if self._ids.size else 0
@@ -265,6 +323,8 @@ class IVFPQIndex:
         if ids.size:
             self._ids = np.concatenate([self._ids, ids])
             self._ids_sorted = None
+            if self._store is not None:
+                self._store.append(x)
 
     # --- search -------------------------------------------------------------------------------
     def _check_nprobe(self, nprobe: int | None) -> int:
@@ -279,14 +339,24 @@ class IVFPQIndex:
         return nprobe
 
     def search(
-        self, q: npt.NDArray[np.float32], k: int, *, nprobe: int | None = None
+        self,
+        q: npt.NDArray[np.float32],
+        k: int,
+        *,
+        nprobe: int | None = None,
+        rerank: int | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Approximate top-``k`` neighbours of each row of ``q``.
+        """Top-``k`` neighbours of each row of ``q``: approximate, or exact among candidates.
 
         Returns ``(D, I)`` shaped ``(nq, k)``: scores (inner product, larger is
         better; or squared L2, smaller is better) and ids, padded with ``-1``
         and ``-inf`` (``+inf`` for L2) where fewer than ``k`` are found.
         ``nprobe`` lists are scanned per query (default ``min(16, nlist)``).
+
+        With ``rerank=f`` IVF-PQ proposes ``k * f`` candidates per query and
+        each is re-scored exactly (float32 sums) against the stored vectors;
+        scores are then exact and equal scores list the lower id first. It
+        needs an index created with ``store_vectors`` set.
         """
         if not self.is_trained:
             raise NotTrainedError("index is not trained; call train(x) and add(x) before search")
@@ -294,8 +364,47 @@ class IVFPQIndex:
             raise EmptyIndexError("index is empty; add(x) vectors before searching")
         k = check_k(k)
         nprobe = self._check_nprobe(nprobe)
+        factor = self._check_rerank(rerank)
         q = check_matrix(q, "q", d=self.d)
-        return self._search(q, k, nprobe, None)
+        if factor is None:
+            return self._search(q, k, nprobe, None)
+        _, cand = self._search(q, k * factor, nprobe, None)
+        return self._rerank(q, cand, k)
+
+    def _check_rerank(self, rerank: int | None) -> int | None:
+        if rerank is None:
+            return None
+        if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)):
+            raise TypeError(f"rerank: expected an int >= 1 or None, got {type(rerank).__name__}")
+        if rerank < 1:
+            raise ValueError(
+                f"rerank: expected an int >= 1 (candidates per result), got {rerank}; pass "
+                "rerank=None to skip re-ranking"
+            )
+        if self._store is None:
+            raise ValueError(
+                "rerank: this index keeps no raw vectors (store_vectors=None); create it with "
+                "IVFPQParams(..., store_vectors='float16') to re-rank"
+            )
+        return int(rerank)
+
+    def _rerank(
+        self, q: npt.NDArray[np.float32], cand: npt.NDArray[np.int64], k: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Exact top-``k`` of candidate ids ``cand`` (``-1`` skipped); no validation."""
+        from ..kernels.rerank import rerank_f16, rerank_f32
+
+        assert self._store is not None
+        rows = self._rows_of(cand)
+        D = np.full((q.shape[0], k), _pad_value(self.params), np.float32)
+        I = np.full((q.shape[0], k), -1, np.int64)
+        l2 = self.params.metric == "l2"
+        base = self._store.array
+        if base.dtype == np.float16:
+            rerank_f16(q, base.view(np.uint16), rows, cand, l2, D, I)
+        else:
+            rerank_f32(q, base, rows, cand, l2, D, I)
+        return D, I
 
     def _search(
         self,
@@ -350,8 +459,11 @@ class IVFPQIndex:
         if present.size == 0:
             return 0
         removed = int(self._index.remove_ids(faiss.IDSelectorBatch(present)))
-        self._ids = self._ids[~np.isin(self._ids, present)]
+        keep = ~np.isin(self._ids, present)
+        self._ids = self._ids[keep]
         self._ids_sorted = None
+        if self._store is not None:
+            self._store.keep(keep)
         return removed
 
     # --- persistence --------------------------------------------------------------------------
@@ -360,8 +472,16 @@ class IVFPQIndex:
 
     @classmethod
     def from_faiss(
-        cls, params: IVFPQParams, index: Any, ids: Iterable[int] | None = None
+        cls,
+        params: IVFPQParams,
+        index: Any,
+        ids: Iterable[int] | None = None,
+        vectors: npt.NDArray[Any] | None = None,
     ) -> IVFPQIndex:
+        """Wrap a filled FAISS index; ``vectors`` are its raw vectors in ``ids`` order.
+
+        With ``params.store_vectors`` set, ``vectors`` is required unless the index is empty.
+        """
         obj = cls(params, _faiss_index=index)
         obj._ids = _invlist_ids(index) if ids is None else np.asarray(ids, dtype=np.int64)
         obj._ids_sorted = None
@@ -369,7 +489,21 @@ class IVFPQIndex:
             raise CorruptIndexError(
                 f"ids count {obj._ids.size} does not match the index's {index.ntotal} vectors"
             )
+        if obj._store is not None and (vectors is not None or index.ntotal):
+            if vectors is None:
+                raise ValueError(
+                    "vectors: the params keep raw vectors (store_vectors="
+                    f"{params.store_vectors!r}); pass the {index.ntotal} vectors in ids order"
+                )
+            if vectors.shape[0] != index.ntotal:
+                raise CorruptIndexError(
+                    f"stored vectors hold {vectors.shape[0]} rows, the index {index.ntotal}"
+                )
+            obj._store.attach(vectors)
         return obj
+
+    def _vectors_path(self, path: Path) -> Path:
+        return path.with_name(vectors_file_name(path))
 
     def save(self, path: str | Path) -> None:
         """Write the index to ``path`` and its checksum record to ``path + '.json'``.
@@ -386,6 +520,13 @@ class IVFPQIndex:
             "ntotal": self.ntotal,
             "data": rec,
         }
+        if self._store is not None:
+            # load() takes the ids from the inverted lists, in list order: store the
+            # vectors in that order so that rows keep matching ids
+            rows = self._rows_of(_invlist_ids(self._index))
+            meta["vectors"] = storage.atomic_write_npy(
+                self._vectors_path(path), self._store.array[rows]
+            )
         storage.atomic_write_json(path.with_name(path.name + ".json"), meta)
 
     @classmethod
@@ -393,7 +534,9 @@ class IVFPQIndex:
         """Read an index written by :meth:`save`, verifying its checksum.
 
         With ``mmap=True`` the inverted lists stay in the file (memory-mapped)
-        and the index is read-only.
+        and the index is read-only. Stored raw vectors (the ``.vectors.npy``
+        sidecar written by :meth:`save`) are always memory-mapped after their
+        checksum is verified; a change copies the kept rows into memory.
         """
         path = Path(path)
         if not path.exists():
@@ -404,9 +547,38 @@ class IVFPQIndex:
         rec = dict(meta["data"], file=path.name)
         storage.verify_file(path.parent, rec)
         params = IVFPQParams.from_dict(meta["params"])
-        obj = cls.from_faiss(params, read_faiss_index(path, mmap=mmap))
+        vectors = None
+        if params.store_vectors is not None:
+            if not meta.get("vectors"):
+                raise CorruptIndexError(
+                    f"{path}.json: store_vectors={params.store_vectors!r} but no vectors file "
+                    "is recorded",
+                    str(path),
+                )
+            vrec = dict(meta["vectors"], file=vectors_file_name(path))
+            vectors = load_vectors(storage.verify_file(path.parent, vrec), params)
+        obj = cls.from_faiss(params, read_faiss_index(path, mmap=mmap), vectors=vectors)
         obj._read_only = mmap
         return obj
+
+
+def vectors_file_name(path: Path) -> str:
+    return path.name + ".vectors.npy"
+
+
+def load_vectors(path: Path, params: IVFPQParams) -> npt.NDArray[Any]:
+    """Memory-map a verified stored-vectors ``.npy`` file and check its dtype and shape."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise CorruptIndexError(f"{path}: not a readable .npy file ({e})", str(path)) from e
+    want = np.dtype(STORE_DTYPES[params.store_vectors or "float32"])
+    if arr.ndim != 2 or arr.shape[1] != params.d or arr.dtype != want:
+        raise CorruptIndexError(
+            f"{path}: holds {arr.dtype} {tuple(arr.shape)}, expected {want} rows of d={params.d}",
+            str(path),
+        )
+    return arr
 
 
 def read_faiss_index(path: Path, *, mmap: bool) -> Any:

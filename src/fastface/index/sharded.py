@@ -19,14 +19,18 @@ from .._native import merge_topk
 from .._validation import as_ids, check_k, check_matrix, check_positive_int
 from ..errors import CorruptIndexError, EmptyIndexError, NotTrainedError, ReadOnlyIndexError
 from . import storage
-from .ivfpq import IVFPQIndex, IVFPQParams, read_faiss_index
+from .ivfpq import IVFPQIndex, IVFPQParams, load_vectors, read_faiss_index
+from .vectors import check_storable
 
 __all__ = ["ShardedIndex"]
 
 FORMAT = "fastface.sharded"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_OWNED = re.compile(r"^(codec|shard-\d+|tombstones)(-g\d+)?\.(faiss|npy)$|^\..*\.tmp-\d+$")
+_OWNED = re.compile(
+    r"^(codec|shard-\d+|tombstones)(-g\d+)?\.(faiss|npy|f16\.npy|f32\.npy)$|^\..*\.tmp-\d+$"
+)
+_VEC_SUFFIX = {"float16": "f16.npy", "float32": "f32.npy"}
 
 
 class _Shard:
@@ -150,7 +154,19 @@ class ShardedIndex:
             index_path = storage.verify_file(self.path, entry["files"]["index"])
             ids_path = storage.verify_file(self.path, entry["files"]["ids"])
             ids = np.load(ids_path, allow_pickle=False)
-            index = IVFPQIndex.from_faiss(self.params, read_faiss_index(index_path, mmap=mmap), ids)
+            vectors = None
+            if self.params.store_vectors is not None:
+                if "vectors" not in entry["files"]:
+                    raise CorruptIndexError(
+                        f"{self.path / MANIFEST}: shard {entry['number']} has no vectors file "
+                        f"but store_vectors={self.params.store_vectors!r}",
+                        str(self.path / MANIFEST),
+                    )
+                vec_path = storage.verify_file(self.path, entry["files"]["vectors"])
+                vectors = load_vectors(vec_path, self.params)
+            index = IVFPQIndex.from_faiss(
+                self.params, read_faiss_index(index_path, mmap=mmap), ids, vectors
+            )
             index._read_only = mmap
             if index.ntotal != entry["count"]:
                 raise CorruptIndexError(
@@ -273,6 +289,7 @@ class ShardedIndex:
         if not self.is_trained:
             raise NotTrainedError(f"{self.path}: not trained; call train(x) before add(x)")
         x = check_matrix(x, "x", d=self.d, allow_empty=True)
+        check_storable(x, self.params.store_vectors)
         n = x.shape[0]
         if ids is None:
             start = self._next_id()
@@ -325,6 +342,7 @@ class ShardedIndex:
         k: int,
         *,
         nprobe: int | None = None,
+        rerank: int | None = None,
         strategy: Literal["auto", "stacked", "fanout"] = "auto",
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Search every shard: ``(D, I)`` shaped ``(nq, k)``.
@@ -342,6 +360,12 @@ class ShardedIndex:
           blocks that cannot be concatenated).
 
         ``"auto"`` (default) takes ``"stacked"`` where possible.
+
+        With ``rerank=f`` each shard proposes ``k * f`` candidates (fan-out),
+        re-scores them exactly against its stored vectors (read from the
+        memory-mapped file, only the rows needed) and keeps its exact top
+        ``k``; the shards' lists are then merged with ties broken by lower id,
+        so the result is the exact top ``k`` of all candidates.
         """
         if not self.is_trained:
             raise NotTrainedError(f"{self.path}: not trained; nothing to search")
@@ -354,26 +378,42 @@ class ShardedIndex:
         k = check_k(k)
         shards = [s.index for s in self._shards if s.index.ntotal > 0]
         nprobe = shards[0]._check_nprobe(nprobe)
+        factor = shards[0]._check_rerank(rerank)
         q = check_matrix(q, "q", d=self.d)
         exclude = self._exclude
-        if len(shards) == 1:
+        if factor is None and len(shards) == 1:
             return shards[0]._search(q, k, nprobe, exclude)
-        if strategy == "stacked" or (strategy == "auto" and self.params.nbits == 8):
+        if factor is None and (
+            strategy == "stacked" or (strategy == "auto" and self.params.nbits == 8)
+        ):
             return self._stacked(shards)._search(q, k, nprobe, exclude)
-        # one codec: quantize each query once, then every shard scans the same lists
-        assert self._codec is not None
-        Dq, Iq = self._codec.quantizer.search(q, nprobe)
-        coarse = (np.ascontiguousarray(Dq), np.ascontiguousarray(Iq))
+        k_scan = k if factor is None else k * factor
+        coarse = None
+        if len(shards) > 1:
+            # one codec: quantize each query once, then every shard scans the same lists
+            assert self._codec is not None
+            Dq, Iq = self._codec.quantizer.search(q, nprobe)
+            coarse = (np.ascontiguousarray(Dq), np.ascontiguousarray(Iq))
 
         def one(shard: IVFPQIndex) -> tuple[np.ndarray, np.ndarray]:
-            return shard._search(q, k, nprobe, exclude, coarse)
+            return shard._search(q, k_scan, nprobe, exclude, coarse)
 
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                max_workers=min(len(shards), os.cpu_count() or 1),
-                thread_name_prefix="fastface-shard",
-            )
-        parts = list(self._pool.map(one, shards))
+        if len(shards) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=min(len(shards), os.cpu_count() or 1),
+                    thread_name_prefix="fastface-shard",
+                )
+            parts = list(self._pool.map(one, shards))
+        else:
+            parts = [one(shards[0])]
+        if factor is not None:
+            # Numba's parallel kernels must not run from several threads at once:
+            # the scans above ran on the pool, the re-scoring runs here, shard by shard
+            exact = [s._rerank(q, p[1], k) for s, p in zip(shards, parts, strict=True)]
+            if len(exact) == 1:
+                return exact[0]
+            return _merge_exact(exact, k, self.params.larger_is_better)
         D = np.stack([p[0] for p in parts])
         I = np.stack([p[1] for p in parts])
         return merge_topk(D, I, k, larger_is_better=self.params.larger_is_better)
@@ -397,6 +437,18 @@ class ShardedIndex:
         stacked._keepalive = (hstack, vec, shards)  # type: ignore[attr-defined]
         self._stack = (key, stacked)
         return stacked
+
+    def _live_rows(self) -> Iterator[tuple[IVFPQIndex, npt.NDArray[np.int64]]]:
+        """Each non-empty shard with the rows of its searchable (not removed) vectors."""
+        for s in self._shards:
+            n = s.index.ntotal
+            if n == 0:
+                continue
+            rows = np.arange(n, dtype=np.int64)
+            if self._tombstones.size:
+                rows = rows[~np.isin(s.index._ids, self._tombstones)]
+            if rows.size:
+                yield s.index, rows
 
     # --- remove / compact ---------------------------------------------------------------------
     def _set_tombstones(self, tomb: npt.NDArray[np.int64]) -> None:
@@ -491,6 +543,13 @@ class ShardedIndex:
                 ),
                 "ids": storage.atomic_write_npy(self.path / f"{stem}.npy", s.index._ids),
             }
+            store = s.index._store
+            if store is not None and self.params.store_vectors is not None:
+                vec_name = f"{stem}.{_VEC_SUFFIX[self.params.store_vectors]}"
+                s.files["vectors"] = storage.atomic_write_npy(self.path / vec_name, store.array)
+                if s.sealed:
+                    # a sealed shard's vectors stay on disk: map the file just written
+                    store.attach(load_vectors(self.path / vec_name, self.params))
             s.dirty = False
         if self._tombstones.size and self._tomb_rec is None:
             self._tomb_rec = storage.atomic_write_npy(
@@ -629,3 +688,20 @@ class ShardedIndex:
             index.close()
             raise
         return index
+
+
+def _merge_exact(
+    parts: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]],
+    k: int,
+    larger_is_better: bool,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Top-``k`` of per-shard exact lists, equal scores ordered by lower id."""
+    from ..kernels.rerank import merge_exact
+
+    D_all = np.ascontiguousarray(np.concatenate([p[0] for p in parts], axis=1))
+    I_all = np.ascontiguousarray(np.concatenate([p[1] for p in parts], axis=1))
+    nq = D_all.shape[0]
+    D = np.full((nq, k), float("-inf") if larger_is_better else float("inf"), np.float32)
+    I = np.full((nq, k), -1, np.int64)
+    merge_exact(D_all, I_all, larger_is_better, D, I)
+    return D, I
