@@ -18,7 +18,6 @@ import faiss
 import numpy as np
 import pytest
 
-import fastface
 from fastface import Gallery, IVFPQParams
 from fastface.datasets import SyntheticFaces
 from fastface.errors import AuditChainError, IndexLockedError, UnknownSubjectError
@@ -254,16 +253,16 @@ def test_files_are_owner_only(gallery):
             assert mode & 0o077 == 0, (name, oct(mode))
 
 
-def test_rerank_is_passed_through_or_refused_clearly(gallery):
+def test_rerank_gives_exact_scores(gallery):
     g, xb = gallery
-    import inspect
-
-    if "rerank" in inspect.signature(g.index.search).parameters:
-        m = g.search(xb[:2], 3, requester="r", purpose=PURPOSE, rerank=True)
-        assert m.subject_ids[0][0] == _subject(0)
-    else:
-        with pytest.raises(NotImplementedError, match="rerank"):
-            g.search(xb[:2], 3, requester="r", purpose=PURPOSE, rerank=True)
+    q = xb[:2]
+    m = g.search(q, 3, requester="r", purpose=PURPOSE, nprobe=NLIST, rerank=50)
+    assert m.subject_ids[0][0] == _subject(0)
+    # exact re-ranking: the top score is the exact inner product with the stored vector
+    # (float16 storage), here the query itself
+    np.testing.assert_allclose(m.scores[:, 0], (q * q).sum(1), atol=2e-3)
+    with pytest.raises(ValueError, match="rerank"):
+        g.search(q, 3, requester="r", purpose=PURPOSE, rerank=0)
 
 
 # --- erasure ---------------------------------------------------------------------------------
@@ -439,7 +438,7 @@ def test_export_is_complete(gallery, tmp_path):
     assert kinds.count("enroll") == 2 and kinds.count("search") == 1
     search = next(e for e in exp.audit if e["kind"] == "search")
     assert search["requester"] == "gate-a" and name in hit.subject_ids[0]
-    assert exp.dedup["available"] is (getattr(fastface, "dedup", None) is not None)
+    assert exp.dedup["available"] and exp.dedup["groups"] == []  # no near copies here
     js, npy = exp.write(tmp_path / "export")
     back = json.loads(js.read_text())
     assert back["subject_id"] == name and len(back["records"]) == PER + 2
@@ -751,3 +750,20 @@ def test_enrolment_redraws_an_id_that_clashes_with_a_row(gallery, monkeypatch):
     assert len(calls) == 2 and existing not in ids.tolist()
     assert len(g.export_subject("clash-q").records) == 2
     assert g.ntotal == N_SUBJECTS * PER + 2
+
+
+def test_export_lists_dedup_groups(gallery):
+    g, xb = gallery
+    v = xb[3 * PER]
+    noise = np.random.default_rng(0).standard_normal(v.shape).astype(np.float32)
+    noise -= (noise @ v) * v
+    noise /= np.linalg.norm(noise)
+    copy = (0.98 * v + np.sqrt(1 - 0.98**2) * noise).astype(np.float32)  # cosine 0.98
+    g.enroll("someone-else", copy[None], legal_basis="contract")
+    exp = g.export_subject(_subject(3))
+    own = {r["id"] for r in exp.records}
+    assert len(exp.dedup["groups"]) == 1
+    group = exp.dedup["groups"][0]
+    assert group["other_members"] == 1 and len(group["records"]) == 1
+    assert set(group["records"]) <= own
+    assert g.export_subject(_subject(3), dedup_threshold=0.99).dedup["groups"] == []

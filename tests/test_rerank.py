@@ -183,7 +183,8 @@ def test_sharded_rerank_equals_brute_force(tmp_path, data) -> None:
     with ShardedIndex.open(tmp_path / "idx") as index:
         assert all(isinstance(s.vectors, np.memmap) for s in index.shards())
         D2, I2 = index.search(xq, k, nprobe=16, rerank=f)
-        _D3, I3 = index.search(xq, k, nprobe=16, rerank=f, parallel=False)
+    with ShardedIndex.open(tmp_path / "idx", mmap=True) as index:  # codes memory-mapped too
+        _D3, I3 = index.search(xq, k, nprobe=16, rerank=f)
     np.testing.assert_array_equal(I2, I)
     np.testing.assert_array_equal(D2, D)
     np.testing.assert_array_equal(I3, I)

@@ -65,7 +65,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
-import inspect
 import json
 import os
 import secrets
@@ -385,7 +384,6 @@ class Gallery:
         self._db: sqlite3.Connection | None = None
         self._key = b""
         self._mutex = threading.RLock()
-        self._rerank_ok: bool | None = None
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -759,7 +757,7 @@ class Gallery:
         purpose: str,
         threshold: float | None = None,
         nprobe: int | None = None,
-        rerank: Any = None,
+        rerank: int | None = None,
     ) -> GalleryMatches:
         """Search the gallery for the purpose it was created for, and audit the call.
 
@@ -789,10 +787,7 @@ class Gallery:
             else queries
         )
         q = check_matrix(q, "queries", d=self.d)
-        search_kw: dict[str, Any] = {"nprobe": nprobe}
-        if rerank is not None:
-            search_kw["rerank"] = rerank
-            self._check_rerank()
+        search_kw: dict[str, Any] = {"nprobe": nprobe, "rerank": rerank}
         larger = self._config["metric"] == "ip"
         with self._mutex:
             try:
@@ -830,15 +825,6 @@ class Gallery:
                 )
         return GalleryMatches(scores, rids, names)
 
-    def _check_rerank(self) -> None:
-        if self._rerank_ok is None:
-            self._rerank_ok = "rerank" in inspect.signature(self._index.search).parameters
-        if not self._rerank_ok:
-            raise NotImplementedError(
-                "rerank: this fastface's ShardedIndex.search has no exact re-ranking (stored "
-                "vectors); search with rerank=None"
-            )
-
     def _subjects_of(self, ids: npt.NDArray[np.int64]) -> dict[int, str]:
         """Subject of each active record among ``ids``."""
         uniq = np.unique(ids[ids >= 0]).tolist()
@@ -853,8 +839,13 @@ class Gallery:
         return out
 
     # --- export (art. 15) ---------------------------------------------------------------------
-    def export_subject(self, subject_id: str, *, requester: str | None = None) -> SubjectExport:
+    def export_subject(
+        self, subject_id: str, *, requester: str | None = None, dedup_threshold: float = 0.9
+    ) -> SubjectExport:
         """Everything held about ``subject_id``: records, metadata, embeddings, dedup, audit.
+
+        ``dedup_threshold`` is the cosine above which records count as near
+        duplicates of each other for the export's dedup groups.
 
         No time window and no quota: every record and every audit entry that
         concerns the subject. The export itself is audited.
@@ -879,7 +870,7 @@ class Gallery:
             ids = np.array([r["id"] for r in records], np.int64)
             tag = self._tag(subject_id)
             audit = [e for e in self.audit_log() if tag in e["subjects"]]
-            dedup = _dedup_groups(self, ids, emb)
+            dedup = _dedup_groups(self, ids, dedup_threshold)
             now = _iso(_now())
             with self._txn() as db:
                 self._append_audit(
@@ -1521,34 +1512,21 @@ class Gallery:
 
 
 def _dedup_groups(
-    gallery: Gallery, record_ids: npt.NDArray[np.int64], embeddings: npt.NDArray[np.float32]
+    gallery: Gallery, record_ids: npt.NDArray[np.int64], threshold: float
 ) -> dict[str, Any]:
-    """Near-duplicate groups that hold any of ``record_ids``, via ``fastface.dedup``.
+    """Near-duplicate groups (cosine >= ``threshold``) that hold any of ``record_ids``.
 
-    The one place the gallery depends on the dedup module (issue 3): when it is
-    not part of this build, the export says so instead of guessing. Groups list
-    the subject's own record ids and only the number of other members, never
-    other subjects' ids.
+    Runs :func:`fastface.dedup` over the whole index (exact cosine on stored
+    vectors, transitive groups). Groups list the subject's own record ids and
+    only the number of other members, never other subjects' ids.
     """
-    import fastface
+    from ._dedup import dedup
 
-    dedup = getattr(fastface, "dedup", None)
-    if dedup is None:
-        return {
-            "available": False,
-            "reason": "fastface.dedup is not part of this build",
-            "groups": [],
-        }
-    try:
-        result = dedup(gallery.index)
-        groups = getattr(result, "groups", result)
-        mine = set(record_ids.tolist())
-        out = []
-        for g in groups:
-            members = [int(i) for i in np.asarray(g).ravel()]
-            own = sorted(i for i in members if i in mine)
-            if own:
-                out.append({"records": own, "other_members": len(members) - len(own)})
-    except Exception as e:  # an API this gallery does not know: report, do not fail the export
-        return {"available": False, "reason": f"fastface.dedup failed: {e}", "groups": []}
-    return {"available": True, "groups": out}
+    result = dedup(gallery.index, threshold, progress=False)
+    mine = set(record_ids.tolist())
+    groups = []
+    for members in result.groups(min_size=2):
+        own = sorted(int(i) for i in members.tolist() if int(i) in mine)
+        if own:
+            groups.append({"records": own, "other_members": int(members.size) - len(own)})
+    return {"available": True, "threshold": float(threshold), "groups": groups}
