@@ -339,3 +339,23 @@ def test_build_refuses_other_source(tmp_path, small_data) -> None:
     ShardedIndex.build(xb, tmp_path / "idx", PARAMS, shard_size=2000, progress=False).close()
     with pytest.raises(FileExistsError, match="another source"):
         ShardedIndex.build(xb[:3000], tmp_path / "idx", PARAMS, progress=False)
+
+
+def test_tombstones_hidden_in_memory_and_filtered_when_mmapped(sharded, small_data, tmp_path):
+    xb, _, xq, _ = small_data
+    gone = np.arange(0, 4000, 7)  # every shard loses rows
+    sharded.remove(gone)
+    assert sharded._exclude is None  # in memory: dropped from the lists, no filter in the scan
+    assert sum(s.ntotal for s in sharded.shards()) == 4000 - gone.size
+    assert sharded.shard_counts == [1000] * 4  # the files still hold them until compact()
+    live = sharded.search(xq, 10, nprobe=32)
+    assert not np.isin(live[1], gone).any()
+    twin = unsharded_twin(sharded, xb)
+    twin.remove(gone)
+    assert_same_results(live, twin.search(xq, 10, nprobe=32))
+    sharded.close()
+    for mmap in (False, True):
+        with ShardedIndex.open(tmp_path / "idx", mmap=mmap) as again:
+            assert (again._exclude is not None) is mmap
+            assert again.ntotal == 4000 - gone.size
+            assert_same_results(live, again.search(xq, 10, nprobe=32))

@@ -170,7 +170,13 @@ class IVFPQIndex:
 
     @property
     def ntotal(self) -> int:
+        """Number of searchable vectors (hidden ones excluded)."""
         return int(self._index.ntotal)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of stored rows: ``ntotal`` plus rows hidden by :meth:`hide`."""
+        return int(self._ids.size)
 
     @property
     def is_trained(self) -> bool:
@@ -458,13 +464,30 @@ class IVFPQIndex:
         present = arr[self.contains(arr)]
         if present.size == 0:
             return 0
-        removed = int(self._index.remove_ids(faiss.IDSelectorBatch(present)))
+        # hidden rows are already gone from the lists; the count is of stored rows
+        self._index.remove_ids(faiss.IDSelectorBatch(present))
+        removed = int(present.size)
         keep = ~np.isin(self._ids, present)
         self._ids = self._ids[keep]
         self._ids_sorted = None
         if self._store is not None:
             self._store.keep(keep)
         return removed
+
+    def hide(self, ids: npt.ArrayLike) -> int:
+        """Drop ``ids`` from the in-memory inverted lists only; returns how many were hidden.
+
+        The rows (ids, stored vectors) stay, so the index still matches the
+        files it was loaded from, and search costs what it costs without the
+        hidden vectors (no filter in the scan). :meth:`remove` later drops the
+        rows too. Not available on a memory-mapped index.
+        """
+        if self._read_only:
+            raise ReadOnlyIndexError("a memory-mapped index cannot hide vectors in memory")
+        arr = np.unique(np.asarray(ids, dtype=np.int64).ravel())
+        if arr.size == 0:
+            return 0
+        return int(self._index.remove_ids(faiss.IDSelectorBatch(arr)))
 
     # --- persistence --------------------------------------------------------------------------
     def to_bytes(self) -> bytes:

@@ -82,6 +82,7 @@ class ShardedIndex:
         self._tombstones = np.empty(0, np.int64)
         self._tomb_rec: storage.FileRecord | None = None
         self._exclude: Any = None
+        self._mmap = False
         self._exclude_inner: Any = None
         self._generation = 0
         self._build: dict[str, Any] | None = None
@@ -144,6 +145,7 @@ class ShardedIndex:
         return obj
 
     def _load_manifest(self, man: dict[str, Any], *, mmap: bool) -> None:
+        self._mmap = mmap
         self._generation = int(man["generation"])
         self._build = man.get("build")
         if man.get("codec"):
@@ -195,7 +197,7 @@ class ShardedIndex:
     @property
     def ntotal(self) -> int:
         """Number of searchable vectors (removed ones excluded)."""
-        return sum(s.index.ntotal for s in self._shards) - int(self._tombstones.size)
+        return sum(s.index.n_rows for s in self._shards) - int(self._tombstones.size)
 
     @property
     def is_trained(self) -> bool:
@@ -207,7 +209,7 @@ class ShardedIndex:
 
     @property
     def shard_counts(self) -> list[int]:
-        return [s.index.ntotal for s in self._shards]
+        return [s.index.n_rows for s in self._shards]
 
     @property
     def pending_removals(self) -> int:
@@ -315,12 +317,12 @@ class ShardedIndex:
             shard = self._shards[-1] if self._shards and not self._shards[-1].sealed else None
             if shard is None:
                 shard = self._new_shard()
-            room = self.shard_size - shard.index.ntotal
+            room = self.shard_size - shard.index.n_rows
             take = min(room, n - done)
             shard.index._add_checked(x[done : done + take], id_arr[done : done + take], batch_size)
             shard.dirty = True
             done += take
-            if shard.index.ntotal >= self.shard_size:
+            if shard.index.n_rows >= self.shard_size:
                 shard.sealed = True
         if commit:
             self._commit()
@@ -441,7 +443,7 @@ class ShardedIndex:
     def _live_rows(self) -> Iterator[tuple[IVFPQIndex, npt.NDArray[np.int64]]]:
         """Each non-empty shard with the rows of its searchable (not removed) vectors."""
         for s in self._shards:
-            n = s.index.ntotal
+            n = s.index.n_rows
             if n == 0:
                 continue
             rows = np.arange(n, dtype=np.int64)
@@ -452,7 +454,25 @@ class ShardedIndex:
 
     # --- remove / compact ---------------------------------------------------------------------
     def _set_tombstones(self, tomb: npt.NDArray[np.int64]) -> None:
-        self._tombstones = np.unique(tomb.astype(np.int64, copy=False))
+        """Record removed ids of sealed shards and make them unsearchable.
+
+        In memory the removed vectors are taken out of the shards' inverted
+        lists (``IVFPQIndex.hide``), so search pays nothing for them; the shard
+        files keep them until :meth:`compact`. Memory-mapped shards cannot be
+        changed: there a selector skips the ids inside the scan instead.
+        """
+        new = np.unique(tomb.astype(np.int64, copy=False))
+        fresh = np.setdiff1d(new, self._tombstones, assume_unique=True)
+        self._tombstones = new
+        if self._mmap:
+            self._set_exclude()
+        elif fresh.size:
+            for s in self._shards:
+                hit = fresh[s.index.contains(fresh)]
+                if hit.size:
+                    s.index.hide(hit)
+
+    def _set_exclude(self) -> None:
         if self._tombstones.size:
             batch = faiss.IDSelectorBatch(self._tombstones)
             # IDSelectorNot does not own its argument: keep both alive together
@@ -506,10 +526,11 @@ class ShardedIndex:
                     removed += s.index.remove(hit)
                     s.dirty = True
                     rewritten += 1
-                if s.index.ntotal > 0 or not s.sealed:
+                if s.index.n_rows > 0 or not s.sealed:
                     keep.append(s)
             self._shards = keep
-            self._set_tombstones(np.empty(0, np.int64))
+            self._tombstones = np.empty(0, np.int64)
+            self._set_exclude()
             self._tomb_rec = None
             self._commit()
         return {"removed": removed, "shards_rewritten": rewritten}
@@ -536,6 +557,11 @@ class ShardedIndex:
         for s in self._shards:
             if not s.dirty:
                 continue
+            if s.index.ntotal != s.index.n_rows:
+                raise RuntimeError(
+                    f"shard {s.number}: {s.index.n_rows - s.index.ntotal} hidden rows would be "
+                    "written inconsistently; compact() must drop them first"
+                )
             stem = f"shard-{s.number:06d}-g{g:06d}"
             s.files = {
                 "index": storage.atomic_write_bytes(
@@ -565,7 +591,7 @@ class ShardedIndex:
             "shard_size": self.shard_size,
             "codec": self._codec_rec,
             "shards": [
-                {"number": s.number, "sealed": s.sealed, "count": s.index.ntotal, "files": s.files}
+                {"number": s.number, "sealed": s.sealed, "count": s.index.n_rows, "files": s.files}
                 for s in self._shards
             ],
             "tombstones": self._tomb_rec,
