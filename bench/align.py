@@ -21,11 +21,8 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,20 +33,11 @@ from skimage import data
 from skimage.transform import SimilarityTransform
 
 import fastface
+from fastface._bench.common import median_time
 from fastface.faces import align, detect, template
 
 ROOT = Path(__file__).resolve().parent
 ARC = template("arcface")
-
-
-def median_time(fn: Callable[[], Any], repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def make_inputs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

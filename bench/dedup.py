@@ -28,8 +28,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/rerank.py
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,26 +36,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-import fastface
 from fastface import dedup_vectors
+from fastface._bench.common import bench_meta
 from fastface.datasets import SyntheticFaces, plant_duplicates
 from fastface.kernels.dedup import union_find
-
-
-def meta(argv: list[str]) -> dict[str, Any]:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = None
-    return {
-        "command": " ".join([Path(sys.executable).name, *argv]),
-        "git_sha": sha,
-        "build_info": fastface.build_info(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
 
 
 def pair_keys(pairs: np.ndarray, n: int) -> np.ndarray:
@@ -139,7 +121,7 @@ def main(argv: list[str]) -> None:
     x = np.load(x_path, mmap_mode="r")
     origin = np.load(o_path)
     n = x.shape[0]
-    out: dict[str, Any] = {"meta": meta(["bench/dedup.py", *argv]), "config": vars(args)}
+    out: dict[str, Any] = {"meta": bench_meta(["bench/dedup.py", *argv]), "config": vars(args)}
     out["config"]["n"] = n
 
     # 1. subset: fastface against FAISS exact range search -----------------------------------

@@ -27,8 +27,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,8 +36,8 @@ import faiss
 import numpy as np
 import psutil
 
-import fastface
 from fastface import IVFPQParams, ShardedIndex
+from fastface._bench.common import bench_meta
 from fastface.datasets import SyntheticFaces
 from fastface.eval import ground_truth, recall_at_k
 
@@ -61,22 +59,6 @@ def mem_mb() -> dict[str, float]:
 
 def mem_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: round(after[k] - before[k], 1) for k in after if k in before}
-
-
-def meta(argv: list[str]) -> dict[str, Any]:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = None
-    return {
-        "command": " ".join([Path(sys.executable).name, *argv]),
-        "git_sha": sha,
-        "build_info": fastface.build_info(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
 
 
 def stranger_queries(data: SyntheticFaces, nq: int, seed: int) -> np.ndarray:
@@ -298,7 +280,7 @@ def main(argv: list[str]) -> None:
         "MiB anonymous for float32 vectors in RAM"
     )
     out = {
-        "meta": meta(["bench/rerank.py", *argv]),
+        "meta": bench_meta(["bench/rerank.py", *argv]),
         "config": {**vars(args), "n": n, "nlist": nlist},
         "build_seconds": build_s,
         "memory": memory,

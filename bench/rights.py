@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,46 +31,11 @@ from typing import Any
 
 import numpy as np
 
-import fastface
 from fastface import Gallery, IVFPQParams, ShardedIndex
+from fastface._bench.common import bench_meta, median_time
 from fastface.datasets import SyntheticFaces
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-# local stand-ins for bench/_common.py (the lead unifies them)
-def bench_meta(argv: list[str]) -> dict[str, Any]:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = None
-    import faiss
-
-    return {
-        "command": " ".join(["python", *argv]),
-        "git_sha": sha,
-        "fastface": fastface.__version__,
-        "faiss": faiss.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "build_info": fastface.build_info(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "load_avg_at_start": os.getloadavg(),
-        "env": {
-            k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ
-        },
-    }
-
-
-def median_time(fn: Any, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def build(args: argparse.Namespace, path: Path) -> tuple[Gallery, SyntheticFaces, float]:

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 
-def median_time(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1) -> float:
+def median_time(fn: Callable[[], Any], repeat: int = 5, *, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
@@ -154,6 +154,10 @@ def bench_meta(command: list[str] | None = None) -> dict[str, Any]:
         "git_sha": _git_sha(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_info": build_info(),
+        "load_avg_at_start": os.getloadavg(),
+        "env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ
+        },
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cpu_model": _cpu_model(),
