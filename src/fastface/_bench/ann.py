@@ -197,12 +197,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "build_seconds": build_s,
             "peak_rss_gib": mem.peak / 2**30,
             "rss_growth_gib": (mem.peak - mem.start_rss) / 2**30,
+            "peak_anon_gib": mem.peak_anon / 2**30,
+            "anon_growth_gib": (mem.peak_anon - mem.start_anon) / 2**30,
             "disk_bytes": disk,
             "bytes_per_vector": disk / n,
         }
         indexes[S] = index
         print(
-            f"built {S} shard(s) in {build_s:.1f} s, peak RSS {mem.peak / 2**30:.2f} GiB, "
+            f"built {S} shard(s) in {build_s:.1f} s, peak RSS {mem.peak / 2**30:.2f} GiB "
+            f"(anonymous {mem.peak_anon / 2**30:.2f} GiB), "
             f"{disk / n:.1f} bytes/vector on disk",
             flush=True,
         )
