@@ -122,9 +122,9 @@ def _positive_size(size: Any, name: str = "size") -> int:
 def estimate_similarity(src: npt.ArrayLike, dst: npt.ArrayLike) -> np.ndarray:
     """Least-squares similarity transforms from ``src`` to ``dst`` points, batched.
 
-    Umeyama's method as ``skimage.transform.SimilarityTransform`` computes it
-    (including its guard against reflections and its rank-deficient branch),
-    vectorised over faces.
+    The result of Umeyama's method as ``skimage.transform.SimilarityTransform``
+    computes it (its guard against reflections and its rank-deficient branch
+    included), in closed form and vectorised over faces.
 
     Parameters
     ----------
@@ -151,36 +151,34 @@ def estimate_similarity(src: npt.ArrayLike, dst: npt.ArrayLike) -> np.ndarray:
     """
     s = np.asarray(src, dtype=np.float64)
     d = np.broadcast_to(np.asarray(dst, dtype=np.float64), s.shape)
-    F, K = s.shape[0], s.shape[1]
     s_mean = s.mean(axis=1)
     d_mean = d.mean(axis=1)
     s_dm = s - s_mean[:, None]
     d_dm = d - d_mean[:, None]
-    A = np.einsum("fki,fkj->fij", d_dm, s_dm) / K
-    sign = np.ones((F, 2))
-    sign[np.linalg.det(A) < 0, 1] = -1.0
-    U, S, Vt = np.linalg.svd(A)
-    tol = S.max(axis=1) * 2 * np.finfo(np.float64).eps
-    rank = np.count_nonzero(tol[:, None] < S, axis=1)
-    if (rank == 0).any():
-        bad = int(np.flatnonzero(rank == 0)[0])
+    # In 2-D, Umeyama's SVD solution with skimage's reflection guard is the
+    # best proper rotation and scale, which has a closed form: with
+    # A = sum_k d_k s_k^T, the matrix scale * R is [[c, -t], [t, c]] with
+    # c = (A00 + A11) / var and t = (A10 - A01) / var. (When det(A) < 0 the
+    # guard's scale is (S1 - S2) / var = hypot(c, t); for collinear points
+    # S2 = 0 and both branches agree.) No SVD: 2x2 per face, vectorised.
+    sx, sy = s_dm[..., 0], s_dm[..., 1]
+    dx, dy = d_dm[..., 0], d_dm[..., 1]
+    var = (sx * sx + sy * sy).sum(axis=1)
+    if (var == 0).any():
+        bad = int(np.flatnonzero(var == 0)[0])
         raise ValueError(
             f"landmarks: face {bad} is degenerate (all points equal); a similarity "
             "transform needs at least two distinct points"
         )
-    # Rank 1 (collinear points): skimage keeps U @ V when det(U) det(V) > 0
-    # and flips the last axis otherwise, whatever det(A) said.
-    d_rot = sign.copy()
-    low = rank == 1
-    if low.any():
-        keep = np.linalg.det(U) * np.linalg.det(Vt) > 0
-        d_rot[low & keep, 1] = 1.0
-        d_rot[low & ~keep, 1] = -1.0
-    R = np.einsum("fij,fj,fjk->fik", U, d_rot, Vt)
-    scale = (S * sign).sum(axis=1) / s_dm.var(axis=1).sum(axis=1)
-    M = np.empty((F, 2, 3))
-    M[:, :, :2] = R * scale[:, None, None]
-    M[:, :, 2] = d_mean - scale[:, None] * np.einsum("fij,fj->fi", R, s_mean)
+    c = (sx * dx + sy * dy).sum(axis=1) / var
+    t = (sx * dy - sy * dx).sum(axis=1) / var
+    M = np.empty((s.shape[0], 2, 3))
+    M[:, 0, 0] = c
+    M[:, 0, 1] = -t
+    M[:, 1, 0] = t
+    M[:, 1, 1] = c
+    M[:, 0, 2] = d_mean[:, 0] - (c * s_mean[:, 0] - t * s_mean[:, 1])
+    M[:, 1, 2] = d_mean[:, 1] - (t * s_mean[:, 0] + c * s_mean[:, 1])
     return M
 
 
