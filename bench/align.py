@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from skimage import data
 from skimage.transform import SimilarityTransform
 
 import fastface
-from fastface._bench.common import median_time
+from fastface._bench.common import interleaved_times, median_time
 from fastface.faces import align, detect, template
 
 ROOT = Path(__file__).resolve().parent
@@ -113,15 +114,22 @@ def main() -> None:
     ref = insightface_loop(imgs, lm)
     agree = float((np.abs(ours.astype(np.int16) - ref) <= 1).mean())
 
-    t_ref = median_time(lambda: insightface_loop(imgs, lm), max(1, args.repeat // 2))
+    # interleaved rounds: every method sees the same drift of a shared machine
     with ThreadPoolExecutor(args.threads) as pool:
-        t_cv = median_time(lambda: opencv_pool(imgs, lm, pool, args.threads), args.repeat)
-    t_ff = median_time(lambda: align(imgs, lm, threads=args.threads), args.repeat)
-    t_ff1 = median_time(lambda: align(imgs, lm, threads=1), args.repeat)
-    t_ff32 = median_time(
-        lambda: align(imgs, lm, output="float32_nchw", threads=args.threads), args.repeat
+        times = interleaved_times(
+            {
+                "ref": lambda: insightface_loop(imgs, lm),
+                "cv": lambda: opencv_pool(imgs, lm, pool, args.threads),
+                "ff": lambda: align(imgs, lm, threads=args.threads),
+                "ff1": lambda: align(imgs, lm, threads=1),
+                "fix": lambda: align(imgs, lm, kernel="fixed", threads=args.threads),
+                "ff32": lambda: align(imgs, lm, output="float32_nchw", threads=args.threads),
+            },
+            repeat=args.repeat,
+        )
+    t_ref, t_cv, t_ff, t_ff1, t_fix, t_ff32 = (
+        statistics.median(times[k]) for k in ("ref", "cv", "ff", "ff1", "fix", "ff32")
     )
-    t_fix = median_time(lambda: align(imgs, lm, kernel="fixed", threads=args.threads), args.repeat)
     for name, t in [
         ("insightface loop (skimage + cv2.warpAffine)", t_ref),
         (f"opencv estimateAffinePartial2D + warpAffine, {args.threads} threads", t_cv),
