@@ -21,7 +21,6 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from skimage import data
 from skimage.transform import SimilarityTransform
 
 import fastface
-from fastface._bench.common import interleaved_times, median_time
+from fastface._bench.common import Interleaved, median_time
 from fastface.faces import align, detect, template
 
 ROOT = Path(__file__).resolve().parent
@@ -116,19 +115,19 @@ def main() -> None:
 
     # interleaved rounds: every method sees the same drift of a shared machine
     with ThreadPoolExecutor(args.threads) as pool:
-        times = interleaved_times(
-            {
-                "ref": lambda: insightface_loop(imgs, lm),
-                "cv": lambda: opencv_pool(imgs, lm, pool, args.threads),
-                "ff": lambda: align(imgs, lm, threads=args.threads),
-                "ff1": lambda: align(imgs, lm, threads=1),
-                "fix": lambda: align(imgs, lm, kernel="fixed", threads=args.threads),
-                "ff32": lambda: align(imgs, lm, output="float32_nchw", threads=args.threads),
-            },
-            repeat=args.repeat,
-        )
+        bench = Interleaved()
+        for key, fn in {
+            "ref": lambda: insightface_loop(imgs, lm),
+            "cv": lambda: opencv_pool(imgs, lm, pool, args.threads),
+            "ff": lambda: align(imgs, lm, threads=args.threads),
+            "ff1": lambda: align(imgs, lm, threads=1),
+            "fix": lambda: align(imgs, lm, kernel="fixed", threads=args.threads),
+            "ff32": lambda: align(imgs, lm, output="float32_nchw", threads=args.threads),
+        }.items():
+            bench.add(key, fn, args.repeat)
+        res = bench.run()
     t_ref, t_cv, t_ff, t_ff1, t_fix, t_ff32 = (
-        statistics.median(times[k]) for k in ("ref", "cv", "ff", "ff1", "fix", "ff32")
+        res[k][0] for k in ("ref", "cv", "ff", "ff1", "fix", "ff32")
     )
     for name, t in [
         ("insightface loop (skimage + cv2.warpAffine)", t_ref),

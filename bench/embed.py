@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
-from statistics import median
 from typing import Any
 
 import numpy as np
@@ -36,7 +34,13 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from fastface._bench.common import bench_meta, print_table, results_dir, write_results
+from fastface._bench.common import (
+    Interleaved,
+    bench_meta,
+    print_table,
+    results_dir,
+    write_results,
+)
 from fastface.faces import (
     DlibEmbedder,
     Embedder,
@@ -151,28 +155,6 @@ def per_face_dlib(emb: DlibEmbedder) -> Callable[[np.ndarray], np.ndarray]:
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     return run
-
-
-class Interleaved:
-    """Times functions round-robin (after one warm-up call each), so the load
-    swings of a shared machine fall on every method alike; medians."""
-
-    def __init__(self) -> None:
-        self.fns: dict[str, tuple[Callable[[], Any], int]] = {}
-
-    def add(self, key: str, fn: Callable[[], Any], repeat: int) -> None:
-        self.fns[key] = (fn, max(1, repeat))
-
-    def run(self) -> dict[str, tuple[float, Any]]:
-        outs = {k: fn() for k, (fn, _) in self.fns.items()}
-        times: dict[str, list[float]] = {k: [] for k in self.fns}
-        for rep in range(max(r for _, r in self.fns.values())):
-            for k, (fn, r) in self.fns.items():
-                if rep < r:
-                    t0 = time.perf_counter()
-                    outs[k] = fn()
-                    times[k].append(time.perf_counter() - t0)
-        return {k: (median(times[k]), outs[k]) for k in self.fns}
 
 
 def main(argv: list[str] | None = None) -> int:

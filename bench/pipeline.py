@@ -21,7 +21,7 @@ medians, and where the time goes.
 The stage columns are seconds spent in each step in the last run (naive:
 summed over the loop; pipeline: busy time of each stage thread; the stages
 overlap, so they add up to more than the wall time). Methods are timed
-round-robin after a warm-up run each (bench/embed.py ``Interleaved``).
+round-robin after a warm-up run each (``fastface._bench.common.Interleaved``).
 
     python bench/pipeline.py [--images 48] [--repeat 2] [--dlib-processes 0,1,2]
 """
@@ -43,9 +43,15 @@ from skimage import data
 from skimage.transform import SimilarityTransform
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embed import Interleaved, resnet112  # bench/embed.py
+from embed import resnet112  # bench/embed.py
 
-from fastface._bench.common import bench_meta, print_table, results_dir, write_results
+from fastface._bench.common import (
+    Interleaved,
+    bench_meta,
+    print_table,
+    results_dir,
+    write_results,
+)
 from fastface.faces import (
     MTCNN,
     DlibEmbedder,

@@ -27,9 +27,9 @@ from ..datasets import SyntheticFaces, open_vectors
 from ..eval import ground_truth, identity_accuracy, recall_at_k
 from ..index import IVFPQParams, ShardedIndex
 from .common import (
+    Interleaved,
     PeakRSS,
     bench_meta,
-    interleaved_times,
     median_time,
     print_table,
     results_dir,
@@ -255,10 +255,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 lambda index=index, nprobe=nprobe: index.search(xq, k, nprobe=nprobe)
             )
         # interleaved rounds: a busy machine slows every method alike
-        times = interleaved_times(methods, repeat=args.repeat)
-        faiss_qps = None
+        bench = Interleaved()
         for name, fn in methods.items():
-            row = record(name, nprobe, fn()[1], float(np.median(times[name])))
+            bench.add(name, fn, args.repeat)
+        faiss_qps = None
+        for name, (t, (_, I)) in bench.run().items():
+            row = record(name, nprobe, I, t)
             faiss_qps = faiss_qps or row["QPS"]
             row["ratio_vs_faiss"] = row["QPS"] / faiss_qps
     # exact search is slow at scale: time it on at most 200 queries, once per repeat

@@ -10,17 +10,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 __all__ = [
+    "Interleaved",
     "PeakRSS",
     "bench_meta",
-    "interleaved_times",
     "median_time",
     "print_table",
     "results_dir",
@@ -40,24 +39,30 @@ def median_time(fn: Callable[[], Any], repeat: int = 5, *, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def interleaved_times(
-    fns: dict[str, Callable[[], Any]], *, repeat: int = 5, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Wall times of each ``fn`` over ``repeat`` rounds, the methods taking turns each round.
+class Interleaved:
+    """Times functions in interleaved rounds, after one warm-up call each.
 
     Taking turns spreads a busy machine's slowdowns evenly over the methods
-    compared, so their ratio stays fair; report medians.
+    compared, so their ratio stays fair. ``run`` returns, per key, the median
+    time and the output of the last call.
     """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
+
+    def __init__(self) -> None:
+        self.fns: dict[str, tuple[Callable[[], Any], int]] = {}
+
+    def add(self, key: str, fn: Callable[[], Any], repeat: int) -> None:
+        self.fns[key] = (fn, max(1, repeat))
+
+    def run(self) -> dict[str, tuple[float, Any]]:
+        outs = {k: fn() for k, (fn, _) in self.fns.items()}
+        times: dict[str, list[float]] = {k: [] for k in self.fns}
+        for rep in range(max((r for _, r in self.fns.values()), default=0)):
+            for k, (fn, r) in self.fns.items():
+                if rep < r:
+                    t0 = time.perf_counter()
+                    outs[k] = fn()
+                    times[k].append(time.perf_counter() - t0)
+        return {k: (statistics.median(times[k]), outs[k]) for k in self.fns}
 
 
 class PeakRSS:
@@ -103,16 +108,6 @@ class PeakRSS:
         if self._thread is not None:
             self._thread.join()
         self._sample(psutil.Process())
-
-
-@contextmanager
-def timed() -> Iterator[dict[str, float]]:
-    out: dict[str, float] = {}
-    t0 = time.perf_counter()
-    try:
-        yield out
-    finally:
-        out["seconds"] = time.perf_counter() - t0
 
 
 def _git_sha() -> str | None:
