@@ -11,7 +11,6 @@ with every vector.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
+from .landmarks import face_recognition_models_file
 
 __all__ = [
     "DlibEmbedder",
@@ -508,19 +509,9 @@ def dlib_face_model_path() -> Path:
     FileNotFoundError
         When the package or the file is missing.
     """
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "dlib's face model not found: `pip install face_recognition_models dlib-bin` "
-            "(or the fastface[models] extra)"
-        )
-    root = Path(next(iter(spec.submodule_search_locations)))
-    path = root / "models" / "dlib_face_recognition_resnet_model_v1.dat"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"dlib face model missing: {path}; reinstall face_recognition_models"
-        )
-    return path
+    return face_recognition_models_file(
+        "dlib_face_recognition_resnet_model_v1.dat", "dlib's face model"
+    )
 
 
 class DlibEmbedder:

@@ -22,8 +22,12 @@ from .align import _check_images
 __all__ = ["dlib_landmarks", "dlib_shape_predictor_path"]
 
 
-def dlib_shape_predictor_path() -> Path:
-    """Path of dlib's 5-point shape predictor inside ``face_recognition_models``.
+def face_recognition_models_file(name: str, what: str) -> Path:
+    """Path of ``models/<name>`` inside ``face_recognition_models``, found, not imported.
+
+    That package's own import fails on current setuptools (``pkg_resources``),
+    so the file is located through its import spec. ``what`` names the model
+    in the errors.
 
     Raises
     ------
@@ -33,14 +37,27 @@ def dlib_shape_predictor_path() -> Path:
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "dlib's shape predictor not found: `pip install face_recognition_models dlib-bin` "
+            f"{what} not found: `pip install face_recognition_models dlib-bin` "
             "(or the fastface[models] extra)"
         )
     root = Path(next(iter(spec.submodule_search_locations)))
-    path = root / "models" / "shape_predictor_5_face_landmarks.dat"
+    path = root / "models" / name
     if not path.is_file():
-        raise FileNotFoundError(f"dlib shape predictor missing: {path}")
+        raise FileNotFoundError(f"{what} missing: {path}; reinstall face_recognition_models")
     return path
+
+
+def dlib_shape_predictor_path() -> Path:
+    """Path of dlib's 5-point shape predictor inside ``face_recognition_models``.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the package or the file is missing.
+    """
+    return face_recognition_models_file(
+        "shape_predictor_5_face_landmarks.dat", "dlib's shape predictor"
+    )
 
 
 @functools.lru_cache(maxsize=1)
