@@ -271,10 +271,10 @@ class IVFPQIndex:
         self._check_writable()
         if self.is_trained:
             raise RuntimeError("index is already trained; create a new IVFPQIndex to retrain")
-        n = getattr(x, "shape", (0,))[0] if isinstance(x, np.ndarray) else 0
         need = max(self.params.nlist, 2**self.params.nbits)
         limit = max_points if max_points is not None else max(256 * self.params.nlist, 65536)
-        if isinstance(x, np.ndarray) and x.ndim == 2 and n > limit:
+        if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > limit:
+            n = x.shape[0]
             rows = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
             x = np.asarray(x[rows])
         x = check_matrix(x, "x", d=self.d)

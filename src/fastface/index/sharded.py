@@ -238,11 +238,16 @@ class ShardedIndex:
     def contains(self, ids: npt.ArrayLike) -> npt.NDArray[np.bool_]:
         """Which of ``ids`` are searchable in this index."""
         arr = np.asarray(ids, dtype=np.int64)
-        found = np.zeros(arr.shape, bool)
-        for s in self._shards:
-            found |= s.index.contains(arr)
+        found = self._stored(arr)
         if self._tombstones.size:
             found &= ~np.isin(arr, self._tombstones)
+        return found
+
+    def _stored(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Which of ``ids`` some shard holds, removed-but-uncompacted ones included."""
+        found = np.zeros(ids.shape, bool)
+        for s in self._shards:
+            found |= s.index.contains(ids)
         return found
 
     def _check_writable(self) -> None:
@@ -298,9 +303,7 @@ class ShardedIndex:
             id_arr = np.arange(start, start + n, dtype=np.int64)
         else:
             id_arr = as_ids(ids, n)
-            taken = np.zeros(n, bool)
-            for s in self._shards:
-                taken |= s.index.contains(id_arr)
+            taken = self._stored(id_arr)
             if taken.any():
                 pending = np.isin(id_arr[taken], self._tombstones)
                 hint = (

@@ -28,7 +28,6 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_npy",
-    "file_record",
     "fsync_dir",
     "read_json_checked",
     "sha256_file",
@@ -83,11 +82,6 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def file_record(path: Path) -> FileRecord:
-    path = Path(path)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def verify_file(directory: Path, rec: FileRecord) -> Path:
