@@ -67,9 +67,7 @@ def test_align_device_hook_in_faces_align() -> None:
     rng = np.random.default_rng(3)
     batch = rng.integers(0, 256, (2, 120, 120, 3), dtype=np.uint8)
     lm = template("arcface")[None].repeat(2, 0) + 4
-    np.testing.assert_array_equal(
-        align(batch, lm, device=EMU).crops, align(batch, lm).crops
-    )
+    np.testing.assert_array_equal(align(batch, lm, device=EMU).crops, align(batch, lm).crops)
 
 
 # --- float16 and selection ------------------------------------------------------------------
@@ -92,7 +90,9 @@ def test_half_conversion_matches_numpy() -> None:
     np.testing.assert_array_equal(back, want.astype(np.float32))
 
 
-def _ref_topk(scores: np.ndarray, ids: np.ndarray, k: int, larger: bool) -> tuple[np.ndarray, np.ndarray]:
+def _ref_topk(
+    scores: np.ndarray, ids: np.ndarray, k: int, larger: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """NumPy twin: sort by (score, id), best first; id -1 dropped; padded."""
     nq = scores.shape[0]
     D = np.full((nq, k), -np.inf if larger else np.inf, np.float32)
@@ -142,12 +142,19 @@ def _cpu_index(xb: np.ndarray, metric: str, nbits: int) -> IVFPQIndex:
 
 
 def _numpy_ivfpq(
-    g: GpuIVFPQ, codec: dict, codes: list, ids: list, q: np.ndarray, k: int, nprobe: int,
-    removed: np.ndarray | None = None, lut16: bool = False,
+    g: GpuIVFPQ,
+    codec: dict,
+    codes: list,
+    ids: list,
+    q: np.ndarray,
+    k: int,
+    nprobe: int,
+    removed: np.ndarray | None = None,
+    lut16: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy twin of IVF-PQ search: decode every code of the probed lists, exact float64 sums."""
     C, B = codec["centroids"].astype(np.float64), codec["codebook"].astype(np.float64)
-    M, ksub, dsub = B.shape
+    M, _, dsub = B.shape
     ip = codec["metric"] == "ip"
     qd = q.astype(np.float64)
     coarse = qd @ C.T if ip else (C * C).sum(1)[None] - 2 * qd @ C.T
@@ -182,7 +189,7 @@ def _numpy_ivfpq(
 def _assert_same_topk(D, I, Dr, Ir, tol: float = 1e-4) -> None:  # type: ignore[no-untyped-def]
     """Equal up to distances within tol; ids may differ only where scores are within tol."""
     np.testing.assert_allclose(D, Dr, atol=tol, rtol=0)
-    diff = I != Ir
+    diff = Ir != I
     if diff.any():
         # swapped near-ties: the score at that rank agrees, and the id sets match row-wise
         # except at the boundary of near-equal scores
@@ -215,8 +222,16 @@ def test_ivfpq_matches_numpy_decoding(gallery, metric: str, nbits: int) -> None:
     ivf = cpu._index
     codec = codec_arrays(ivf)
     codes, ids = list_arrays(ivf)
-    g = GpuIVFPQ(codec["centroids"], codec["codebook"], codes, ids, metric=codec["metric"],
-                 by_residual=codec["by_residual"], nbits=codec["nbits"], device=EMU)
+    g = GpuIVFPQ(
+        codec["centroids"],
+        codec["codebook"],
+        codes,
+        ids,
+        metric=codec["metric"],
+        by_residual=codec["by_residual"],
+        nbits=codec["nbits"],
+        device=EMU,
+    )
     for nsplit in (1, 3):
         D, I = g.search(xq, 20, nprobe=5, nsplit=nsplit)
         Dr, Ir = _numpy_ivfpq(g, codec, codes, ids, xq, 20, 5)
@@ -248,7 +263,7 @@ def test_ivfpq_tombstones_batches_and_padding(gallery, tmp_path) -> None:  # typ
         # removal on the GPU index itself
         gone = I[:, 0][I[:, 0] >= 0]
         assert g.remove(gone) == np.unique(gone).size
-        D2, I2 = g.search(xq, 10, nprobe=16)
+        _, I2 = g.search(xq, 10, nprobe=16)
         assert not np.isin(I2, gone).any()
         # more results asked than exist in the probed lists: padded
         D3, I3 = g.search(xq[:2], 2000, nprobe=1)
@@ -273,8 +288,16 @@ def test_encode_matches_faiss_codec(gallery, metric: str, nbits: int) -> None:  
     cpu = _cpu_index(xb, metric, nbits)
     ivf = cpu._index
     codec = codec_arrays(ivf)
-    lists, codes = encode(xb, codec["centroids"], codec["codebook"], metric=metric,
-                          by_residual=codec["by_residual"], nbits=nbits, device=EMU, batch_size=1000)
+    lists, codes = encode(
+        xb,
+        codec["centroids"],
+        codec["codebook"],
+        metric=metric,
+        by_residual=codec["by_residual"],
+        nbits=nbits,
+        device=EMU,
+        batch_size=1000,
+    )
     ref = faiss.vector_to_array(ivf.sa_encode(xb)) if False else ivf.sa_encode(xb)
     ncoarse = ivf.coarse_code_size()
     ref_lists = np.zeros(len(xb), np.int64)
@@ -315,3 +338,12 @@ def test_validation_errors(gallery) -> None:  # type: ignore[no-untyped-def]
         get_backend("tpu")
     with pytest.raises(TypeError, match="IVFPQIndex"):
         from_cpu(object(), device=EMU)
+
+
+def test_gpu_package_doctest() -> None:
+    import doctest
+
+    import fastface.gpu
+
+    result = doctest.testmod(fastface.gpu, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

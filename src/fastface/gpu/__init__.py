@@ -43,16 +43,16 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name == "CudaError":
         try:
-            from .._cuda import CudaError  # type: ignore[import-not-found]
+            from .._cuda import CudaError
         except ImportError:
-            from .._cuda_emu import CudaError  # type: ignore[import-not-found]
+            from .._cuda_emu import CudaError
         return CudaError
     raise AttributeError(name)
 
 
 def device_info(device: int = 0) -> dict[str, Any]:
     """Name, compute capability, multiprocessors, memory and bandwidth figures of a device."""
-    from .. import _cuda  # type: ignore[attr-defined]
+    from .. import _cuda
 
     info: dict[str, Any] = _cuda.device_info(device)
     # double data rate: bytes/s = 2 * clock * bus width / 8

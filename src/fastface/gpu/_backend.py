@@ -11,7 +11,7 @@ same per-thread kernel code as on the GPU, one simulated thread at a time.
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -84,7 +84,7 @@ def _import(name: str) -> Any:
     return importlib.import_module(f"fastface.{name}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cuda_status() -> tuple[bool, str]:
     try:
         native = _import("_cuda")

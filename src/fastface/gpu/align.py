@@ -45,7 +45,10 @@ def _pack_images(backend: Any, images: Any) -> tuple[Any, np.ndarray, str]:
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         buf = xp.concatenate([im.ravel() for im in arrs])
         meta = np.array(
-            [[o, im.shape[0], im.shape[1], im.shape[1] * 3] for o, im in zip(offsets, arrs)],
+            [
+                [o, im.shape[0], im.shape[1], im.shape[1] * 3]
+                for o, im in zip(offsets, arrs, strict=True)
+            ],
             np.int64,
         ).reshape(-1, 4)
         return buf, meta, kind
@@ -177,7 +180,7 @@ def align(
     n_images = len(images) if not hasattr(images, "shape") else int(images.shape[0])
     F = lm.shape[0]
     if image_index is None:
-        if F != n_images:
+        if n_images != F:
             raise ValueError(
                 f"landmarks: {F} faces for {n_images} images; pass image_index when an image "
                 "holds several faces or none"

@@ -65,7 +65,9 @@ def interleave_lists(
             continue
         c = np.asarray(c, np.uint8).reshape(n, -1)
         if c.shape[1] != code_bytes:
-            raise ValueError(f"codes[{lst}]: expected {code_bytes} bytes per code, got {c.shape[1]}")
+            raise ValueError(
+                f"codes[{lst}]: expected {code_bytes} bytes per code, got {c.shape[1]}"
+            )
         s = int(list_block[lst]) * 32
         words[s : s + n, :code_bytes] = c
         slot_ids[s : s + n] = i
@@ -130,7 +132,7 @@ def encode(
         xb = to_backend(backend, x, np.float32)
         C = to_backend(backend, centroids, np.float32)
         B = to_backend(backend, codebook, np.float32)
-        M, ksub, dsub = B.shape
+        M, _, dsub = B.shape
         n = xb.shape[0]
         c_norm = (C * C).sum(axis=1)
         b_norm = (B * B).sum(axis=2)  # (M, ksub)
@@ -139,7 +141,9 @@ def encode(
         for s in range(0, n, batch_size):
             xs = xb[s : s + batch_size]
             dots = xs @ C.T
-            lst = xp.argmax(dots, axis=1) if metric == "ip" else xp.argmin(c_norm - 2 * dots, axis=1)
+            lst = (
+                xp.argmax(dots, axis=1) if metric == "ip" else xp.argmin(c_norm - 2 * dots, axis=1)
+            )
             lists[s : s + len(xs)] = lst
             r = xs - C[lst] if by_residual else xs
             rs = r.reshape(len(xs), M, dsub).transpose(1, 0, 2)  # (M, n, dsub)
@@ -223,7 +227,13 @@ class GpuIVFPQ:
         self.metric = metric
         self.by_residual = bool(by_residual)
         self.nbits = nbits
-        self.d, self.nlist, self.M, self.ksub, self.dsub = cent.shape[1], cent.shape[0], M, ksub, dsub
+        self.d, self.nlist, self.M, self.ksub, self.dsub = (
+            cent.shape[1],
+            cent.shape[0],
+            M,
+            ksub,
+            dsub,
+        )
         self.W = _words_per_code(M, nbits)
         self.memory_budget = int(memory_budget)
         words, slot_ids, list_block = interleave_lists(list_codes, list_ids, M, nbits)
@@ -273,7 +283,9 @@ class GpuIVFPQ:
         if where == "device":
             self._vec = to_backend(be, v)
         elif where == "host":
-            self._vec = np.ascontiguousarray(be.to_host(to_backend(be, v)) if kind_of(v) != "numpy" else v)
+            self._vec = np.ascontiguousarray(
+                be.to_host(to_backend(be, v)) if kind_of(v) != "numpy" else v
+            )
         else:
             raise ValueError(f"vectors_on: expected 'device' or 'host', got {where!r}")
         self._vec_sorted_ids = be.asarray(ids[order])
@@ -298,7 +310,9 @@ class GpuIVFPQ:
         be = self.backend
         dots = q @ self.centroids.T
         scores = dots if self.metric == "ip" else self._c_norm[None, :] - 2 * dots
-        return _select(be, be.asarray(scores, np.float32), None, nprobe, self.metric == "ip", stream)
+        return _select(
+            be, be.asarray(scores, np.float32), None, nprobe, self.metric == "ip", stream
+        )
 
     def _batch_size(self, k_scan: int, nsplit: int) -> int:
         per_query = 4 * self.nlist + 4 * self.d + nsplit * k_scan * 12 * 2 + k_scan * 12
@@ -339,7 +353,8 @@ class GpuIVFPQ:
         k_scan = int(k) * factor
         if k_scan > be.native.MAX_K:
             raise ValueError(
-                f"k * rerank = {k_scan} exceeds the kernels' limit {be.native.MAX_K}; lower k or rerank"
+                f"k * rerank = {k_scan} exceeds the kernels' limit {be.native.MAX_K}; "
+                "lower k or rerank"
             )
         half = lut == "float16"
         with be.stream_context(stream):
@@ -368,7 +383,9 @@ class GpuIVFPQ:
             I = outs_I[0] if len(outs_I) == 1 else xp.concatenate(outs_I)
         return to_kind(be, D, kind), to_kind(be, I, kind)
 
-    def _scan_args(self, q: Any, cD: Any, cI: Any, nprobe: int, nsplit: int, k: int) -> dict[str, Any]:
+    def _scan_args(
+        self, q: Any, cD: Any, cI: Any, nprobe: int, nsplit: int, k: int
+    ) -> dict[str, Any]:
         be = self.backend
         return {
             "q": be.ptr(q),
@@ -429,7 +446,7 @@ class GpuIVFPQ:
             x,
             self.centroids,
             self.codebook,
-            metric=self.metric,  # type: ignore[arg-type]
+            metric=self.metric,
             by_residual=self.by_residual,
             nbits=self.nbits,
             device=self.device,

@@ -16,7 +16,7 @@ simulator, the CPU emulation backend uses the CPU kernels themselves.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+import warnings
 from typing import Any
 
 import numpy as np
@@ -31,69 +31,9 @@ def simulator_enabled() -> bool:
     return bool(getattr(config, "ENABLE_CUDASIM", False))
 
 
-@lru_cache(maxsize=None)
 def _kernels() -> tuple[Any, Any]:
-    from numba import cuda, float32
-
-    @cuda.jit(cache=False)
-    def score_kernel(q, base, rows, l2, out):  # type: ignore[no-untyped-def]
-        i, c = cuda.grid(2)
-        if i >= rows.shape[0] or c >= rows.shape[1]:
-            return
-        r = rows[i, c]
-        if r < 0:
-            out[i, c] = 0.0
-            return
-        dot = float32(0.0)
-        sq = float32(0.0)
-        qq = float32(0.0)
-        for j in range(q.shape[1]):
-            v = float32(base[r, j])
-            x = q[i, j]
-            dot += x * v
-            if l2:
-                sq += v * v
-                qq += x * x
-        if l2:
-            out[i, c] = qq - float32(2.0) * dot + sq
-        else:
-            out[i, c] = dot
-
-    @cuda.jit(cache=False)
-    def select_kernel(scores, rows, cand, larger, out_D, out_I):  # type: ignore[no-untyped-def]
-        i = cuda.grid(1)
-        if i >= rows.shape[0]:
-            return
-        k = out_D.shape[1]
-        last = k - 1
-        for c in range(rows.shape[1]):
-            if rows[i, c] < 0:
-                continue
-            s = scores[i, c]
-            idv = cand[i, c]
-            if out_I[i, last] >= 0:
-                t = out_D[i, last]
-                if larger:
-                    if s < t or (s == t and idv > out_I[i, last]):
-                        continue
-                elif s > t or (s == t and idv > out_I[i, last]):
-                    continue
-            p = last
-            while p > 0:
-                j = out_I[i, p - 1]
-                if j >= 0:
-                    t = out_D[i, p - 1]
-                    if larger:
-                        better = s > t or (s == t and idv < j)
-                    else:
-                        better = s < t or (s == t and idv < j)
-                    if not better:
-                        break
-                out_D[i, p] = out_D[i, p - 1]
-                out_I[i, p] = j
-                p -= 1
-            out_D[i, p] = s
-            out_I[i, p] = idv
+    # a module of its own: Numba's simulator swaps the `cuda` global of kernel modules
+    from ._rerank_kernels import score_kernel, select_kernel
 
     return score_kernel, select_kernel
 
@@ -128,15 +68,20 @@ def rerank_arrays(
         launch_stream = cuda.external_stream(int(stream))
     tx, ty = 8, 32
     grid = (math.ceil(nq / tx), math.ceil(C / ty))
-    score_kernel[grid, (tx, ty), launch_stream](q, base, rows, bool(l2), scores)
-    select_kernel[math.ceil(nq / 128), 128, launch_stream](
-        scores, rows, cand, not l2, out_D, out_I
-    )
+    with warnings.catch_warnings():
+        # small batches make small grids; Numba's under-utilisation notice is not an error
+        from numba.core.errors import NumbaPerformanceWarning
+
+        warnings.simplefilter("ignore", NumbaPerformanceWarning)
+        score_kernel[grid, (tx, ty), launch_stream](q, base, rows, bool(l2), scores)
+        select_kernel[math.ceil(nq / 128), 128, launch_stream](
+            scores, rows, cand, not l2, out_D, out_I
+        )
     return out_D, out_I
 
 
 def rerank(index: Any, q: Any, cand: Any, k: int, *, stream: Any = None) -> tuple[Any, Any]:
-    """Exact top-``k`` among candidate ids ``cand`` of a :class:`GpuIVFPQ`, from its stored vectors."""
+    """Exact top-``k`` of candidate ids ``cand`` of a :class:`GpuIVFPQ` (its stored vectors)."""
     be = index.backend
     xp = be.xp
     l2 = index.metric == "l2"
