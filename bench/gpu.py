@@ -41,7 +41,7 @@ from fastface.datasets import SyntheticFaces
 from fastface.faces import align, estimate_similarity, template
 from fastface.gpu import encode, from_cpu, get_backend
 from fastface.gpu import warp as gpu_warp
-from fastface.gpu._adapter import codec_arrays
+from fastface.gpu._adapter import _codec_of, codec_arrays
 
 
 def log(msg: str) -> None:
@@ -177,7 +177,7 @@ def bench_index(args: argparse.Namespace, backend: Any, timer: Timer) -> dict[st
     t0 = time.perf_counter()
     cpu.train(xb, max_points=min(len(xb), 64 * args.nlist))
     log(f"trained nlist={args.nlist} in {time.perf_counter() - t0:.1f}s")
-    codec = codec_arrays(cpu._index)
+    codec = codec_arrays(_codec_of(cpu))
     dev = backend.device_kind
     # --- encoding: GPU GEMMs vs FAISS CPU add, same codec -------------------------------------
     n_enc = min(len(xb), args.encode_n)
@@ -188,10 +188,10 @@ def bench_index(args: argparse.Namespace, backend: Any, timer: Timer) -> dict[st
         ),
         repeat=2,
     )
-    probe = faiss.clone_index(cpu._index)
+    probe = faiss.clone_index(_codec_of(cpu))
     t_cpu, _ = timer(lambda: (probe.reset(), probe.add(xb[:n_enc])), repeat=1)
-    ref = cpu._index.sa_encode(xb[: min(n_enc, 100_000)])
-    nc = cpu._index.coarse_code_size()
+    ref = _codec_of(cpu).sa_encode(xb[: min(n_enc, 100_000)])
+    nc = _codec_of(cpu).coarse_code_size()
     ref_lists = sum(ref[:, b].astype(np.int64) << (8 * b) for b in range(nc))
     got_codes = backend.to_host(codes)[: len(ref)]
     enc = {

@@ -74,7 +74,7 @@ fi
   || { echo "FAISS missing: put the faiss-cpu wheel in .whl/ (see the top of this script)"; exit 2; }
 
 # 2. build the extension in place (CPU module, CUDA module, emulation), no pip
-BUILD=build/gpu-check
+BUILD="build/gpu-check-$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 PB_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')"
 GEN=(); command -v ninja >/dev/null && GEN=(-GNinja)
 step configure 120 cmake -S . -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \

@@ -14,7 +14,7 @@ from fastface.datasets import SyntheticFaces
 from fastface.faces import align, template
 from fastface.gpu import align as gpu_align
 from fastface.gpu import available, encode, from_cpu
-from fastface.gpu._adapter import codec_arrays
+from fastface.gpu._adapter import _codec_of, codec_arrays
 
 pytestmark = [
     pytest.mark.gpu,
@@ -125,7 +125,7 @@ def test_encode_cuda_equals_emulation(gallery, cp) -> None:  # type: ignore[no-u
     xb, _ = gallery
     cpu = IVFPQIndex(IVFPQParams(64, 64, 16))
     cpu.train(xb)
-    c = codec_arrays(cpu._index)
+    c = codec_arrays(_codec_of(cpu))
     kw = {"metric": "ip", "by_residual": c["by_residual"], "nbits": 8}
     lists, codes = encode(cp.asarray(xb), c["centroids"], c["codebook"], device="cuda", **kw)  # type: ignore[arg-type]
     le, ce = encode(xb, c["centroids"], c["codebook"], device="emulate", **kw)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from fastface.datasets import SyntheticFaces
 from fastface.faces import align, template
 from fastface.gpu import GpuIVFPQ, add_encoded, encode, from_cpu, get_backend
 from fastface.gpu import align as gpu_align
-from fastface.gpu._adapter import codec_arrays, list_arrays
+from fastface.gpu._adapter import _codec_of, codec_arrays, list_arrays
 
 EMU = "emulate"
 
@@ -219,7 +219,7 @@ def test_ivfpq_matches_numpy_decoding(gallery, metric: str, nbits: int) -> None:
     """4-bit: FAISS's fast scan quantises its tables, so the twin is exact NumPy decoding."""
     xb, xq = gallery
     cpu = _cpu_index(xb, metric, nbits)
-    ivf = cpu._index
+    ivf = _codec_of(cpu)
     codec = codec_arrays(ivf)
     codes, ids = list_arrays(ivf)
     g = GpuIVFPQ(
@@ -286,7 +286,7 @@ def test_rerank_matches_cpu(gallery, metric: str) -> None:  # type: ignore[no-un
 def test_encode_matches_faiss_codec(gallery, metric: str, nbits: int) -> None:  # type: ignore[no-untyped-def]
     xb, _ = gallery
     cpu = _cpu_index(xb, metric, nbits)
-    ivf = cpu._index
+    ivf = _codec_of(cpu)
     codec = codec_arrays(ivf)
     lists, codes = encode(
         xb,
