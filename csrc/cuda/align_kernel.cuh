@@ -149,9 +149,11 @@ FF_HD void align_thread(const AlignArgs& a, int64_t gid) {
     o[2] = static_cast<uint8_t>(rgb[2]);
   } else {
     for (int c = 0; c < 3; ++c) {
+      // a select, not rgb[channel[c]]: a run-time index would put rgb in local memory
+      const int ch = a.channel[c];
+      const int32_t v = ch == 0 ? rgb[0] : (ch == 1 ? rgb[1] : rgb[2]);
       // a true division, as the CPU path: equals normalising the uint8 crop
-      a.out_f32[(f * 3 + c) * per_face + p] =
-          (static_cast<float>(rgb[a.channel[c]]) - a.mean[c]) / a.std[c];
+      a.out_f32[(f * 3 + c) * per_face + p] = (static_cast<float>(v) - a.mean[c]) / a.std[c];
     }
   }
 }

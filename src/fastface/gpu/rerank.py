@@ -62,7 +62,7 @@ def rerank_arrays(
     if nq == 0:
         return out_D, out_I
     launch_stream = 0
-    if stream is not None and xp is not np:
+    if stream and xp is not np:  # 0: the default stream, Numba's default too
         from numba import cuda
 
         launch_stream = cuda.external_stream(int(stream))
