@@ -347,3 +347,33 @@ def test_gpu_package_doctest() -> None:
 
     result = doctest.testmod(fastface.gpu, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("nbits", [8, 4])
+def test_block_programs_do_not_depend_on_thread_order(gallery, nbits: int) -> None:  # type: ignore[no-untyped-def]
+    """On a GPU the threads of a phase run in any order: a missing barrier would make the
+    result depend on it. The emulation runs the blocks' threads forward, reversed and
+    shuffled; scans (with splits, a large k, L2 tables per list) and selections must agree
+    bit for bit, and with the NumPy twin."""
+    xb, xq = gallery
+    cpu = _cpu_index(xb, "l2", nbits)
+    ivf = _codec_of(cpu)
+    codec = codec_arrays(ivf)
+    codes, ids = list_arrays(ivf)
+    g = GpuIVFPQ(codec["centroids"], codec["codebook"], codes, ids, metric="l2",
+                 by_residual=codec["by_residual"], nbits=nbits, device=EMU)  # fmt: skip
+    native = get_backend(EMU).native
+    results = []
+    try:
+        for order in (0, 1, 2):
+            native.set_thread_order(order)
+            results.append(g.search(xq[:12], 300, nprobe=6, nsplit=2))
+    finally:
+        native.set_thread_order(0)
+    for D, I in results[1:]:
+        np.testing.assert_array_equal(I, results[0][1])
+        np.testing.assert_array_equal(D, results[0][0])
+    Dr, Ir = _numpy_ivfpq(g, codec, codes, ids, xq[:12], 300, 6)
+    _assert_same_topk(results[0][0], results[0][1], Dr, Ir)
+    with pytest.raises(ValueError, match="order"):
+        native.set_thread_order(3)

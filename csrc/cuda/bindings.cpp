@@ -139,6 +139,7 @@ PYBIND11_MODULE(FASTFACE_MODULE_NAME, m) {
     py::gil_scoped_release release;
     fc::synchronize(s);
   });
+  m.def("set_thread_order", &fc::set_thread_order, py::arg("order"));
   m.def("align", &align);
   m.def("select", &select_topk);
   m.def("scan", &scan);

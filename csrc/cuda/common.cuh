@@ -124,11 +124,16 @@ struct DeviceExec {
 };
 #endif
 
+// Runs a block's threads one after another. `perm`, when set, is the order
+// (a permutation of 0..n-1): on the GPU, threads of a phase run in no fixed
+// order, so a phase whose result depends on the order (a missing barrier) shows
+// up as a difference between orders; the tests run forward, reversed and shuffled.
 struct HostExec {
   int n;
+  const int* perm = nullptr;
   template <class F>
   void threads(F&& f) const {
-    for (int t = 0; t < n; ++t) f(t);
+    for (int t = 0; t < n; ++t) f(perm != nullptr ? perm[t] : t);
   }
   int atomic_add(int* p, int v) const {
     const int old = *p;

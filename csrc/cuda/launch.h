@@ -35,6 +35,11 @@ DeviceInfo device_info(int device);
 
 void synchronize(uintptr_t stream);
 
+// Emulation only: the order in which a block's threads run each phase:
+// 0 forward, 1 reversed, 2 shuffled (a different permutation per block).
+// The CUDA module rejects it.
+void set_thread_order(int order);
+
 void launch_align(const AlignArgs& args, uintptr_t stream);
 
 // Top-k of each row; k <= kMaxK.

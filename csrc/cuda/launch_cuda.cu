@@ -69,6 +69,10 @@ void allow_shared(Kernel k, size_t bytes) {
 
 bool is_device() { return true; }
 
+void set_thread_order(int) {
+  throw std::invalid_argument("set_thread_order: the GPU runs threads in its own order");
+}
+
 int device_count() {
   int n = 0;
   // a machine without a driver or device answers with an error: report none

@@ -4,6 +4,10 @@
 // kernels' arithmetic and block algorithms against the CPU paths without a GPU.
 #include <omp.h>
 
+#include <algorithm>
+#include <atomic>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <vector>
 
@@ -17,6 +21,36 @@ int device_count() { return -1; }
 DeviceInfo device_info(int) { throw std::invalid_argument("the emulation has no CUDA device"); }
 void synchronize(uintptr_t) {}
 
+namespace {
+
+std::atomic<int> g_order{0};
+
+// The thread order of block `b` (empty: forward).
+std::vector<int> thread_order(int64_t b) {
+  const int order = g_order.load();
+  if (order == 0) return {};
+  std::vector<int> perm(kThreads);
+  std::iota(perm.begin(), perm.end(), 0);
+  if (order == 1) {
+    std::reverse(perm.begin(), perm.end());
+  } else {
+    std::mt19937 rng(static_cast<uint32_t>(b * 2654435761u + 12345u));
+    std::shuffle(perm.begin(), perm.end(), rng);
+  }
+  return perm;
+}
+
+HostExec exec_for(const std::vector<int>& perm) {
+  return HostExec{kThreads, perm.empty() ? nullptr : perm.data()};
+}
+
+}  // namespace
+
+void set_thread_order(int order) {
+  if (order < 0 || order > 2) throw std::invalid_argument("thread order must be 0, 1 or 2");
+  g_order.store(order);
+}
+
 void launch_align(const AlignArgs& a, uintptr_t) {
   const int64_t total = a.F * a.out_h * a.out_w;
 #pragma omp parallel for schedule(static)
@@ -24,14 +58,14 @@ void launch_align(const AlignArgs& a, uintptr_t) {
 }
 
 void launch_select(const SelectArgs& a, uintptr_t) {
-  const HostExec ex{kThreads};
   const size_t bytes = topk_shared_bytes(a.k, kThreads);
 #pragma omp parallel
   {
     std::vector<int64_t> smem((bytes + 7) / 8);
 #pragma omp for schedule(dynamic)
     for (int64_t row = 0; row < a.rows; ++row) {
-      select_block(ex, a, row, reinterpret_cast<unsigned char*>(smem.data()));
+      const std::vector<int> perm = thread_order(row);
+      select_block(exec_for(perm), a, row, reinterpret_cast<unsigned char*>(smem.data()));
     }
   }
 }
@@ -42,7 +76,6 @@ size_t scan_shared_need(const ScanArgs& a, bool half) {
 
 template <int NBITS, bool HALF>
 void run_scan(const ScanArgs& a) {
-  const HostExec ex{kThreads};
   const size_t bytes = scan_shared_need(a, HALF);
   const int64_t blocks = a.nq * a.nsplit;
 #pragma omp parallel
@@ -50,7 +83,8 @@ void run_scan(const ScanArgs& a) {
     std::vector<int64_t> smem((bytes + 7) / 8);
 #pragma omp for schedule(dynamic)
     for (int64_t b = 0; b < blocks; ++b) {
-      scan_block<NBITS, HALF>(ex, a, b / a.nsplit, static_cast<int>(b % a.nsplit),
+      const std::vector<int> perm = thread_order(b);
+      scan_block<NBITS, HALF>(exec_for(perm), a, b / a.nsplit, static_cast<int>(b % a.nsplit),
                               reinterpret_cast<unsigned char*>(smem.data()));
     }
   }
