@@ -15,7 +15,9 @@ __all__ = ["main"]
 
 def _cmd_bench_ann(args: argparse.Namespace) -> int:
     from ._bench import ann
+    from ._bench.common import require_bench_extra
 
+    require_bench_extra()
     ann.run(args)
     return 0
 
@@ -195,7 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (FastfaceError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (
+        FastfaceError,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        FileExistsError,
+        ModuleNotFoundError,
+    ) as e:
         print(f"fastface: error: {e}", file=sys.stderr)
         return 2
 
