@@ -221,6 +221,7 @@ def run(args: argparse.Namespace, name: str) -> int:
             RuntimeError,
             sqlite3.DatabaseError,
             NotImplementedError,
+            ImportError,  # an optional dependency (extra) that is not installed
         ) as e:
             if args.debug:
                 raise
