@@ -8,7 +8,14 @@
 #include <cstring>
 #include <vector>
 
+// Compiled once per instruction-set level (FASTFACE_ISA_NS names the
+// variant, e.g. v2, v3, v4); csrc/align_dispatch.cpp picks one at run time.
+#ifndef FASTFACE_ISA_NS
+#define FASTFACE_ISA_NS native
+#endif
+
 namespace fastface {
+namespace FASTFACE_ISA_NS {
 namespace {
 
 std::atomic<uint32_t> g_touch_sink{0};
@@ -371,4 +378,5 @@ void warp_affine_f32_nchw(const ImageView* images, const int64_t* image_index, c
                });
 }
 
+}  // namespace FASTFACE_ISA_NS
 }  // namespace fastface

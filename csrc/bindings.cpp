@@ -94,6 +94,8 @@ py::dict build_info() {
   out["cxx_flags"] = b.cxx_flags;
   out["build_type"] = b.build_type;
   out["simd"] = b.simd;
+  out["simd_variants"] = b.simd_variants;
+  out["simd_selected"] = b.simd_selected;
   out["openmp_version"] = b.openmp_version;
   out["omp_max_threads"] = b.omp_max_threads;
   out["cuda_built"] = b.cuda_built;

@@ -2,6 +2,8 @@
 
 #include <omp.h>
 
+#include "dispatch.h"
+
 namespace fastface {
 
 namespace {
@@ -30,6 +32,8 @@ BuildInfo build_info() {
   info.cxx_flags = FASTFACE_CXX_FLAGS;
   info.build_type = FASTFACE_BUILD_TYPE;
   info.simd = simd_level();
+  info.simd_variants = align_isa_variants();
+  info.simd_selected = align_isa();
 #ifdef _OPENMP
   info.openmp_version = _OPENMP;
 #else

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -625,98 +624,6 @@ def test_kill_during_compaction_completes_deferred_erasure(base_gallery, tmp_pat
     _run_child(path, "compact", step, "")
     _assert_consistent(path)
     assert _found(path, pats) == {}
-
-
-# --- command line ----------------------------------------------------------------------------
-def test_cli_round_trip(tmp_path, capsys):
-    from fastface import cli_gallery
-
-    parser = argparse.ArgumentParser(prog="fastface")
-    cli_gallery.register(parser.add_subparsers(dest="command"))
-
-    err = [""]
-
-    def run(*argv: str) -> tuple[int, dict]:
-        args = parser.parse_args(["gallery", *argv])
-        code = args.func(args)
-        out, err[0] = capsys.readouterr()
-        return code, (json.loads(out) if out.strip() else {})
-
-    train, _ = SyntheticFaces(n_identities=400, per_identity=5, d=D, seed=99).vectors()
-    xb, _ = _data()
-    np.save(tmp_path / "train.npy", train)
-    np.save(tmp_path / "a.npy", xb[:PER])
-    np.save(tmp_path / "b.npy", xb[PER : 2 * PER])
-    g = str(tmp_path / "g")
-    code, out = run(
-        "create",
-        g,
-        "--train",
-        str(tmp_path / "train.npy"),
-        "--purpose",
-        PURPOSE,
-        "--embedder-id",
-        "syn",
-        "--nlist",
-        "16",
-        "--M",
-        "16",
-    )
-    assert code == 0 and out["d"] == D
-    for name, f in (("ann", "a.npy"), ("ben", "b.npy")):
-        code, out = run(
-            "enroll",
-            g,
-            "--subject",
-            name,
-            "--embeddings",
-            str(tmp_path / f),
-            "--legal-basis",
-            "contract",
-        )
-        assert code == 0 and len(out["record_ids"]) == PER
-    code, out = run(
-        "search",
-        g,
-        "--queries",
-        str(tmp_path / "a.npy"),
-        "-k",
-        "2",
-        "--requester",
-        "cli",
-        "--purpose",
-        PURPOSE,
-    )
-    assert code == 0 and out["matches"][0][0]["subject_id"] == "ann"
-    assert (
-        run(
-            "search",
-            g,
-            "--queries",
-            str(tmp_path / "a.npy"),
-            "--requester",
-            "cli",
-            "--purpose",
-            "ads",
-        )[0]
-        == 1
-    )
-    assert "purpose" in err[0]
-    code, out = run("export", g, "--subject", "ann", "--out", str(tmp_path / "exp"))
-    assert code == 0 and out["records"] == PER and Path(out["embeddings"]).exists()
-    code, out = run("erase", g, "--face", str(tmp_path / "b.npy"), "--threshold", "0.95")
-    assert code == 0 and out["erased"] is False and out["plan"]["subjects"] == {"ben": PER}
-    code, out = run("erase", g, "--face", str(tmp_path / "b.npy"), "--threshold", "0.95", "--yes")
-    assert code == 0 and out["receipt"]["records_erased"] == PER
-    code, out = run("erase", g, "--subject", "ann")
-    assert code == 0 and out["records_erased"] == PER, err[0]
-    assert run("erase", g, "--subject", "ann")[0] == 1
-    code, out = run("compact", g, "--purge-expired")
-    assert code == 0 and out["expired"] is None
-    code, out = run("audit", g)
-    kinds = [e["kind"] for e in out["entries"]]
-    assert code == 0 and kinds.count("erase") == 2 and kinds.count("search") == 1
-    assert out["head"]["seq"] == len(out["entries"])
 
 
 def test_erasing_every_subject_leaves_an_empty_searchable_gallery(tmp_path):

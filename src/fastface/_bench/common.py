@@ -12,9 +12,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 __all__ = [
     "Interleaved",
@@ -25,6 +26,30 @@ __all__ = [
     "results_dir",
     "write_results",
 ]
+
+
+def require_bench_extra() -> None:
+    """Raise a clear error when the ``bench`` extra (psutil, matplotlib) is not installed."""
+    import importlib
+
+    missing = []
+    for name in ("psutil", "matplotlib"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ModuleNotFoundError(
+            f"the benchmarks need {', '.join(missing)}: install them with "
+            "pip install 'fastface[bench]' (or pip install \".[bench]\" in a checkout)"
+        )
+
+
+def _psutil() -> Any:
+    require_bench_extra()
+    import psutil
+
+    return psutil
 
 
 def median_time(fn: Callable[[], Any], repeat: int = 5, *, warmup: int = 1) -> float:
@@ -84,7 +109,7 @@ class PeakRSS:
         self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
-        proc = psutil.Process()
+        proc = _psutil().Process()
         while not self._stop.is_set():
             self._sample(proc)
             self._stop.wait(self.interval)
@@ -95,7 +120,7 @@ class PeakRSS:
         self.peak_anon = max(self.peak_anon, m.rss - getattr(m, "shared", 0))
 
     def __enter__(self) -> PeakRSS:
-        m = psutil.Process().memory_info()
+        m = _psutil().Process().memory_info()
         self.start_rss = m.rss
         self.start_anon = m.rss - getattr(m, "shared", 0)
         self.peak, self.peak_anon = self.start_rss, self.start_anon
@@ -107,7 +132,7 @@ class PeakRSS:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._sample(psutil.Process())
+        self._sample(_psutil().Process())
 
 
 def _git_sha() -> str | None:
@@ -143,7 +168,7 @@ def bench_meta(command: list[str] | None = None) -> dict[str, Any]:
     """Git sha, versions, ``build_info()`` and the machine, for every result file."""
     from .._native import build_info
 
-    vm = psutil.virtual_memory()
+    vm = _psutil().virtual_memory()
     return {
         "command": " ".join(command if command is not None else sys.argv),
         "git_sha": _git_sha(),

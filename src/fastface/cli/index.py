@@ -1,0 +1,368 @@
+"""Index commands: ``build``, ``search``, ``info``, ``index add|remove|compact``, ``dedup``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._common import (
+    Formatter,
+    UsageError,
+    add_progress_flags,
+    input_file,
+    output_file,
+    positive_int,
+    progress_wanted,
+    write_json,
+    write_jsonl,
+)
+
+__all__ = ["register"]
+
+VECTOR_SUFFIXES = (".npy", ".fvecs", ".parquet", ".pq")
+
+
+def _index_dir(value: str) -> Path:
+    p = Path(value)
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: no such index directory")
+    return p
+
+
+def _read_vectors(path: Path, column: str | None) -> np.ndarray:
+    from ..datasets import open_vectors
+
+    return open_vectors(path, column=column).read_all()
+
+
+def summary(index: Any) -> dict[str, Any]:
+    """Parameters, counts and disk use of an open ShardedIndex."""
+    files = sorted(index.path.iterdir())
+    return {
+        "path": str(index.path),
+        "params": index.params.to_dict(),
+        "ntotal": index.ntotal,
+        "is_trained": index.is_trained,
+        "shard_size": index.shard_size,
+        "nshards": index.nshards,
+        "shard_counts": index.shard_counts,
+        "pending_removals": index.pending_removals,
+        "disk_bytes": sum(p.stat().st_size for p in files if p.is_file()),
+        "build": index.build_state,
+    }
+
+
+# --- build -----------------------------------------------------------------------------------
+def _build(args: argparse.Namespace) -> int:
+    from ..datasets import open_vectors
+    from ..index import IVFPQParams, ShardedIndex
+
+    d = args.d or open_vectors(args.source, column=args.column).d
+    try:
+        params = IVFPQParams(
+            d,
+            args.nlist,
+            args.M,
+            nbits=args.nbits,
+            metric=args.metric,
+            store_vectors=None if args.store_vectors == "none" else args.store_vectors,
+        )
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--nlist/--M/--nbits: {e}") from e
+    index = ShardedIndex.build(
+        args.source,
+        args.index,
+        params,
+        shard_size=args.shard_size,
+        chunk_size=args.chunk_size,
+        train_size=args.train_size,
+        column=args.column,
+        progress=progress_wanted(args),
+    )
+    with index:
+        write_json(summary(index))
+    return 0
+
+
+# --- search ----------------------------------------------------------------------------------
+def _results(D: np.ndarray, I: np.ndarray) -> list[dict[str, Any]]:
+    """One record per query; padded entries (id -1) are left out, so every score is finite."""
+    rows = []
+    for q, (d_row, i_row) in enumerate(zip(D.tolist(), I.tolist(), strict=True)):
+        keep = [j for j, i in enumerate(i_row) if i >= 0]
+        rows.append(
+            {"query": q, "ids": [i_row[j] for j in keep], "scores": [d_row[j] for j in keep]}
+        )
+    return rows
+
+
+def _search(args: argparse.Namespace) -> int:
+    from ..index import ShardedIndex
+
+    xq = _read_vectors(args.queries, args.column)
+    with ShardedIndex.open(args.index, mmap=args.mmap) as index:
+        nlist = index.params.nlist
+        if args.nprobe is not None and args.nprobe > nlist:
+            raise UsageError(f"--nprobe {args.nprobe} exceeds the index's nlist={nlist}")
+        nprobe = args.nprobe if args.nprobe is not None else min(16, nlist)
+        D, I = index.search(xq, args.k, nprobe=nprobe, rerank=args.rerank)
+        metric = index.params.metric
+    params = {
+        "index": str(args.index),
+        "queries": str(args.queries),
+        "k": args.k,
+        "nprobe": nprobe,
+        "rerank": args.rerank,
+        "metric": metric,
+        "scores": "exact" if args.rerank else "approximate (PQ)",
+    }
+    out: Path | None = args.output
+    if out is not None and out.suffix == ".npz":
+        np.savez(out, D=D, I=I)
+        write_json({"params": params, "output": str(out), "nq": int(I.shape[0])})
+        return 0
+    if out is not None and out.suffix == ".jsonl":
+        with open(out, "w") as f:
+            write_jsonl(_results(D, I), f)
+        write_json({"params": params, "output": str(out), "nq": int(I.shape[0])})
+        return 0
+    payload = {"params": params, "results": _results(D, I)}
+    if out is None:
+        write_json(payload)
+    else:
+        with open(out, "w") as f:
+            write_json(payload, f)
+    return 0
+
+
+# --- info ------------------------------------------------------------------------------------
+def _info(args: argparse.Namespace) -> int:
+    from ..index import ShardedIndex
+
+    with ShardedIndex.open(args.index) as index:  # verifies every checksum
+        info = summary(index)
+    info["checksums"] = "verified"
+    write_json(info)
+    return 0
+
+
+# --- index add | remove | compact -----------------------------------------------------------
+def _read_ids(path: Path | None, given: list[int] | None) -> np.ndarray:
+    if path is None:
+        return np.asarray(given or [], dtype=np.int64)
+    arr = np.load(path, allow_pickle=False)
+    if arr.dtype.kind not in "iu":
+        raise UsageError(f"--ids-file {path}: expected integer ids, got {arr.dtype}")
+    return arr.reshape(-1)
+
+
+def _add(args: argparse.Namespace) -> int:
+    from ..index import ShardedIndex
+
+    x = _read_vectors(args.vectors, args.column)
+    ids = _read_ids(args.ids_file, None) if args.ids_file is not None else None
+    if ids is not None and ids.size != x.shape[0]:
+        raise UsageError(
+            f"--ids-file {args.ids_file}: holds {ids.size} ids for {x.shape[0]} vectors"
+        )
+    with ShardedIndex.open(args.index, mode="a") as index:
+        added = index.add(x, ids)
+        out = {
+            "added": int(added.size),
+            "first_id": int(added.min()) if added.size else None,
+            "last_id": int(added.max()) if added.size else None,
+            "ntotal": index.ntotal,
+        }
+    write_json(out)
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from ..index import ShardedIndex
+
+    if (args.ids_file is None) == (not args.ids):
+        raise UsageError("pass ids as arguments or with --ids-file, not both or neither")
+    ids = _read_ids(args.ids_file, args.ids)
+    with ShardedIndex.open(args.index, mode="a") as index:
+        removed = index.remove(ids)
+        out = {
+            "asked": int(ids.size),
+            "removed": removed,
+            "ntotal": index.ntotal,
+            "pending_removals": index.pending_removals,
+        }
+    write_json(out)
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from ..index import ShardedIndex
+
+    with ShardedIndex.open(args.index, mode="a") as index:
+        out = dict(index.compact())
+        out["ntotal"] = index.ntotal
+    write_json(out)
+    return 0
+
+
+# --- dedup -----------------------------------------------------------------------------------
+def _dedup(args: argparse.Namespace) -> int:
+    import sys
+
+    from .. import dedup
+    from ..index import ShardedIndex
+
+    if not -1.0 < args.threshold <= 1.0:
+        raise UsageError(f"--threshold {args.threshold}: a cosine must be in (-1, 1]")
+    with ShardedIndex.open(args.index) as index:
+        if args.nprobe > index.params.nlist:
+            raise UsageError(
+                f"--nprobe {args.nprobe} exceeds the index's nlist={index.params.nlist}"
+            )
+        result = dedup(index, args.threshold, nprobe=args.nprobe, progress=progress_wanted(args))
+    groups = (
+        {"representative": int(g[0]), "size": int(g.size), "ids": g}
+        for g in result.groups(min_size=args.min_size)
+    )
+    if args.output is None:
+        write_jsonl(groups)
+    else:
+        with open(args.output, "w") as f:
+            write_jsonl(groups, f)
+    multi = int((result.sizes >= args.min_size).sum())
+    print(
+        f"fastface dedup: {result.ids.size} vectors, {multi} groups of >= {args.min_size} "
+        f"at cosine >= {args.threshold} (nprobe {args.nprobe}), {result.pairs.shape[0]} pairs",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# --- wiring ----------------------------------------------------------------------------------
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "build",
+        help="build a sharded index directory from a vector file (resumable)",
+        description="Stream vectors from .npy/.fvecs/.parquet into a sharded IVF-PQ index.\n"
+        "Vectors get their row numbers as ids. Run the same command again to resume an\n"
+        "interrupted build. Prints the index summary as JSON.",
+        formatter_class=Formatter,
+    )
+    p.add_argument("source", type=input_file(VECTOR_SUFFIXES), help="vector file")
+    p.add_argument("index", type=Path, help="index directory to create (or resume)")
+    p.add_argument("--nlist", type=positive_int, required=True, help="inverted lists")
+    p.add_argument("--M", type=positive_int, required=True, help="PQ sub-quantizers (divides d)")
+    p.add_argument(
+        "--nbits", type=int, default=8, choices=[8, 4], help="bits per code (4: fast-scan)"
+    )
+    p.add_argument("--metric", default="ip", choices=["ip", "l2"], help="similarity")
+    p.add_argument(
+        "--store-vectors",
+        default="float16",
+        choices=["float16", "float32", "none"],
+        help="raw vectors kept on disk for exact re-ranking and dedup",
+    )
+    p.add_argument("--d", type=positive_int, help="dimension (default: read from the file)")
+    p.add_argument(
+        "--shard-size", type=positive_int, default=1_000_000, help="vectors per sealed shard"
+    )
+    p.add_argument("--chunk-size", type=positive_int, default=100_000, help="rows per commit")
+    p.add_argument(
+        "--train-size", type=positive_int, help="training sample (default: max(256 * nlist, 65536))"
+    )
+    p.add_argument("--column", help="parquet column holding the vectors (default: the first)")
+    add_progress_flags(p)
+    p.set_defaults(func=_build)
+
+    p = sub.add_parser(
+        "search",
+        help="search an index with a file of queries",
+        description="Search an index directory. Output: one JSON document with the parameters\n"
+        "used and, per query, the ids and scores found (padded entries left out); or\n"
+        "-o FILE.jsonl (one line per query), or -o FILE.npz (arrays D and I, padded with\n"
+        "-1 and -inf/+inf as the Python API returns them).",
+        formatter_class=Formatter,
+    )
+    p.add_argument("index", type=_index_dir, help="index directory")
+    p.add_argument("queries", type=input_file(VECTOR_SUFFIXES), help="query vectors")
+    p.add_argument("-k", type=positive_int, default=10, help="results per query")
+    p.add_argument(
+        "--nprobe", type=positive_int, help="lists scanned per query (default: min(16, nlist))"
+    )
+    p.add_argument(
+        "--rerank",
+        type=positive_int,
+        help="re-score k * RERANK candidates exactly from the stored vectors (exact scores)",
+    )
+    p.add_argument(
+        "-o", "--output", type=output_file((".json", ".jsonl", ".npz")), help="result file"
+    )
+    p.add_argument("--column", help="parquet column holding the queries")
+    p.add_argument("--mmap", action="store_true", help="memory-map the shards instead of loading")
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser(
+        "info",
+        help="summary of an index directory (verifies checksums)",
+        description="Print parameters, counts, shards and disk use of an index directory as\n"
+        "JSON, after verifying every file against the manifest.",
+        formatter_class=Formatter,
+    )
+    p.add_argument("index", type=_index_dir, help="index directory")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser(
+        "index",
+        help="change an index: add vectors, remove ids, compact",
+        description="Change an existing index directory; each command commits before it exits.",
+        formatter_class=Formatter,
+    )
+    isub = p.add_subparsers(dest="index_command", metavar="COMMAND", required=True)
+    c = isub.add_parser(
+        "add",
+        help="add vectors (ids: consecutive after the largest, or --ids-file)",
+        description="Add the vectors of a file to the index and commit.",
+        formatter_class=Formatter,
+    )
+    c.add_argument("index", type=_index_dir, help="index directory")
+    c.add_argument("vectors", type=input_file(VECTOR_SUFFIXES), help="vectors to add")
+    c.add_argument("--ids-file", type=input_file((".npy",)), help="int64 .npy, one id per vector")
+    c.add_argument("--column", help="parquet column holding the vectors")
+    c.set_defaults(func=_add)
+    c = isub.add_parser(
+        "remove",
+        help="remove ids (invisible at once; bytes dropped by compact)",
+        description="Remove vectors by id and commit; unknown ids are ignored.",
+        formatter_class=Formatter,
+    )
+    c.add_argument("index", type=_index_dir, help="index directory")
+    c.add_argument("ids", type=int, nargs="*", help="ids to remove")
+    c.add_argument("--ids-file", type=input_file((".npy",)), help="int64 .npy of ids to remove")
+    c.set_defaults(func=_remove)
+    c = isub.add_parser(
+        "compact",
+        help="rewrite shards without removed vectors",
+        description="Rewrite every shard that holds removed vectors, without them.",
+        formatter_class=Formatter,
+    )
+    c.add_argument("index", type=_index_dir, help="index directory")
+    c.set_defaults(func=_compact)
+
+    p = sub.add_parser(
+        "dedup",
+        help="near-duplicate groups of an index (JSON lines)",
+        description="Groups of vectors whose cosine reaches --threshold (transitively), from the\n"
+        "index's stored vectors; one JSON line per group: representative (lowest id),\n"
+        "size, ids. A summary goes to stderr.",
+        formatter_class=Formatter,
+    )
+    p.add_argument("index", type=_index_dir, help="index directory (with stored vectors)")
+    p.add_argument("--threshold", type=float, required=True, help="cosine, e.g. 0.95")
+    p.add_argument("--nprobe", type=positive_int, default=8, help="lists probed per vector")
+    p.add_argument("--min-size", type=positive_int, default=2, help="smallest group listed")
+    p.add_argument("-o", "--output", type=output_file((".jsonl",)), help="write groups here")
+    add_progress_flags(p)
+    p.set_defaults(func=_dedup)

@@ -1,0 +1,31 @@
+"""Prints the align kernel variant in use and a hash of its crops (run by test_portable.py).
+
+Kept as a script so that it can run in a child process with another
+``FASTFACE_ISA`` or under ``qemu-x86_64 -cpu <older model>``.
+"""
+
+import hashlib
+
+import numpy as np
+
+import fastface
+from fastface import faces
+
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (4, 120, 130, 3), dtype=np.uint8)
+base = np.array([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]])
+F = 12
+angle = rng.uniform(-0.8, 0.8, F)
+scale = rng.uniform(0.5, 2.0, F)
+rot = np.stack(
+    [np.stack([np.cos(angle), -np.sin(angle)], 1), np.stack([np.sin(angle), np.cos(angle)], 1)], 1
+)
+landmarks = (base[None] @ rot.transpose(0, 2, 1)) * scale[:, None, None]
+landmarks += rng.uniform(-30, 90, (F, 1, 2))
+which = rng.integers(0, 4, F)
+digest = hashlib.sha256()
+for kernel in ("float", "fixed"):
+    for output in ("uint8", "float32_nchw"):
+        res = faces.align(images, landmarks, image_index=which, output=output, kernel=kernel)
+        digest.update(np.ascontiguousarray(res.crops).tobytes())
+print(fastface.build_info()["simd_selected"], digest.hexdigest())
