@@ -79,6 +79,17 @@ class Backend:
     def synchronize(self, stream: Any = None) -> None:
         self.native.synchronize(self.stream_ptr(stream))
 
+    def sm_count(self) -> int:
+        """Multiprocessors of the current device (1 for the emulation)."""
+        if not self.is_device:
+            return 1
+        return _sm_count(self.native, int(self.xp.cuda.Device().id))
+
+
+@cache
+def _sm_count(native: Any, device: int) -> int:
+    return int(native.device_info(device)["sm_count"])
+
 
 def _import(name: str) -> Any:
     return importlib.import_module(f"fastface.{name}")

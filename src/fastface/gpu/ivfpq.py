@@ -365,7 +365,7 @@ class GpuIVFPQ:
             if nsplit is None:
                 nsplit = 1
                 if be.is_device:
-                    sms = be.native.device_info(int(xp.cuda.Device().id))["sm_count"]
+                    sms = be.sm_count()
                     while nq * nsplit < 4 * sms and nsplit * 2 <= nprobe:
                         nsplit *= 2
             nsplit = max(1, min(int(nsplit), nprobe))
