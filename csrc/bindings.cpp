@@ -100,7 +100,7 @@ py::dict build_info() {
   out["omp_max_threads"] = b.omp_max_threads;
   out["cuda_built"] = b.cuda_built;
   out["cuda_version"] = b.cuda_version;
-  out["cuda_device_count"] = b.cuda_device_count;
+  out["cuda_archs"] = b.cuda_archs;
   out["pybind11_version"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." +
                             std::to_string(PYBIND11_VERSION_MINOR) + "." +
                             std::to_string(PYBIND11_VERSION_PATCH);

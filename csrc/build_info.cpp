@@ -40,15 +40,11 @@ BuildInfo build_info() {
   info.openmp_version = 0;
 #endif
   info.omp_max_threads = omp_get_max_threads();
-#if FASTFACE_WITH_CUDA
-  info.cuda_built = true;
+  // The CUDA kernels live in their own module; CMake tells this one whether
+  // it built them, so that _C never links the CUDA runtime.
+  info.cuda_built = FASTFACE_WITH_CUDA != 0;
   info.cuda_version = FASTFACE_CUDA_VERSION;
-  info.cuda_device_count = cuda_device_count();
-#else
-  info.cuda_built = false;
-  info.cuda_version = "";
-  info.cuda_device_count = -1;
-#endif
+  info.cuda_archs = FASTFACE_CUDA_ARCHS;
   return info;
 }
 

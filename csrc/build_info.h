@@ -14,15 +14,11 @@ struct BuildInfo {
   std::string simd_selected;  // the level dispatched to on this CPU
   int openmp_version;        // _OPENMP macro, 0 without OpenMP
   int omp_max_threads;       // omp_get_max_threads() at the time of the call
-  bool cuda_built;
+  bool cuda_built;            // whether the separate CUDA module (fastface._cuda) was built
   std::string cuda_version;  // nvcc version the kernels were built with, empty otherwise
-  int cuda_device_count;     // -1 when CUDA was not built
+  std::string cuda_archs;    // CMAKE_CUDA_ARCHITECTURES of that build, comma-separated
 };
 
 BuildInfo build_info();
-
-// Defined in csrc/cuda/ when CUDA is built; returns the number of visible
-// devices, 0 when the driver or devices are missing.
-int cuda_device_count();
 
 }  // namespace fastface

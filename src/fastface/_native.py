@@ -21,9 +21,11 @@ def build_info() -> dict[str, Any]:
     dict
         ``version``, ``python``, ``numpy``, ``faiss``, ``compiler``,
         ``cxx_flags``, ``build_type``, ``simd`` (highest SIMD level compiled
-        in), ``openmp_version``, ``omp_max_threads``, ``cuda_built``,
-        ``cuda_version``, ``cuda_device_count`` (``-1`` when CUDA was not
-        built) and ``pybind11_version``.
+        in), ``openmp_version``, ``omp_max_threads``, ``cuda_built`` (whether
+        the separate CUDA module ``fastface._cuda`` was built),
+        ``cuda_version`` and ``cuda_archs`` (nvcc and architectures it was
+        built with), ``cuda_device_count`` (``-1`` when the CUDA module is
+        not built or cannot load) and ``pybind11_version``.
 
     Examples
     --------
@@ -47,6 +49,14 @@ def build_info() -> dict[str, Any]:
     except ImportError:  # pragma: no cover - faiss is a hard dependency
         info["faiss"] = None
     info.update(_C.build_info())
+    info["cuda_device_count"] = -1
+    if info["cuda_built"]:
+        try:  # a separate module: _C imports where the CUDA runtime cannot load
+            from . import _cuda
+
+            info["cuda_device_count"] = int(_cuda.device_count())
+        except ImportError:
+            pass
     return info
 
 

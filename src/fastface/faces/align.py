@@ -276,6 +276,8 @@ def align(
     kernel: Literal["float", "fixed"] = "float",
     gray_to_rgb: bool = False,
     threads: int | None = None,
+    device: str | None = None,
+    stream: Any = None,
 ) -> AlignResult:
     """Aligned face crops from images and 5 landmarks per face.
 
@@ -312,6 +314,12 @@ def align(
     threads : int, optional
         Threads for the warp (default: OpenMP's, i.e. ``OMP_NUM_THREADS`` or
         all cores). Batches under about 16 crops run on the calling thread.
+    device : str, optional
+        ``"cuda"`` (or ``"cuda:N"``) warps on the GPU (:func:`fastface.gpu.align`,
+        same crops); images may then be device arrays and crops come back as
+        the same kind. ``None`` or ``"cpu"``: the CPU warp.
+    stream : optional
+        CUDA stream for ``device="cuda"``.
 
     Returns
     -------
@@ -331,6 +339,14 @@ def align(
     >>> x.shape, float(x[0, 0, 0, 0])
     ((1, 3, 112, 112), -1.0)
     """
+    if device not in (None, "cpu"):
+        if gray_to_rgb:
+            raise ValueError("gray_to_rgb: not supported with device=; pass 3-channel images")
+        from ..gpu import align as gpu_align
+
+        return gpu_align(images, landmarks, image_index=image_index, template=template,
+                         size=size, output=output, mean=mean, std=std, rgb=rgb, kernel=kernel,
+                         device=device, stream=stream)  # fmt: skip
     if output not in ("uint8", "float32_nchw"):
         raise ValueError(f"output: expected 'uint8' or 'float32_nchw', got {output!r}")
     if kernel not in ("float", "fixed"):
