@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _source_d(source: Path, column: str | None) -> int:
-    from .datasets import open_vectors
+    from .io import open_vectors
 
     return open_vectors(source, column=column).d
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .datasets import open_vectors
     from .index import ShardedIndex
+    from .io import open_vectors
 
     xq = open_vectors(args.queries, column=args.column).read_all()
     with ShardedIndex.open(args.index, mmap=args.mmap) as index:
@@ -188,6 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Library errors name Python arguments ("nprobe=64 exceeds nlist=32", "k: expected ...");
+# the command line says the flag the user typed instead.
+_FLAGS = {
+    "k": "-k",
+    "nprobe": "--nprobe",
+    "nlist": "--nlist",
+    "M": "--M",
+    "d": "--d",
+    "nbits": "--nbits",
+    "shard_size": "--shard-size",
+    "chunk_size": "--chunk-size",
+    "max_points": "--train-size",
+}
+_ARG = re.compile(r"\b(" + "|".join(_FLAGS) + r")(=|: )")
+
+
+def _flag_message(message: str) -> str:
+    return _ARG.sub(
+        lambda m: f"{_FLAGS[m.group(1)]} " if m.group(2) == "=" else f"{_FLAGS[m.group(1)]}: ",
+        message,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import FastfaceError
 
@@ -196,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (FastfaceError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        print(f"fastface: error: {e}", file=sys.stderr)
+        print(f"fastface: error: {_flag_message(str(e))}", file=sys.stderr)
         return 2
 
 
