@@ -64,6 +64,15 @@ def test_build_info_search(tmp_path, capsys) -> None:
         == 0
     )
     np.testing.assert_array_equal(np.load(out)["I"], I)
+    # errors name the flag the user typed, not the Python argument
+    q = str(tmp_path / "xq.npy")
+    assert main(["search", str(idx), q, "--nprobe", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert "--nprobe 5000 exceeds --nlist 16" in err
+    assert main(["search", str(idx), q, "-k", "0"]) == 2
+    assert "-k: expected a positive integer" in capsys.readouterr().err
+    assert main(["build", str(tmp_path / "xb.npy"), str(idx), "--nlist", "16", "--M", "7"]) == 2
+    assert "--M 7 must divide --d 32" in capsys.readouterr().err
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys) -> None:

@@ -132,8 +132,8 @@ def test_native_scan_equals_numpy_twin_bit_for_bit(small_data, metric, d, M) -> 
     index.add(x[:900], ids[:900])
     index.add(x[900:], ids[900:])  # two runs of lists
     for nprobe, k in ((1, 5), (4, 20), (16, 50)):
-        got = index.search(xq[:30], k, nprobe=nprobe)
-        want = _twin_scan(index, xq[:30], k, nprobe)
+        got = index.search(xq[:12], k, nprobe=nprobe)
+        want = _twin_scan(index, xq[:12], k, nprobe)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
     # the tie rule on a query that equals a duplicated vector: 12 and 13 hold one vector

@@ -145,8 +145,11 @@ class IVFPQLayout:
             f"{self.path}: FAISS header field {fld} is {got}, expected {want}", self.path, fld
         )
 
-    def check(self, params: IVFPQParams, *, ntotal: int | None = None) -> None:
-        """Compare every header field with ``params`` (and the manifest's count ``ntotal``)."""
+    def check(self, params: IVFPQParams, *, ntotal: int | None = None, buf: Any = None) -> None:
+        """Compare every header field with ``params`` (and the manifest's count ``ntotal``).
+
+        With ``buf`` (the file's bytes) the centroids must also be finite.
+        """
         metric = 0 if params.metric == "ip" else 1
         want: list[tuple[str, Any, Any]] = [
             ("kind.nbits", self.nbits, params.nbits),
@@ -172,6 +175,22 @@ class IVFPQLayout:
                 raise self._fail(fld, got, expected)
         if not 1 <= self.nprobe <= max(params.nlist, 1):
             raise self._fail("nprobe", self.nprobe, f"1..{params.nlist}")
+        if self.nbits == 4:  # what fastface's fast-scan indexes hold (FAISS's defaults)
+            for fld, want_v in (("bbs", 32), ("implem", 0), ("qbs2", 0)):
+                if self.fastscan.get(fld) != want_v:
+                    raise self._fail(f"fastscan.{fld}", self.fastscan.get(fld), want_v)
+        if buf is not None:
+            for fld, off, count in (
+                (
+                    "quantizer.centroids",
+                    self.centroids_off,
+                    self.quantizer_d * self.quantizer_ntotal,
+                ),
+                ("pq.centroids", self.pq_off, self.pq_d << self.pq_nbits),
+            ):
+                vals = np.frombuffer(buf, np.float32, count, off)
+                if not np.isfinite(vals).all():
+                    raise self._fail(fld, "not finite", "finite floats")
 
 
 def _index_header(r: _Reader, prefix: str) -> tuple[int, int, bool, int]:
@@ -225,6 +244,8 @@ def parse(buf: Any, path: str) -> IVFPQLayout:
     if dm_n:
         raise r.fail("direct_map.size", f"{dm_n} entries (fastface writes none)")
     by_residual = r.unpack("<B", "by_residual")
+    if by_residual not in (0, 1):
+        raise r.fail("by_residual", f"{by_residual} is not a bool")
     code_size = r.u64("code_size")
     fastscan: dict[str, int] = {}
     if nbits == 4:
@@ -246,7 +267,7 @@ def parse(buf: Any, path: str) -> IVFPQLayout:
     if lkind == _ILAR and nbits == 8:
         sizes, codes_off, ids_off = _parse_ilar(r, nlist, code_size)
     elif lkind == _ILBL and nbits == 4:
-        sizes, codes_off, ids_off = _parse_ilbl(r, nlist, fastscan, pq_M)
+        sizes, codes_off, ids_off = _parse_ilbl(r, nlist, fastscan, pq_M, code_size)
     else:
         raise r.fail("lists.kind", f"{lkind!r} is not the list layout of a {nbits}-bit index")
     if r.pos != r.n:
@@ -322,11 +343,13 @@ def _parse_ilar(
 
 
 def _parse_ilbl(
-    r: _Reader, nlist: int, fastscan: dict[str, int], M: int
+    r: _Reader, nlist: int, fastscan: dict[str, int], M: int, code_size: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     if r.u64("lists.nlist") != nlist:
         raise r.fail("lists.nlist", "disagrees with the index header's nlist")
-    r.u64("lists.code_size")  # FAISS writes an invalid-size marker for block lists
+    cs = r.u64("lists.code_size")  # FAISS writes an invalid-size marker for block lists
+    if cs not in (2**64 - 1, code_size):
+        raise r.fail("lists.code_size", f"{cs} is neither the block marker nor {code_size}")
     per_block = r.u64("lists.n_per_block")
     block_size = r.u64("lists.block_size")
     bbs, M2 = fastscan["bbs"], fastscan["M2"]

@@ -1001,9 +1001,18 @@ def load_shard(
     """
     buf = data.array(mmap=mmap)
     layout = faiss_format.parse(buf, data.name)
-    layout.check(params, ntotal=ntotal)
+    layout.check(params, ntotal=ntotal, buf=buf if codec is None else None)
     if codec is None:
         codec = Codec(params, faiss.deserialize_index(_codec_bytes(buf, layout, params)))
+    else:  # a shard file embeds its codec: it must be the index's
+        raw, off = codec_prefix(codec)
+        # all but ntotal [8:16] and FAISS's default nprobe [45:53]
+        if layout.lists_off != off or any(
+            buf[a:b].tobytes() != raw[a:b] for a, b in ((0, 8), (16, 45), (53, off))
+        ):
+            raise CorruptIndexError(
+                f"{data.path}: its codec differs from the index's codec file", data.path, "codec"
+            )
     if params.nbits == 8:
         run = ListRun.from_layout(buf, layout)
         list_ids = run.list_ids()

@@ -420,6 +420,16 @@ class ShardedIndex:
         obj._state = obj._load_state(man, man_path)
         return obj
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _entry(where: str) -> Iterator[None]:
+        """Name the manifest entry in a file's error: ``shards[2].files.index.d``."""
+        try:
+            yield
+        except CorruptIndexError as e:
+            e.field = f"{where}.{e.field}" if e.field else where
+            raise
+
     def _open_file(self, rec: storage.FileRecord, generation: int) -> storage.VerifiedFile:
         try:
             return storage.open_verified(self.path, rec)
@@ -431,44 +441,47 @@ class ShardedIndex:
         g = man.generation
         codec = None
         if man.codec is not None:
-            vf = self._open_file(man.codec, g)
-            buf = vf.array(mmap=True)
-            layout = faiss_format.parse(buf, vf.name)
-            layout.check(p, ntotal=0)
-            import faiss
+            with self._entry("codec"):
+                vf = self._open_file(man.codec, g)
+                buf = vf.array(mmap=True)
+                layout = faiss_format.parse(buf, vf.name)
+                layout.check(p, ntotal=0, buf=buf)
+                import faiss
 
-            codec = Codec(p, faiss.deserialize_index(np.array(buf)))
+                codec = Codec(p, faiss.deserialize_index(np.array(buf)))
         shards: list[_Shard] = []
         next_id = 0
-        for number, sealed, count, recs in man.shards:
-            assert codec is not None
-            ids_vf = self._open_file(recs["ids"], g)
-            ids = storage.npy_array(ids_vf, np.int64, (count,), mmap=False)
-            vectors = None
-            if p.store_vectors is not None:
-                vec_vf = self._open_file(recs["vectors"], g)
-                vectors = storage.npy_array(vec_vf, STORE_DTYPES[p.store_vectors], (count, p.d))
-            data = self._open_file(recs["index"], g)
-            # 8-bit lists are read in place from the mapping: sealed shards are packed into
-            # memory below (one copy), the open shard is copied now; 4-bit: FAISS copies
-            index = load_shard(
-                p, codec, data, vectors, ntotal=count, mmap=True, ids=ids, read_only=True
-            )
-            if not self._mmap and not sealed and p.nbits == 8:
-                index = IVFPQIndex.from_parts(
-                    codec,
-                    index.ids,
-                    runs=(lists.concat(index.list_runs, p.nlist, p.code_size),),
-                    vectors=index.vectors,
-                    read_only=True,
+        for i, (number, sealed, count, recs) in enumerate(man.shards):
+            with self._entry(f"shards[{i}].files"):
+                assert codec is not None
+                ids_vf = self._open_file(recs["ids"], g)
+                ids = storage.npy_array(ids_vf, np.int64, (count,), mmap=False)
+                vectors = None
+                if p.store_vectors is not None:
+                    vec_vf = self._open_file(recs["vectors"], g)
+                    vectors = storage.npy_array(vec_vf, STORE_DTYPES[p.store_vectors], (count, p.d))
+                data = self._open_file(recs["index"], g)
+                # 8-bit lists are read in place from the mapping: sealed shards are packed into
+                # memory below (one copy), the open shard is copied now; 4-bit: FAISS copies
+                index = load_shard(
+                    p, codec, data, vectors, ntotal=count, mmap=True, ids=ids, read_only=True
                 )
+                if not self._mmap and not sealed and p.nbits == 8:
+                    index = IVFPQIndex.from_parts(
+                        codec,
+                        index.ids,
+                        runs=(lists.concat(index.list_runs, p.nlist, p.code_size),),
+                        vectors=index.vectors,
+                        read_only=True,
+                    )
             if count:
                 next_id = max(next_id, int(ids.max()) + 1)
             shards.append(_Shard(number, sealed, index, recs))
         tomb = IdSet(())
         if man.tombstones is not None:
-            vf = self._open_file(man.tombstones, g)
-            arr = storage.npy_array(vf, np.int64, (None,), mmap=False)
+            with self._entry("tombstones"):
+                vf = self._open_file(man.tombstones, g)
+                arr = storage.npy_array(vf, np.int64, (None,), mmap=False)
             if arr.size and ((np.diff(arr) <= 0).any() or int(arr[0]) < 0):
                 raise CorruptIndexError(
                     f"{vf.path}: tombstones must be sorted, unique ids", vf.path, "tombstones"
