@@ -1,6 +1,7 @@
 #include "ivfpq.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -82,28 +83,64 @@ class TopK {
 };
 
 // Look-up table of one query (inner product) or one residual (L2) against
-// every PQ centroid: lut[m * 256 + j]. Products and sums in double: the
-// product of two floats is exact in double, so a fused multiply-add gives the
-// same bits as a multiply then an add, and every build agrees.
-void make_lut(const PQCodec& c, const float* x, bool l2, double* acc, float* lut) {
+// every PQ centroid: lut[m * 256 + j] = sum over t of x[t] * C[t][j] (inner
+// product) or (x[t] - C[t][j])^2 (L2), accumulated in order of t with a fused
+// multiply-add per term. The SIMD path computes each lane exactly as the
+// scalar one does (std::fma is exact wherever it runs), so every build agrees.
+template <bool kL2>
+void make_lut_scalar(const PQCodec& c, const float* x, float* lut) {
   for (int64_t m = 0; m < c.M; ++m) {
-    for (int64_t j = 0; j < kKsub; ++j) acc[j] = 0.0;
-    for (int64_t t = 0; t < c.dsub; ++t) {
-      const double xv = x[m * c.dsub + t];
-      const float* C = c.pq + (m * c.dsub + t) * kKsub;
-      if (l2) {
-        for (int64_t j = 0; j < kKsub; ++j) {
-          const double diff = xv - static_cast<double>(C[j]);
-          acc[j] += diff * diff;
+    const float* xm = x + m * c.dsub;
+    for (int64_t j = 0; j < kKsub; ++j) {
+      float a = 0.0f;
+      for (int64_t t = 0; t < c.dsub; ++t) {
+        const float cv = c.pq[(m * c.dsub + t) * kKsub + j];
+        if (kL2) {
+          const float diff = xm[t] - cv;
+          a = std::fma(diff, diff, a);
+        } else {
+          a = std::fma(xm[t], cv, a);
         }
-      } else {
-        for (int64_t j = 0; j < kKsub; ++j) acc[j] += xv * static_cast<double>(C[j]);
       }
+      lut[m * kKsub + j] = a;
     }
-    float* L = lut + m * kKsub;
-    for (int64_t j = 0; j < kKsub; ++j) L[j] = static_cast<float>(acc[j]);
   }
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+// Eight accumulators of eight lanes: 64 table entries per pass over t, in registers.
+template <bool kL2>
+void make_lut(const PQCodec& c, const float* x, float* lut) {
+  for (int64_t m = 0; m < c.M; ++m) {
+    const float* xm = x + m * c.dsub;
+    const float* Cm = c.pq + m * c.dsub * kKsub;
+    for (int64_t jb = 0; jb < kKsub; jb += 64) {
+      __m256 a[8];
+      for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < c.dsub; ++t) {
+        const __m256 xv = _mm256_set1_ps(xm[t]);
+        const float* C = Cm + t * kKsub + jb;
+        for (int u = 0; u < 8; ++u) {
+          const __m256 cv = _mm256_loadu_ps(C + 8 * u);
+          if (kL2) {
+            const __m256 diff = _mm256_sub_ps(xv, cv);
+            a[u] = _mm256_fmadd_ps(diff, diff, a[u]);
+          } else {
+            a[u] = _mm256_fmadd_ps(xv, cv, a[u]);
+          }
+        }
+      }
+      float* L = lut + m * kKsub + jb;
+      for (int u = 0; u < 8; ++u) _mm256_storeu_ps(L + 8 * u, a[u]);
+    }
+  }
+}
+#else
+template <bool kL2>
+void make_lut(const PQCodec& c, const float* x, float* lut) {
+  make_lut_scalar<kL2>(c, x, lut);
+}
+#endif
 
 // The 8-lane reduction every build uses.
 inline float reduce_lanes(const float* a) {
@@ -219,7 +256,6 @@ void search_impl(const PQCodec& c, const float* q, int64_t nq, const float* assi
                  const int64_t* exclude, int64_t n_exclude, int64_t k, float* D, int64_t* I) {
 #pragma omp parallel if (nq > 1)
   {
-    std::vector<double> acc(kKsub);
     std::vector<float> lut(static_cast<size_t>(c.M * kKsub));
     std::vector<float> residual(static_cast<size_t>(c.d));
     std::vector<float> heap_D(static_cast<size_t>(k));
@@ -228,7 +264,7 @@ void search_impl(const PQCodec& c, const float* q, int64_t nq, const float* assi
     for (int64_t i = 0; i < nq; ++i) {
       const float* qi = q + i * c.d;
       TopK<kIP> heap(heap_D.data(), heap_I.data(), k);
-      if (kIP) make_lut(c, qi, false, acc.data(), lut.data());
+      if (kIP) make_lut<false>(c, qi, lut.data());
       for (int64_t p = 0; p < nprobe; ++p) {
         const int64_t l = assign_I[i * nprobe + p];
         if (l < 0) continue;
@@ -238,7 +274,7 @@ void search_impl(const PQCodec& c, const float* q, int64_t nq, const float* assi
         } else {
           const float* cl = c.coarse + l * c.d;
           for (int64_t t = 0; t < c.d; ++t) residual[t] = qi[t] - cl[t];
-          make_lut(c, residual.data(), true, acc.data(), lut.data());
+          make_lut<true>(c, residual.data(), lut.data());
         }
         for (int64_t r = 0; r < nruns; ++r) {
           const ListRun& run = runs[r];

@@ -45,12 +45,14 @@ struct PQCodec {
 // better score first, equal scores by lower id; fewer than k results are
 // padded with id -1 and score -inf (inner product) or +inf (L2).
 //
-// Scores are computed one way on every build: look-up tables as float32
-// sums of products in order (no fused multiply-add), and each code's table
-// entries summed into 8 lanes (entry m into lane m % 8, in order of m) that
-// are then added ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)); the
-// inner product adds that to the coarse score. The SIMD and scalar builds
-// therefore return the same bits. Parallel over queries (OpenMP); the
+// Scores are computed one way on every build: each look-up table entry is a
+// float32 chain of fused multiply-adds over the sub-vector's components in
+// order (fma(x_t, c_t, acc); for L2 fma(x_t - c_t, x_t - c_t, acc)), and
+// each code's table entries are summed into 8 lanes (entry m into lane
+// m % 8, in order of m) then added ((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
+// (l3 + l7)); the inner product adds that to the coarse score. SIMD and
+// scalar builds therefore return the same bits (a build without hardware
+// FMA computes the same values, slowly, with std::fma). Parallel over queries (OpenMP); the
 // caller must not hold the GIL. Arguments are checked by the caller.
 void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float* assign_D,
                    const int64_t* assign_I, int64_t nprobe, const ListRun* runs, int64_t nruns,

@@ -55,12 +55,26 @@ def test_same_as_faiss_with_same_codec(trained, small_data) -> None:
         assert_results_agree((D, I), (Df, If), atol=1e-5)
 
 
+def _fma_chain(terms_a: np.ndarray, terms_b: np.ndarray) -> np.ndarray:
+    """float32 ``acc = fma(a[t], b[t], acc)`` over the last axis, in order.
+
+    Emulated in extended precision: a product of two float32 is exact there and the
+    sum is exact or nearly, so rounding to float32 once gives fma's result.
+    """
+    acc = np.zeros(terms_a.shape[:-1], np.float32)
+    for t in range(terms_a.shape[-1]):
+        exact = terms_a[..., t].astype(np.longdouble) * terms_b[..., t] + acc.astype(np.longdouble)
+        acc = exact.astype(np.float32)
+    return acc
+
+
 def _twin_scan(index: IVFPQIndex, q: np.ndarray, k: int, nprobe: int, exclude=()):
     """NumPy twin of the native 8-bit scan, computed the same way, to the bit.
 
-    Look-up tables in float64 then float32; each code's table entries summed in
-    eight float32 lanes (entry m into lane m % 8) reduced ((0+4)+(2+6))+((1+5)+(3+7));
-    inner product adds the coarse score. Top-k by (better score, lower id).
+    Look-up tables as float32 chains of fused multiply-adds over the sub-vector;
+    each code's table entries summed in eight float32 lanes (entry m into lane
+    m % 8) reduced ((0+4)+(2+6))+((1+5)+(3+7)); inner product adds the coarse score.
+    Top-k by (better score, lower id).
     """
     codec = index.codec
     p = index.params
@@ -75,7 +89,7 @@ def _twin_scan(index: IVFPQIndex, q: np.ndarray, k: int, nprobe: int, exclude=()
     lists_all = np.concatenate(
         [np.repeat(np.arange(p.nlist), run.count) for run in index.list_runs]
     )
-    C = codec.pq_centroids.astype(np.float64)  # (M, 256, dsub)
+    C = codec.pq_centroids  # (M, 256, dsub) float32
     larger = p.metric == "ip"
     D = np.full((q.shape[0], k), p.pad_score, np.float32)
     I = np.full((q.shape[0], k), -1, np.int64)
@@ -87,9 +101,12 @@ def _twin_scan(index: IVFPQIndex, q: np.ndarray, k: int, nprobe: int, exclude=()
             if sel.size == 0:
                 continue
             x = q[i] if larger else q[i] - codec.centroids[lst]
-            xs = x.astype(np.float64).reshape(p.M, 1, p.dsub)
-            lut64 = (xs * C).sum(2) if larger else ((xs - C) ** 2).sum(2)
-            lut = lut64.astype(np.float32)  # (M, 256)
+            xs = np.broadcast_to(x.reshape(p.M, 1, p.dsub), C.shape)
+            if larger:
+                lut = _fma_chain(xs, C)  # (M, 256)
+            else:
+                diff = (xs - C).astype(np.float32)
+                lut = _fma_chain(diff, diff)
             vals = lut[np.arange(p.M)[None, :], codes_all[sel]]  # (n, M) float32
             lanes = np.zeros((sel.size, 8), np.float32)
             for m in range(p.M):
