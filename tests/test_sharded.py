@@ -403,8 +403,13 @@ def test_bad_input(tmp_path, small_data) -> None:
     # the input policy: float16/float64 cast, one 1-D query is one query
     assert_identical(index.search(xq.astype(np.float64), 5), index.search(xq, 5))
     assert index.search(xq[0], 5)[1].shape == (1, 5)
-    assert index.ntotal == 10
+    index.add(xb[10:11], ids=[2**63 - 1])  # the largest id is an id...
+    with pytest.raises(OverflowError, match="2\\*\\*63"):
+        index.add(xb[11:12])  # ...after which automatic ids are exhausted
+    assert index.ntotal == 11
     index.close()
+    with ShardedIndex.open(tmp_path / "b") as again:  # the manifest records it
+        assert again.ntotal == 11
     with pytest.raises(FileExistsError, match="not empty"):
         ShardedIndex.create(tmp_path / "b", PARAMS)
 

@@ -9,8 +9,9 @@ the shard contract) and :mod:`~fastface.index.sharded` (a directory of
 shards).
 """
 
-from .ivfpq import IVFPQIndex
+from .ivfpq import IdSet, IVFPQIndex
+from .lists import ListRun
 from .params import Codec, IVFPQParams
 from .sharded import ShardedIndex
 
-__all__ = ["Codec", "IVFPQIndex", "IVFPQParams", "ShardedIndex"]
+__all__ = ["Codec", "IVFPQIndex", "IVFPQParams", "IdSet", "ListRun", "ShardedIndex"]

@@ -71,7 +71,7 @@ from .lists import ListRun
 from .params import STORE_DTYPES, Codec, IVFPQParams
 from .vectors import Rows, check_storable
 
-__all__ = ["IVFPQIndex", "IVFPQParams", "IdSet", "check_nprobe", "check_rerank"]
+__all__ = ["IVFPQIndex", "IVFPQParams", "IdSet", "check_nprobe", "check_rerank", "sorted_unique"]
 
 FORMAT = "fastface.ivfpq"
 FORMAT_VERSION = 2
@@ -137,6 +137,14 @@ def check_assignment(
     return Dq, Iq
 
 
+def sorted_unique(a: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Sorted unique values of an int64 array (by sorting: faster than NumPy's hashed unique)."""
+    s = np.sort(a.reshape(-1))
+    if s.size > 1:
+        s = s[np.concatenate(([True], s[1:] != s[:-1]))]
+    return s
+
+
 class IdSet:
     """A set of ids, sorted and unique, built once and reused (e.g. tombstones).
 
@@ -147,7 +155,7 @@ class IdSet:
     __slots__ = ("_selector", "array")
 
     def __init__(self, ids: npt.ArrayLike) -> None:
-        arr = np.unique(as_id_array(ids, "ids"))
+        arr = sorted_unique(as_id_array(ids, "ids"))
         arr.flags.writeable = False
         self.array: npt.NDArray[np.int64] = arr
         self._selector: tuple[Any, Any] | None = None
@@ -434,11 +442,6 @@ class IVFPQIndex:
         return self._state.n
 
     @property
-    def n_rows(self) -> int:
-        """Rows held (equal to :attr:`ntotal`)."""
-        return self._state.n
-
-    @property
     def is_trained(self) -> bool:
         return self._codec is not None
 
@@ -605,7 +608,7 @@ class IVFPQIndex:
     def remove(self, ids: npt.ArrayLike) -> int:
         """Remove vectors by id (integers); returns how many were removed (unknown ids ignored)."""
         self._check_writable()
-        arr = np.unique(as_id_array(ids))
+        arr = sorted_unique(as_id_array(ids))
         with self._write_lock:
             st = self._state
             new, removed = self._removed(st, arr)
@@ -835,14 +838,14 @@ class IVFPQIndex:
                 )
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptIndexError(f"{meta_path}: bad record ({e})", str(meta_path)) from e
-        data = storage.open_verified(path.parent, data_rec)
+        data = storage.open_verified(path.parent, data_rec, in_memory=not mmap)
         vectors = None
         if vec_rec is not None:
             vfile = storage.open_verified(path.parent, vec_rec)
             vectors = storage.npy_array(
                 vfile, STORE_DTYPES[params.store_vectors or "float32"], (ntotal, params.d)
             )
-        return load_shard(params, None, data, vectors, ntotal=ntotal, mmap=mmap, ids=None)
+        return load_shard(params, None, data, vectors, ntotal=ntotal, ids=None, read_only=mmap)
 
 
 # --- helpers shared with sharded.py ---------------------------------------------------------------
@@ -949,7 +952,7 @@ def fastscan_scan(
     exclude: IdSet | None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """FAISS fast-scan over the assigned lists; rows re-sorted by (score, lower id)."""
-    from ..kernels.exact import topk
+    from .._native import merge_topk
 
     nq = q.shape[0]
     if fidx.ntotal == 0:
@@ -975,7 +978,8 @@ def fastscan_scan(
         False,
         sp,
     )
-    return topk(D, I, k, larger_is_better=params.larger_is_better)
+    # FAISS keeps equal scores in scan order: the one merge puts the lower id first
+    return merge_topk(D[None], I[None], k, larger_is_better=params.larger_is_better)
 
 
 def vectors_file_name(path: Path) -> str:
@@ -989,17 +993,16 @@ def load_shard(
     vectors: npt.NDArray[Any] | None,
     *,
     ntotal: int,
-    mmap: bool,
     ids: npt.NDArray[np.int64] | None,
-    read_only: bool | None = None,
+    read_only: bool = False,
 ) -> IVFPQIndex:
     """An index from a verified FAISS file (its header checked here before any parsing by FAISS).
 
     ``codec``: the shared codec (``None``: taken from the file). ``ids``: the
-    row order (``None``: the lists' order). 8-bit codes are scanned from the
-    file's buffer (memory-mapped with ``mmap``, else read into memory).
+    row order (``None``: the lists' order). 8-bit codes are scanned in place
+    from the file's buffer (in memory or mapped, as ``data`` holds it).
     """
-    buf = data.array(mmap=mmap)
+    buf = data.array()
     layout = faiss_format.parse(buf, data.name)
     layout.check(params, ntotal=ntotal, buf=buf if codec is None else None)
     if codec is None:
@@ -1022,21 +1025,18 @@ def load_shard(
         fidx = faiss.deserialize_index(np.asarray(buf))
         list_ids = _fastscan_ids(buf, layout)
         runs = None
+    srt = np.sort(list_ids)
+    if srt.size and (int(srt[0]) < 0 or bool((srt[1:] == srt[:-1]).any())):
+        raise CorruptIndexError(f"{data.path}: duplicate or negative ids", data.path, "ids")
     if ids is None:
         ids = list_ids
-    elif ids.size != list_ids.size or not np.array_equal(np.sort(ids), np.sort(list_ids)):
+    elif ids.size != srt.size or not np.array_equal(np.sort(ids), srt):
         raise CorruptIndexError(
             f"{data.path}: its lists hold other ids than its ids file", data.path, "ids"
         )
-    if np.unique(ids).size != ids.size or (ids.size and int(ids.min()) < 0):
-        raise CorruptIndexError(f"{data.path}: duplicate or negative ids", data.path, "ids")
+    del srt
     return IVFPQIndex.from_parts(
-        codec,
-        ids,
-        runs=runs,
-        faiss_index=fidx,
-        vectors=vectors,
-        read_only=mmap if read_only is None else read_only,
+        codec, ids, runs=runs, faiss_index=fidx, vectors=vectors, read_only=read_only
     )
 
 

@@ -50,6 +50,7 @@ from .ivfpq import (
     check_rerank,
     consecutive_ids,
     load_shard,
+    sorted_unique,
     train_codec,
 )
 from .lists import ListRun
@@ -206,7 +207,8 @@ def _check_manifest(man: dict[str, Any], path: Path) -> _Manifest:
     if man["tombstones"] is not None:
         tomb = _record(man["tombstones"], path, "tombstones", "tombstones")
     ntotal = _int(man["ntotal"], path, "ntotal")
-    next_id = None if "next_id" not in man else _int(man["next_id"], path, "next_id")
+    # 2**63 means every id has been used
+    next_id = None if "next_id" not in man else _int(man["next_id"], path, "next_id", 0, 2**63)
     build = man["build"]
     if build is not None and not isinstance(build, dict):
         raise _fail(path, "build", "expected an object or null")
@@ -430,9 +432,11 @@ class ShardedIndex:
             e.field = f"{where}.{e.field}" if e.field else where
             raise
 
-    def _open_file(self, rec: storage.FileRecord, generation: int) -> storage.VerifiedFile:
+    def _open_file(
+        self, rec: storage.FileRecord, generation: int, *, in_memory: bool = False
+    ) -> storage.VerifiedFile:
         try:
-            return storage.open_verified(self.path, rec)
+            return storage.open_verified(self.path, rec, in_memory=in_memory)
         except FileNotFoundError:
             raise _Vanished(str(self.path / rec["file"]), generation) from None
 
@@ -442,8 +446,8 @@ class ShardedIndex:
         codec = None
         if man.codec is not None:
             with self._entry("codec"):
-                vf = self._open_file(man.codec, g)
-                buf = vf.array(mmap=True)
+                vf = self._open_file(man.codec, g, in_memory=True)
+                buf = vf.array()
                 layout = faiss_format.parse(buf, vf.name)
                 layout.check(p, ntotal=0, buf=buf)
                 import faiss
@@ -454,18 +458,17 @@ class ShardedIndex:
         for i, (number, sealed, count, recs) in enumerate(man.shards):
             with self._entry(f"shards[{i}].files"):
                 assert codec is not None
-                ids_vf = self._open_file(recs["ids"], g)
+                ids_vf = self._open_file(recs["ids"], g, in_memory=True)
                 ids = storage.npy_array(ids_vf, np.int64, (count,), mmap=False)
                 vectors = None
                 if p.store_vectors is not None:
                     vec_vf = self._open_file(recs["vectors"], g)
                     vectors = storage.npy_array(vec_vf, STORE_DTYPES[p.store_vectors], (count, p.d))
+                # hashed, then mapped: in memory, sealed shards' lists are packed from the
+                # mappings (below) and the open shard's copied, one copy each, the files'
+                # pages never held all at once; 4-bit: FAISS copies the lists
                 data = self._open_file(recs["index"], g)
-                # 8-bit lists are read in place from the mapping: sealed shards are packed into
-                # memory below (one copy), the open shard is copied now; 4-bit: FAISS copies
-                index = load_shard(
-                    p, codec, data, vectors, ntotal=count, mmap=True, ids=ids, read_only=True
-                )
+                index = load_shard(p, codec, data, vectors, ntotal=count, ids=ids, read_only=True)
                 if not self._mmap and not sealed and p.nbits == 8:
                     index = IVFPQIndex.from_parts(
                         codec,
@@ -480,7 +483,7 @@ class ShardedIndex:
         tomb = IdSet(())
         if man.tombstones is not None:
             with self._entry("tombstones"):
-                vf = self._open_file(man.tombstones, g)
+                vf = self._open_file(man.tombstones, g, in_memory=True)
                 arr = storage.npy_array(vf, np.int64, (None,), mmap=False)
             if arr.size and ((np.diff(arr) <= 0).any() or int(arr[0]) < 0):
                 raise CorruptIndexError(
@@ -896,7 +899,7 @@ class ShardedIndex:
         Unknown ids are ignored.
         """
         self._check_writable()
-        arr = np.unique(as_id_array(ids))
+        arr = sorted_unique(as_id_array(ids))
         with self._write_lock:
             st = self._state
             arr = arr[self._live(st, arr)]
@@ -917,7 +920,7 @@ class ShardedIndex:
                     shards.append(replace(s, index=_frozen(smaller), files=None))
             new = replace(st, shards=tuple(shards), dirty=True)
             if tomb:
-                all_t = np.union1d(st.tombstones.array, np.concatenate(tomb))
+                all_t = sorted_unique(np.concatenate([st.tombstones.array, *tomb]))
                 new = replace(new, tombstones=IdSet(all_t), tomb_rec=None)
             new = self._with_packs(new)
             if commit:
@@ -988,10 +991,6 @@ class ShardedIndex:
                 self._commit_state(new)
             else:
                 self._state = new
-
-    def _commit(self) -> None:
-        """Commit the current state (kept for tools that hook commits)."""
-        self._commit_state(self._state)
 
     def _commit_state(self, st: _State, *, purge: bool = False) -> None:
         """Write ``st``'s new files, then the manifest; publish ``st`` only if all succeeded.

@@ -60,7 +60,6 @@ __all__ = [
     "read_json_checked",
     "read_manifest",
     "seal",
-    "sha256_file",
     "write_fd",
 ]
 
@@ -306,34 +305,38 @@ def check_record(rec: Any, where: str, pattern: re.Pattern[str] | None = None) -
 
 
 class VerifiedFile:
-    """The bytes of a file whose size and SHA-256 matched its record."""
+    """The bytes of a file whose size and SHA-256 matched its record.
+
+    Held in memory (``in_memory=True`` at open) or as a read-only mapping of
+    the descriptor that was hashed (pages are read when used).
+    """
 
     __slots__ = ("_buf", "name", "path", "size")
 
     def __init__(self, path: Path, buf: Any, size: int) -> None:
         self.path = str(path)
         self.name = str(path)
-        self._buf = buf  # an mmap.mmap (or bytes for an empty file)
+        self._buf = buf  # bytearray, mmap.mmap, or b"" for an empty file
         self.size = size
 
-    def array(self, *, mmap: bool) -> npt.NDArray[np.uint8]:
-        """The bytes as a read-only uint8 array: over the mapping, or a copy in memory."""
+    def array(self) -> npt.NDArray[np.uint8]:
+        """The bytes as a read-only uint8 array (no copy)."""
         if self.size == 0:
             return np.empty(0, np.uint8)
         view = np.frombuffer(self._buf, np.uint8)
-        if mmap:
-            return view
-        out = view.copy()
-        out.flags.writeable = False
-        return out
+        view.flags.writeable = False
+        return view
 
     def bytes(self) -> bytes:
         return bytes(self._buf[: self.size]) if self.size else b""
 
 
-def open_verified(directory: Path, rec: FileRecord) -> VerifiedFile:
-    """Open ``directory / rec['file']``, check size and SHA-256, and return its bytes (mapped).
+def open_verified(directory: Path, rec: FileRecord, *, in_memory: bool = False) -> VerifiedFile:
+    """Open ``directory / rec['file']``, check size and SHA-256, and return its bytes.
 
+    With ``in_memory`` the file is read once into memory (hashed as it is
+    read); otherwise it is hashed by reading and then memory-mapped from the
+    same descriptor, so its pages stay out of the process until used.
     Raises ``FileNotFoundError`` if the file is missing (a concurrent writer
     may have replaced the manifest: the caller decides) and
     :class:`~fastface.errors.CorruptIndexError` naming the file otherwise.
@@ -351,23 +354,42 @@ def open_verified(directory: Path, rec: FileRecord) -> VerifiedFile:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise CorruptIndexError(f"{path}: not a regular file", str(path), "file")
-        if st.st_size != rec["bytes"]:
+        size = st.st_size
+        if size != rec["bytes"]:
             raise CorruptIndexError(
-                f"{path}: size {st.st_size} bytes, the manifest records {rec['bytes']} (truncated "
+                f"{path}: size {size} bytes, the manifest records {rec['bytes']} (truncated "
                 "or overwritten)",
                 str(path),
                 "bytes",
             )
+        h = hashlib.sha256()
         buf: Any = b""
-        if st.st_size:
-            buf = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
+        if in_memory and size:
+            buf = bytearray(size)
+            mv = memoryview(buf)
+            done = 0
+            while done < size:
+                n = os.readv(fd, [mv[done : done + _CHUNK]])
+                if n <= 0:
+                    raise CorruptIndexError(f"{path}: shrank while read", str(path), "bytes")
+                h.update(mv[done : done + n])
+                done += n
+            del mv
+        else:
+            chunk = bytearray(min(_CHUNK, max(size, 1)))
+            cv = memoryview(chunk)
+            done = 0
+            while done < size:
+                n = os.preadv(fd, [cv[: min(_CHUNK, size - done)]], done)
+                if n <= 0:
+                    raise CorruptIndexError(f"{path}: shrank while read", str(path), "bytes")
+                h.update(cv[:n])
+                done += n
+            del cv
+            if size:
+                buf = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
-    h = hashlib.sha256()
-    mv = memoryview(buf)
-    for s in range(0, len(mv), _CHUNK):
-        h.update(mv[s : s + _CHUNK])
-    del mv
     digest = h.hexdigest()
     if digest != rec["sha256"]:
         raise CorruptIndexError(
@@ -376,7 +398,7 @@ def open_verified(directory: Path, rec: FileRecord) -> VerifiedFile:
             str(path),
             "sha256",
         )
-    return VerifiedFile(path, buf, st.st_size)
+    return VerifiedFile(path, buf, size)
 
 
 def npy_array(
@@ -387,7 +409,7 @@ def npy_array(
     ``None`` in ``shape`` accepts any length on that axis.
     """
     want = np.dtype(dtype)
-    raw = vf.array(mmap=True)
+    raw = vf.array()
     bio = io.BytesIO(bytes(raw[: min(raw.size, 1 << 16)]))
     try:
         version = np.lib.format.read_magic(bio)
@@ -422,28 +444,6 @@ def npy_array(
         arr = arr.copy()
         arr.flags.writeable = False
     return arr
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify_file(directory: Path, rec: FileRecord) -> Path:
-    """Check that ``rec['file']`` exists with the recorded size and SHA-256 (missing: corrupt)."""
-    try:
-        open_verified(directory, rec)
-    except FileNotFoundError as e:
-        path = Path(directory) / rec["file"]
-        raise CorruptIndexError(
-            f"{path}: listed in the manifest but missing; restore it from a backup",
-            str(path),
-            "file",
-        ) from e
-    return Path(directory) / rec["file"]
 
 
 # --- the writer lock -----------------------------------------------------------------------------
