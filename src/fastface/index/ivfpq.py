@@ -927,7 +927,7 @@ def codec_prefix(codec: Codec) -> tuple[bytes, int]:
 
 def _list_order_ids(params: IVFPQParams, st: _State) -> npt.NDArray[np.int64]:
     if params.nbits == 8:
-        return lists.concat(st.runs, params.nlist, params.code_size).list_ids()
+        return lists.list_ids(st.runs, params.nlist)
     data = np.frombuffer(bytes(faiss.serialize_index(st.faiss)), np.uint8)
     return _fastscan_ids(data, faiss_format.parse(data, "index"))
 

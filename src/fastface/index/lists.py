@@ -28,7 +28,7 @@ from .. import _native
 from .faiss_format import IVFPQLayout
 from .params import Codec
 
-__all__ = ["ListRun", "concat", "from_encoded", "pack", "scan"]
+__all__ = ["ListRun", "concat", "from_encoded", "list_ids", "pack", "scan"]
 
 _EMPTY_IDS = np.empty(0, np.int64)
 
@@ -143,6 +143,22 @@ def _gather(
         _native.copy_segments(run.ids, flat_ids, run.ids_off, dst * 8, run.count * 8)
         acc = acc + run.count
     return codes, ids, prefix
+
+
+def list_ids(runs: Sequence[ListRun], nlist: int) -> npt.NDArray[np.int64]:
+    """Every id of ``runs`` in the order a merged run (or a written file) holds them:
+    list by list, runs in order within a list. Copies ids only."""
+    if not runs:
+        return np.empty(0, np.int64)
+    total = np.sum([r.count for r in runs], axis=0).astype(np.int64)
+    out = np.empty(int(total.sum()), np.int64)
+    start = np.cumsum(total) - total
+    acc = np.zeros(nlist, np.int64)
+    for run in runs:
+        dst = (start + acc) * 8
+        _native.copy_segments(run.ids, out.view(np.uint8), run.ids_off, dst, run.count * 8)
+        acc = acc + run.count
+    return out
 
 
 def concat(runs: Sequence[ListRun], nlist: int, code_size: int) -> ListRun:
