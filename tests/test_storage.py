@@ -305,3 +305,24 @@ def test_symlinked_files_in_an_index_are_refused(tmp_path, small_index) -> None:
     with pytest.raises(CorruptIndexError, match="symbolic link"):
         ShardedIndex.open(small_index, mode="a")
     assert not (tmp_path / "victim").exists()
+
+
+def test_unsealed_format_1_manifest_opens_but_deletes_nothing(small_index, small_data) -> None:
+    """Indexes written before manifests were sealed still open; leftovers stay until a commit
+    writes a sealed manifest."""
+    man = json.loads((small_index / "manifest.json").read_text())
+    for key in ("checksum", "next_id"):
+        man.pop(key)
+    man["format_version"] = 1
+    (small_index / "manifest.json").write_text(json.dumps(man))
+    stray = small_index / "shard-000009-g000001.npy"  # looks like ours, referenced by nothing
+    stray.write_bytes(b"x")
+    with ShardedIndex.open(small_index, mode="a") as index:
+        n = index.ntotal
+        assert stray.exists()
+        index.add(small_data[0][:3])
+    assert not stray.exists()
+    again = json.loads((small_index / "manifest.json").read_text())
+    assert again["format_version"] == 2 and again["checksum"].startswith("sha256:")
+    with ShardedIndex.open(small_index) as index:
+        assert index.ntotal == n + 3

@@ -164,6 +164,7 @@ class _Manifest:
     ntotal: int
     next_id: int | None
     build: dict[str, Any] | None
+    sealed: bool  # carried a checksum that verified (format 2); format 1 had none
 
 
 def _check_manifest(man: dict[str, Any], path: Path) -> _Manifest:
@@ -212,7 +213,10 @@ def _check_manifest(man: dict[str, Any], path: Path) -> _Manifest:
     build = man["build"]
     if build is not None and not isinstance(build, dict):
         raise _fail(path, "build", "expected an object or null")
-    return _Manifest(generation, params, shard_size, codec, shards, tomb, ntotal, next_id, build)
+    sealed = man["format_version"] >= 2
+    return _Manifest(
+        generation, params, shard_size, codec, shards, tomb, ntotal, next_id, build, sealed
+    )
 
 
 class ShardedIndex:
@@ -302,6 +306,7 @@ class ShardedIndex:
         self._lock: storage.WriterLock | None = None
         self._write_lock = threading.RLock()
         self._prev_files: set[str] = set()
+        self._sealed_manifest = True
         self._state = _State(0, None, None, (), IdSet(()), None, None, 0)
 
     # --- construction -------------------------------------------------------------------------
@@ -387,7 +392,8 @@ class ShardedIndex:
                 obj = cls._load(path, writable=True, mmap=False)
                 obj._lock = lock
                 obj._prev_files = obj._referenced(obj._state)
-                obj._remove_unreferenced(obj._state)  # the manifest verified: clean leftovers
+                if obj._sealed_manifest:  # only a verified manifest may delete leftovers
+                    obj._remove_unreferenced(obj._state)
             except BaseException:
                 lock.release()
                 raise
@@ -420,6 +426,7 @@ class ShardedIndex:
             path, man.params, man.shard_size, writable=writable, mmap=mmap, file_mode=file_mode
         )
         obj._state = obj._load_state(man, man_path)
+        obj._sealed_manifest = man.sealed
         return obj
 
     @staticmethod
