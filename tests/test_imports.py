@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,3 +40,23 @@ def test_names_load_on_first_use() -> None:
     )
     proc = _run(code)
     assert proc.returncode == 1 and "has no attribute 'nothing_here'" in proc.stderr, proc.stderr
+
+
+def test_openmp_wait_policy_default_respects_the_user() -> None:
+    code = "import os, fastface; print(os.environ['OMP_WAIT_POLICY'])"
+    env_default = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"},
+    )
+    assert env_default.stdout.strip() == "PASSIVE"
+    chosen = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, OMP_WAIT_POLICY="ACTIVE"),
+    )
+    assert chosen.stdout.strip() == "ACTIVE"
