@@ -179,7 +179,7 @@ def main(argv: list[str]) -> None:
     xb = np.load(npy)  # read into memory, not mapped
     refined = {}
     for name, index in indexes.items():
-        ivf = next(index.shards())._index
+        ivf = next(index.shards()).to_faiss()
         refined[name] = faiss.IndexRefineFlat(ivf, faiss.swig_ptr(xb))
     del xb
     memory["faiss_refine"] = mem_delta(mem_mb(), before)

@@ -5,10 +5,14 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "align.h"
 #include "build_info.h"
+#include "ivfpq.h"
 #include "merge.h"
 
 namespace py = pybind11;
@@ -20,8 +24,16 @@ using i64c = py::array_t<int64_t, py::array::c_style>;
 using f64c = py::array_t<double, py::array::c_style>;
 using u8c = py::array_t<uint8_t, py::array::c_style>;
 
+void require(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
 py::tuple merge_topk(const f32c& D, const i64c& I, int64_t k, bool larger_is_better) {
-  const int64_t nshards = D.shape(0), nq = D.shape(1), k_in = D.shape(2);
+  require(D.ndim() == 3 && I.ndim() == 3, "merge_topk: D and I must be 3-D");
+  require(D.shape(0) == I.shape(0) && D.shape(1) == I.shape(1) && D.shape(2) == I.shape(2),
+          "merge_topk: D and I must have the same shape");
+  require(k > 0, "merge_topk: k must be positive");
+  const int64_t nparts = D.shape(0), nq = D.shape(1), k_in = D.shape(2);
   f32c out_D({nq, k});
   i64c out_I({nq, k});
   const float* d = D.data();
@@ -30,9 +42,105 @@ py::tuple merge_topk(const f32c& D, const i64c& I, int64_t k, bool larger_is_bet
   int64_t* oi = out_I.mutable_data();
   {
     py::gil_scoped_release release;
-    fastface::merge_topk(d, i, nshards, nq, k_in, k, larger_is_better, od, oi);
+    fastface::merge_topk(d, i, nparts, nq, k_in, k, larger_is_better, od, oi);
   }
   return py::make_tuple(out_D, out_I);
+}
+
+// Inverted lists of one run, kept alive with the buffers they point into.
+class ListRunHandle {
+ public:
+  ListRunHandle(u8c codes, u8c ids, i64c codes_off, i64c ids_off, i64c count, int64_t code_size)
+      : codes_(std::move(codes)),
+        ids_(std::move(ids)),
+        codes_off_(std::move(codes_off)),
+        ids_off_(std::move(ids_off)),
+        count_(std::move(count)),
+        code_size_(code_size) {
+    require(codes_.ndim() == 1 && ids_.ndim() == 1, "ListRun: buffers must be 1-D uint8");
+    require(codes_off_.ndim() == 1 && ids_off_.ndim() == 1 && count_.ndim() == 1,
+            "ListRun: offsets and counts must be 1-D int64");
+    nlist_ = count_.shape(0);
+    require(codes_off_.shape(0) == nlist_ && ids_off_.shape(0) == nlist_,
+            "ListRun: offsets and counts must have one entry per list");
+    require(code_size_ > 0, "ListRun: code_size must be positive");
+    const std::string err = fastface::check_list_run(run(), nlist_, code_size_, codes_.shape(0),
+                                                     ids_.shape(0));
+    if (!err.empty()) throw std::invalid_argument("ListRun: " + err);
+  }
+
+  fastface::ListRun run() const {
+    return {codes_.data(), ids_.data(), codes_off_.data(), ids_off_.data(), count_.data()};
+  }
+  int64_t nlist() const { return nlist_; }
+  int64_t code_size() const { return code_size_; }
+
+ private:
+  u8c codes_, ids_;
+  i64c codes_off_, ids_off_, count_;
+  int64_t code_size_;
+  int64_t nlist_ = 0;
+};
+
+py::tuple ivfpq8_search(const f32c& q, const f32c& pq, const f32c& coarse, bool inner_product,
+                        const f32c& assign_D, const i64c& assign_I,
+                        const std::vector<const ListRunHandle*>& runs, const i64c& exclude,
+                        int64_t k) {
+  require(q.ndim() == 2 && pq.ndim() == 3 && pq.shape(2) == 256 && coarse.ndim() == 2,
+          "ivfpq8_search: bad codec or query shapes");
+  const int64_t nq = q.shape(0), d = q.shape(1), M = pq.shape(0), dsub = pq.shape(1);
+  const int64_t nlist = coarse.shape(0);
+  require(M * dsub == d && coarse.shape(1) == d, "ivfpq8_search: dimensions disagree");
+  require(assign_D.ndim() == 2 && assign_I.ndim() == 2 && assign_I.shape(0) == nq &&
+              assign_D.shape(0) == nq && assign_D.shape(1) == assign_I.shape(1),
+          "ivfpq8_search: assignment must be (nq, nprobe)");
+  require(exclude.ndim() == 1 && k > 0, "ivfpq8_search: bad exclude or k");
+  const int64_t nprobe = assign_I.shape(1);
+  std::vector<fastface::ListRun> views;
+  views.reserve(runs.size());
+  for (const ListRunHandle* r : runs) {
+    require(r != nullptr && r->nlist() == nlist && r->code_size() == M,
+            "ivfpq8_search: a run does not match the codec");
+    views.push_back(r->run());
+  }
+  const int64_t* ai = assign_I.data();
+  for (int64_t t = 0; t < nq * nprobe; ++t) {
+    require(ai[t] >= -1 && ai[t] < nlist, "ivfpq8_search: list number out of range");
+  }
+  const fastface::PQCodec codec{d, nlist, M, dsub, pq.data(), coarse.data(), inner_product};
+  f32c out_D({nq, k});
+  i64c out_I({nq, k});
+  const float* qp = q.data();
+  const float* ad = assign_D.data();
+  const int64_t* ex = exclude.data();
+  const int64_t n_ex = exclude.shape(0);
+  float* od = out_D.mutable_data();
+  int64_t* oi = out_I.mutable_data();
+  {
+    py::gil_scoped_release release;
+    fastface::ivfpq8_search(codec, qp, nq, ad, ai, nprobe, views.data(),
+                            static_cast<int64_t>(views.size()), ex, n_ex, k, od, oi);
+  }
+  return py::make_tuple(out_D, out_I);
+}
+
+void copy_segments(const u8c& src, py::array_t<uint8_t, py::array::c_style>& dst,
+                   const i64c& src_off, const i64c& dst_off, const i64c& nbytes) {
+  require(src.ndim() == 1 && dst.ndim() == 1, "copy_segments: buffers must be 1-D uint8");
+  const int64_t n = nbytes.shape(0);
+  require(src_off.shape(0) == n && dst_off.shape(0) == n, "copy_segments: offsets disagree");
+  const int64_t ns = src.shape(0), nd = dst.shape(0);
+  const int64_t *so = src_off.data(), *dof = dst_off.data(), *nb = nbytes.data();
+  for (int64_t i = 0; i < n; ++i) {
+    require(nb[i] >= 0 && so[i] >= 0 && dof[i] >= 0 && nb[i] <= ns - so[i] && nb[i] <= nd - dof[i],
+            "copy_segments: a segment runs past a buffer");
+  }
+  const uint8_t* s = src.data();
+  uint8_t* d = dst.mutable_data();
+  {
+    py::gil_scoped_release release;
+    fastface::copy_segments(s, d, so, dof, nb, n);
+  }
 }
 
 // Image views over a (N, H, W, 3) batch or over a list of (H, W, 3) arrays.
@@ -113,8 +221,24 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastface native core (private; use the fastface package)";
   m.def("merge_topk", &merge_topk, py::arg("D").noconvert(), py::arg("I").noconvert(), py::arg("k"),
         py::arg("larger_is_better"),
-        "Merge (nshards, nq, k_in) sorted lists into (nq, k). Inputs must be "
-        "C-contiguous float32/int64; validation is done in Python.");
+        "Top-k of (nparts, nq, k_in) result lists as (nq, k): better score first, equal "
+        "scores by lower id. Inputs must be C-contiguous float32/int64 (checked in Python).");
+  py::class_<ListRunHandle>(m, "ListRun",
+                            "Inverted lists of one run (codes and ids in place); see ivfpq.h")
+      .def(py::init<u8c, u8c, i64c, i64c, i64c, int64_t>(), py::arg("codes").noconvert(),
+           py::arg("ids").noconvert(), py::arg("codes_off").noconvert(),
+           py::arg("ids_off").noconvert(), py::arg("count").noconvert(), py::arg("code_size"))
+      .def_property_readonly("nlist", &ListRunHandle::nlist)
+      .def_property_readonly("code_size", &ListRunHandle::code_size);
+  m.def("ivfpq8_search", &ivfpq8_search, py::arg("q").noconvert(), py::arg("pq").noconvert(),
+        py::arg("coarse").noconvert(), py::arg("inner_product"), py::arg("assign_D").noconvert(),
+        py::arg("assign_I").noconvert(), py::arg("runs"), py::arg("exclude").noconvert(),
+        py::arg("k"),
+        "Exact top-k (better score, then lower id) of 8-bit PQ codes in the probed lists of "
+        "every run; see ivfpq.h. Inputs checked in Python.");
+  m.def("copy_segments", &copy_segments, py::arg("src").noconvert(), py::arg("dst").noconvert(),
+        py::arg("src_off").noconvert(), py::arg("dst_off").noconvert(),
+        py::arg("nbytes").noconvert(), "Copy byte ranges between two uint8 buffers.");
   m.def("build_info", &build_info);
   const char* warp_doc =
       "Warp faces (F) out of images with forward 2x3 float64 matrices M (F, 2, 3), "

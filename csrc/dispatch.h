@@ -1,9 +1,9 @@
-// Which compiled variant of the SIMD kernels runs (csrc/align_dispatch.cpp).
+// Which compiled variant of the SIMD kernels runs (csrc/dispatch.cpp).
 #pragma once
 
 namespace fastface {
 
-// Instruction-set level of the align kernels chosen for this CPU, e.g.
+// Instruction-set level of the SIMD kernels (align, IVF-PQ scan) chosen for this CPU, e.g.
 // "x86-64-v4"; "native" for a -march=native build, "generic" elsewhere.
 const char* align_isa();
 

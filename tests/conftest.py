@@ -13,3 +13,11 @@ def small_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     xb, labels = data.vectors()
     xq, qlabels = data.queries(100, seed=7)
     return xb, labels, xq, qlabels
+
+
+@pytest.fixture(scope="session")
+def codec32(small_data):
+    """A codec for IVFPQParams(32, 32, 8) trained once on ``small_data`` (training is slow)."""
+    from fastface.index import Codec, IVFPQParams
+
+    return Codec.train(IVFPQParams(32, 32, 8), small_data[0])

@@ -1,10 +1,15 @@
-"""Prints the align kernel variant in use and a hash of its crops (run by test_portable.py).
+"""Prints the SIMD variant in use and a hash of what its kernels return (run by test_portable.py).
 
+The hash covers the align crops (both kernels, both outputs) and, given a saved
+index directory as argv[1], an 8-bit IVF-PQ scan of its saved queries with its
+saved coarse assignment (so that nothing FAISS computes on this CPU enters).
 Kept as a script so that it can run in a child process with another
 ``FASTFACE_ISA`` or under ``qemu-x86_64 -cpu <older model>``.
 """
 
 import hashlib
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -28,4 +33,15 @@ for kernel in ("float", "fixed"):
     for output in ("uint8", "float32_nchw"):
         res = faces.align(images, landmarks, image_index=which, output=output, kernel=kernel)
         digest.update(np.ascontiguousarray(res.crops).tobytes())
+if len(sys.argv) > 1:
+    from fastface import IVFPQIndex
+
+    where = Path(sys.argv[1])
+    index = IVFPQIndex.load(where / "shard.faiss")
+    q = np.load(where / "q.npy")
+    assignment = (np.load(where / "Dq.npy"), np.load(where / "Iq.npy"))
+    for k in (1, 10, 100):
+        D, I = index.scan(q, k, assignment)
+        digest.update(D.tobytes())
+        digest.update(I.tobytes())
 print(fastface.build_info()["simd_selected"], digest.hexdigest())

@@ -127,6 +127,22 @@ def test_json_is_strict_and_padding_is_left_out(files, built, capsys, tmp_path) 
     assert lines == res["results"]
 
 
+def test_errors_name_the_flag_the_user_typed(files, built, tmp_path, capsys) -> None:
+    tmp, _, _ = files
+    q = str(tmp / "xq.npy")
+    capsys.readouterr()
+    assert main(["search", str(built), q, "--nprobe", "5000"]) == 2
+    assert "--nprobe 5000 exceeds --nlist 16" in capsys.readouterr().err
+    assert main(["search", str(built), q, "-k", "0"]) == 2
+    assert "-k: expected a positive integer" in capsys.readouterr().err
+    idx = tmp_path / "i"
+    assert main(["build", str(tmp / "xb.npy"), str(idx), "--nlist", "16", "--M", "7"]) == 2
+    assert "--M 7 must divide --d 32" in capsys.readouterr().err
+    # the library's own message, from deep inside a call, is translated too
+    assert main(["search", str(built), q, "-k", "70000"]) == 1
+    assert "-k" in capsys.readouterr().err
+
+
 def test_index_add_remove_compact_dedup(files, tmp_path, capsys) -> None:
     src, xb, _ = files
     idx = tmp_path / "idx"
@@ -172,7 +188,7 @@ def test_exit_codes_and_one_line_errors(files, built, tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "r.csv" in err and ".json" in err and not (tmp_path / "r.csv").exists()
     assert main(["search", str(built), str(tmp / "xq.npy"), "--nprobe", "999"]) == 2
-    assert "nlist=16" in capsys.readouterr().err
+    assert "--nlist 16" in capsys.readouterr().err
     assert main(["search", str(built), str(tmp_path / "nope.npy")]) == 2
     assert "nope.npy" in capsys.readouterr().err
     # runtime errors (1): one line naming the file, no traceback

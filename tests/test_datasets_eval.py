@@ -7,14 +7,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fastface.datasets import (
-    SyntheticFaces,
-    load_fvecs,
-    load_parquet,
-    open_vectors,
-    write_fvecs,
+from fastface.datasets import SyntheticFaces
+from fastface.eval import (
+    assert_results_agree,
+    ground_truth,
+    identity_accuracy,
+    recall_at_k,
+    results_agree,
 )
-from fastface.eval import ground_truth, identity_accuracy, recall_at_k
+from fastface.io import ChunkSource, load_fvecs, load_parquet, open_vectors, write_fvecs
 
 
 def test_cosine_statistics() -> None:
@@ -127,3 +128,44 @@ def test_recall_definitions() -> None:
     assert identity_accuracy(np.array([[0], [1], [-1]]), np.array([7, 8]), np.array([7, 7, 7])) == (
         pytest.approx(1 / 3)
     )
+
+
+def test_chunk_source_streams_once() -> None:
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal((n, 4)).astype(np.float64) for n in (3, 0, 5, 2)]
+    src = open_vectors(iter(parts))
+    assert isinstance(src, ChunkSource) and src.d == 4 and src.n is None
+    head = src.sample(4)  # the first rows, kept for the pass below
+    np.testing.assert_array_equal(head, np.concatenate(parts)[:4].astype(np.float32))
+    got = list(src.iter_chunks(4))
+    assert [lo for lo, _ in got] == [0, 3, 7, 8]  # a chunk of 5 splits at chunk_size 4
+    want = np.concatenate(parts).astype(np.float32)
+    np.testing.assert_array_equal(np.concatenate([x for _, x in got]), want)
+    assert src.n == 10
+    with pytest.raises(RuntimeError, match="only once"):
+        list(src.iter_chunks(4))
+    with pytest.raises(ValueError, match="different d"):
+        list(open_vectors([np.ones((2, 4)), np.ones((2, 5))]).iter_chunks(8))
+    with pytest.raises(TypeError, match="iterable"):
+        open_vectors(3.5)
+
+
+def test_results_agree_is_tie_aware() -> None:
+    D = np.array([[0.9, 0.5, 0.5, 0.2], [0.9, 0.8, 0.7, 0.7]], np.float32)
+    I = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert results_agree((D, I), (D, I))
+    swapped = I.copy()
+    swapped[0, [1, 2]] = swapped[0, [2, 1]]  # a tie inside the list, in the other order
+    assert results_agree((D, I), (D, swapped))
+    cut = I.copy()
+    cut[1, 3] = 99  # a tie with the k-th score cut at another id
+    assert results_agree((D, I), (D, cut))
+    wrong = I.copy()
+    wrong[0, 0] = 42  # not a tie: a different answer
+    assert not results_agree((D, I), (D, wrong))
+    with pytest.raises(AssertionError, match="query 0"):
+        assert_results_agree((D, I), (D, wrong))
+    assert not results_agree((D, I), (D + 1e-3, I))
+    assert results_agree((D, I), (D + 1e-4, I), atol=1e-3)
+    short = (np.array([[0.9, -np.inf]]), np.array([[1, -1]]))
+    assert not results_agree(short, (np.array([[0.9, 0.1]]), np.array([[1, 2]])))

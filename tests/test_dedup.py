@@ -199,7 +199,9 @@ def test_bad_input(tmp_path, planted) -> None:
     with pytest.raises(TypeError, match="threshold"):
         dedup_vectors(x, "0.9", progress=False)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="float32"):
-        dedup_vectors(x.astype(np.float64), 0.9, progress=False)
+        dedup_vectors(x.astype(np.int32), 0.9, progress=False)
+    r64 = dedup_vectors(x.astype(np.float64), 0.9, progress=False)  # cast, as FAISS does
+    np.testing.assert_array_equal(r64.pairs, dedup_vectors(x, 0.9, progress=False).pairs)
     bad_x = x.copy()
     bad_x[100, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):

@@ -8,13 +8,17 @@ import importlib
 import pytest
 
 MODULES = [
+    "fastface._dedup",
     "fastface._native",
     "fastface.datasets",
+    "fastface.eval",
     "fastface.faces.dlib_onnx",
     "fastface.faces.embed",
     "fastface.faces.pipeline",
     "fastface.index.ivfpq",
+    "fastface.index.params",
     "fastface.index.sharded",
+    "fastface.io",
 ]
 
 

@@ -93,7 +93,7 @@ def _stored_codes(g: Gallery, ids: np.ndarray) -> list[bytes]:
     want = set(ids.tolist())
     out = []
     for shard in g.index.shards():
-        index = shard._index
+        index = shard.to_faiss()  # a FAISS IndexIVFPQ holding the shard's codes
         invlists = index.invlists
         cs = invlists.code_size
         for lst in range(index.nlist):

@@ -1,4 +1,4 @@
-"""The native k-way merge against a NumPy reference (stable sort of concatenated lists)."""
+"""The one top-k merge against a NumPy reference: better score, then lower id."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def merge_reference(
         i = I[:, q, :].reshape(-1)
         keep = i >= 0
         d, i = d[keep], i[keep]
-        order = np.argsort(-d if larger else d, kind="stable")[:k]
+        order = np.lexsort((i, -d if larger else d))[:k]
         out_D[q, : order.size] = d[order]
         out_I[q, : order.size] = i[order]
     return out_D, out_I
@@ -54,12 +54,25 @@ def test_merge_matches_numpy(larger: bool, ties: bool, S: int, kin: int, k: int)
     np.testing.assert_array_equal(got_D, ref_D)
 
 
-def test_merge_ties_keep_shard_order() -> None:
+def test_merge_ties_by_lower_id_whatever_the_order() -> None:
     D = np.array([[[1.0, 0.5]], [[1.0, 0.5]]], np.float32)
-    I = np.array([[[10, 11]], [[20, 21]]], np.int64)
-    got_D, got_I = merge_topk(D, I, 4, larger_is_better=True)
-    assert got_I.tolist() == [[10, 20, 11, 21]]
-    assert got_D.tolist() == [[1.0, 1.0, 0.5, 0.5]]
+    I = np.array([[[20, 11]], [[10, 21]]], np.int64)
+    for parts in ([0, 1], [1, 0]):
+        got_D, got_I = merge_topk(D[parts], I[parts], 4, larger_is_better=True)
+        assert got_I.tolist() == [[10, 20, 11, 21]]
+        assert got_D.tolist() == [[1.0, 1.0, 0.5, 0.5]]
+
+
+def test_merge_takes_unsorted_lists_and_any_part_order() -> None:
+    rng = np.random.default_rng(9)
+    D = rng.integers(0, 3, (5, 30, 8)).astype(np.float32)  # unsorted, many ties
+    I = rng.permutation(5 * 30 * 8).reshape(5, 30, 8).astype(np.int64)
+    for larger in (True, False):
+        want = merge_reference(D, I, 6, larger)
+        for perm in (rng.permutation(5) for _ in range(3)):
+            got = merge_topk(D[perm], I[perm], 6, larger_is_better=larger)
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_array_equal(got[0], want[0])
 
 
 def test_merge_all_padding() -> None:
@@ -74,7 +87,7 @@ def test_merge_rejects_bad_shapes() -> None:
         merge_topk(
             np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 5), np.int64), 2, larger_is_better=True
         )
-    with pytest.raises(ValueError, match="k must be positive"):
+    with pytest.raises(ValueError, match="k must be a positive"):
         merge_topk(
             np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.int64), 0, larger_is_better=True
         )

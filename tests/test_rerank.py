@@ -8,28 +8,37 @@ import subprocess
 import sys
 import textwrap
 
-import faiss
 import numpy as np
 import pytest
 
-from fastface import IVFPQIndex, IVFPQParams, ShardedIndex
+from fastface import Codec, IVFPQIndex, IVFPQParams, ShardedIndex
 from fastface.datasets import SyntheticFaces
 from fastface.errors import CorruptIndexError, EmptyIndexError
 from fastface.eval import ground_truth, recall_at_k
-from fastface.kernels.rerank import F16_SCALE, merge_exact, rerank_f16, rerank_f32, widen_f16
+from fastface.kernels.exact import rescore, scores
+from fastface.kernels.rerank import F16_SCALE, rerank_f16, rerank_f32, widen_f16
 
 D_DIM = 32
-_CODECS: dict[tuple, faiss.Index] = {}
+_CODECS: dict[tuple, Codec] = {}
 
 
 def _index(params: IVFPQParams, xb: np.ndarray) -> IVFPQIndex:
-    """An empty trained index; codecs are trained once per (metric, nbits) and cloned."""
-    key = (params.metric, params.nbits)
+    """An empty trained index; codecs are trained once per (metric, nbits, M, nlist)."""
+    key = (params.metric, params.nbits, params.M, params.nlist)
     if key not in _CODECS:
-        tmp = IVFPQIndex(params)
-        tmp.train(xb)
-        _CODECS[key] = tmp._index
-    return IVFPQIndex.from_faiss(params, faiss.clone_index(_CODECS[key]), ())
+        _CODECS[key] = Codec.train(params, xb)
+    return IVFPQIndex(_CODECS[key].with_storage(params.store_vectors))
+
+
+def _is_mapped(arr) -> bool:
+    """True when ``arr`` reads a memory-mapped file."""
+    import mmap
+
+    while arr is not None:
+        if isinstance(arr, (np.memmap, mmap.mmap)):
+            return True
+        arr = arr.obj if isinstance(arr, memoryview) else getattr(arr, "base", None)
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -97,22 +106,20 @@ def test_widen_f16_is_exact_for_every_finite_float16() -> None:
     np.testing.assert_array_equal(np.signbit(got[finite]), np.signbit(ref[finite]))  # -0.0
 
 
-@pytest.mark.parametrize("larger", [True, False])
-def test_merge_exact_matches_numpy(larger: bool) -> None:
-    rng = np.random.default_rng(1)
-    D_all = rng.integers(0, 5, (40, 12)).astype(np.float32)  # many equal scores
-    I_all = np.stack([rng.permutation(100)[:12] for _ in range(40)]).astype(np.int64)
-    I_all[::4, 3:] = -1
-    k = 5
-    D = np.full((40, k), -np.inf if larger else np.inf, np.float32)
-    I = np.full((40, k), -1, np.int64)
-    merge_exact(D_all, I_all, larger, D, I)
-    for i in range(40):
-        ok = I_all[i] >= 0
-        s, c = D_all[i][ok], I_all[i][ok]
-        order = np.lexsort((c, -s if larger else s))[:k]
-        np.testing.assert_array_equal(I[i, : order.size], c[order])
-        np.testing.assert_array_equal(D[i, : order.size], s[order])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_gathered_and_block_scorers_agree(metric: str) -> None:
+    """The two access patterns of the one exact scorer compute the same scores."""
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((300, 24)).astype(np.float32)
+    q = rng.standard_normal((10, 24)).astype(np.float32)
+    ids = np.broadcast_to(np.arange(300), (10, 300)).copy()
+    D, I = rescore(q, base, ids, ids, 300, metric=metric)
+    S = scores(q, base, metric)
+    np.testing.assert_allclose(D, np.take_along_axis(S, I, 1), rtol=2e-6, atol=2e-5)
+    exact = q.astype(np.float64) @ base.astype(np.float64).T
+    if metric == "l2":
+        exact = ((q[:, None, :].astype(np.float64) - base[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(S, exact, rtol=1e-5, atol=1e-4)
 
 
 def _covered(cand: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -126,7 +133,7 @@ def test_rerank_equals_brute_force_when_candidates_cover(data, metric: str) -> N
     index = _index(IVFPQParams(D_DIM, 16, 8, metric=metric, store_vectors="float32"), xb)
     index.add(xb)
     D, I = index.search(xq, k, nprobe=nprobe, rerank=f)
-    _, cand = index._search(xq, k * f, nprobe, None)
+    _, cand = index.scan(xq, k * f, index.assign(xq, nprobe))
     gD, gI = ground_truth(xb, xq, k, metric=metric)
     cov = _covered(cand, gI)
     assert cov.mean() > 0.5  # the check below is not vacuous
@@ -181,7 +188,7 @@ def test_sharded_rerank_equals_brute_force(tmp_path, data) -> None:
     np.testing.assert_array_equal(I, gI)
     np.testing.assert_allclose(D, gD, atol=2e-3)  # float16 storage
     with ShardedIndex.open(tmp_path / "idx") as index:
-        assert all(isinstance(s.vectors, np.memmap) for s in index.shards())
+        assert all(_is_mapped(s.vectors) for s in index.shards())
         D2, I2 = index.search(xq, k, nprobe=16, rerank=f)
     with ShardedIndex.open(tmp_path / "idx", mmap=True) as index:  # codes memory-mapped too
         _D3, I3 = index.search(xq, k, nprobe=16, rerank=f)
@@ -207,14 +214,16 @@ def test_sharded_merge_breaks_ties_by_lower_id(tmp_path) -> None:
 def test_save_load_keeps_vectors(tmp_path, data) -> None:
     xb, xq = data
     index = _index(IVFPQParams(D_DIM, 16, 8), xb)
-    index.add(xb)
+    for lo in range(0, xb.shape[0], 700):  # several runs of lists: rows and lists differ
+        index.add(xb[lo : lo + 700])
+    assert len(index.list_runs) > 1
     want = index.search(xq, 5, nprobe=8, rerank=4)
     index.save(tmp_path / "a.ivf")
     meta = json.loads((tmp_path / "a.ivf.json").read_text())
     assert meta["vectors"]["file"] == "a.ivf.vectors.npy"
     for mmap in (False, True):
         loaded = IVFPQIndex.load(tmp_path / "a.ivf", mmap=mmap)
-        assert isinstance(loaded.vectors, np.memmap)
+        assert _is_mapped(loaded.vectors)
         got = loaded.search(xq, 5, nprobe=8, rerank=4)
         np.testing.assert_array_equal(got[1], want[1])
     loaded = IVFPQIndex.load(tmp_path / "a.ivf")
@@ -255,6 +264,8 @@ def test_bad_input(data) -> None:
         index.search(xq, 5, rerank=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="d=32"):
         index.search(np.zeros((2, 16), np.float32), 5, rerank=2)
+    with pytest.raises(ValueError, match="store_vectors=None"):
+        _index(IVFPQParams(D_DIM, 16, 8, store_vectors=None), xb).rescore(xq, [1], 2)
     with pytest.raises(ValueError, match="overflow float16"):
         index.add(np.full((1, D_DIM), 1e5, np.float32))
     assert index.ntotal == xb.shape[0]  # the rejected add changed nothing
@@ -324,7 +335,7 @@ def test_kernels_without_jit() -> None:
     code = textwrap.dedent(
         """
         import numpy as np
-        from fastface.kernels.rerank import rerank_f16, rerank_f32, merge_exact
+        from fastface.kernels.rerank import rerank_f16, rerank_f32
         assert not hasattr(rerank_f32, "signatures")  # plain Python under NUMBA_DISABLE_JIT
         rng = np.random.default_rng(0)
         base = rng.standard_normal((50, 8)).astype(np.float32)
@@ -347,11 +358,6 @@ def test_kernels_without_jit() -> None:
                     order = np.argsort(s if l2 else -s, kind="stable")[:3]
                     assert (I[i] == cand[i][order]).all(), (I[i], cand[i][order])
                     assert np.allclose(D[i], s[order], atol=1e-4)
-        D2 = np.full((4, 3), -np.inf, np.float32)
-        I2 = np.full((4, 3), -1, np.int64)
-        merge_exact(np.zeros((4, 5), np.float32), np.arange(20).reshape(4, 5)[:, ::-1].copy(),
-                    True, D2, I2)
-        assert (I2[0] == [0, 1, 2]).all(), I2
         print("ok")
         """
     )
@@ -372,9 +378,7 @@ def test_rerank_with_sparse_ids(data) -> None:
     _, I = index.search(xq, 5, nprobe=16, rerank=xb.shape[0] // 5)
     _, gI = ground_truth(xb, xq, 5, ids=ids)
     np.testing.assert_array_equal(I, gI)
-    assert index._dense_rows is None
-    np.testing.assert_array_equal(index._rows_of(np.array([ids[9], 5, -1])), [9, -1, -1])
+    np.testing.assert_array_equal(index.rows_of(np.array([ids[9], 5, -1])), [9, -1, -1])
     dense = _index(IVFPQParams(D_DIM, 16, 8, store_vectors="float32"), xb)
     dense.add(xb[:100], np.arange(100, 200))
-    np.testing.assert_array_equal(dense._rows_of(np.array([150, 99, 200, -1])), [50, -1, -1, -1])
-    assert dense._dense_rows is not None
+    np.testing.assert_array_equal(dense.rows_of(np.array([150, 99, 200, -1])), [50, -1, -1, -1])

@@ -24,13 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 import numpy.typing as npt
 
-from ._validation import as_ids, check_matrix, check_positive_int
+from ._validation import as_ids, as_vectors, check_positive_int
 from .errors import EmptyIndexError, NotTrainedError
-from .kernels import dedup as kern
+from .kernels.exact import scores
 
 __all__ = ["DedupResult", "dedup", "dedup_vectors"]
 
@@ -166,7 +165,9 @@ class _Joiner:
         rpos: npt.NDArray[np.int64],
         ordered: bool,
     ) -> None:
-        S = xq @ xr.T
+        from .kernels import dedup as kern
+
+        S = scores(xq, xr, "ip")  # cosines: the rows are unit vectors
         cap = max(4 * S.shape[0], 256)
         while True:
             a = np.empty(cap, np.int64)
@@ -211,7 +212,7 @@ def _csr(
 def _run(
     parts: list[_Part],
     ids_sorted: npt.NDArray[np.int64],
-    quantizer: faiss.Index | None,
+    quantizer: Any,
     nprobe: int,
     threshold: float,
     chunk_size: int,
@@ -220,13 +221,15 @@ def _run(
 ) -> DedupResult:
     from tqdm.auto import tqdm
 
+    from .kernels import dedup as kern
+
     n = ids_sorted.size
     joiner = _Joiner(parts, n, threshold, chunk_size)
     if quantizer is None:  # exact: every pair
         nlist, nprobe = 1, 1
         probes = np.zeros((n, 1), np.int64)
     else:
-        nlist = int(quantizer.ntotal)
+        nlist = int(quantizer.nlist)
         nprobe = min(nprobe, nlist)
         probes = np.empty((n, nprobe), np.int64)
         with tqdm(total=n, unit="vec", desc="dedup assign", disable=not progress) as bar:
@@ -237,7 +240,7 @@ def _run(
                         x = _unit_rows(p.array, rows)
                     else:
                         x = np.ascontiguousarray(p.array[rows], dtype=np.float32)
-                    _, lists = quantizer.search(x, nprobe)
+                    _, lists = quantizer.assign(x, nprobe)
                     probes[p.pos[blk]] = lists
                     bar.update(rows.size)
     all_pos = np.arange(n, dtype=np.int64)
@@ -349,41 +352,60 @@ def dedup(
     threshold = _check_threshold(threshold)
     nprobe = check_positive_int(nprobe, "nprobe")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
-    if isinstance(index, ShardedIndex):
-        shard_rows = list(index._live_rows())
-        codec = index._codec
-        name = str(index.path)
-    elif isinstance(index, IVFPQIndex):
-        shard_rows = [(index, np.arange(index.ntotal, dtype=np.int64))] if index.ntotal else []
-        codec = index._index
-        name = "index"
-    else:
+    if not isinstance(index, (ShardedIndex, IVFPQIndex)):
         raise TypeError(
             f"index: expected a ShardedIndex or IVFPQIndex, got {type(index).__name__}; use "
             "dedup_vectors for an array"
         )
-    if codec is None or not codec.is_trained:
+    name = str(index.path) if isinstance(index, ShardedIndex) else "index"
+    if not index.is_trained:
         raise NotTrainedError(f"{name}: not trained; nothing to deduplicate")
     if index.params.store_vectors is None:
         raise ValueError(
             f"{name}: keeps no raw vectors (store_vectors=None); dedup needs them: create the "
             "index with IVFPQParams(..., store_vectors='float16')"
         )
+    if isinstance(index, ShardedIndex):
+        shard_rows = list(index.live_rows())
+    else:
+        shard_rows = [(index, index.live_rows())] if index.ntotal else []
     if not shard_rows:
         raise EmptyIndexError(f"{name}: the index is empty; add vectors before dedup")
-    ids_sorted, pos = _positions([s._ids[rows] for s, rows in shard_rows])
+    ids_sorted, pos = _positions([s.ids[rows] for s, rows in shard_rows])
     parts = [_Part(s.vectors, rows, p) for (s, rows), p in zip(shard_rows, pos, strict=True)]
-    quantizer = faiss.downcast_index(codec.quantizer)
     return _run(
         parts,
         ids_sorted,
-        quantizer,
+        _CodecLists(index.codec),
         nprobe,
         threshold,
         chunk_size,
         progress,
         normalise_assign=False,
     )
+
+
+class _CodecLists:
+    """The coarse lists of an index's codec, as :func:`_run` asks for them."""
+
+    def __init__(self, codec: Any) -> None:
+        self.codec = codec
+        self.nlist = codec.params.nlist
+
+    def assign(self, x: npt.NDArray[np.float32], nprobe: int) -> tuple[Any, npt.NDArray[np.int64]]:
+        return self.codec.assign(x, nprobe)
+
+
+class _KMeansLists:
+    """Lists of a spherical k-means (FAISS) over an array's rows."""
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+        self.nlist = int(index.ntotal)
+
+    def assign(self, x: npt.NDArray[np.float32], nprobe: int) -> tuple[Any, npt.NDArray[np.int64]]:
+        D, I = self.index.search(x, nprobe)
+        return D, I
 
 
 def dedup_vectors(
@@ -424,31 +446,33 @@ def dedup_vectors(
     ([0, 1, 2, 0], [0, 1, 2], [[0, 3]])
     """
     threshold = _check_threshold(threshold)
-    x = check_matrix(x, "x", finite=False)
+    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.shape[0] == 0:
+        as_vectors(x, "x")  # raises the policy's error for this input
+    as_vectors(x[:0], "x", allow_empty=True)  # the dtype, before reading any row
     n = x.shape[0]
     for blk in _iter_blocks(n, 65536):  # chunked: x may be a large memory map
-        part = np.asarray(x[blk])
-        if not np.isfinite(part).all():
-            bad = blk.start + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
-            raise ValueError(
-                f"x: row {bad} contains NaN or inf; remove or repair it before calling"
-            )
+        try:
+            as_vectors(np.asarray(x[blk]), "x", allow_empty=True)  # dtype, overflow, NaN/inf
+        except ValueError as e:
+            raise ValueError(f"{e} (counting from row {blk.start})") from e
     nprobe = check_positive_int(nprobe, "nprobe")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     id_arr = np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, n)
     ids_sorted, (pos,) = _positions([id_arr])
     parts = [_Part(x, np.arange(n, dtype=np.int64), pos)]
-    quantizer = None
+    quantizer: Any = None
     if n >= exact_below:
         nlist = int(math.sqrt(n)) if nlist is None else check_positive_int(nlist, "nlist")
         nlist = min(nlist, n)
         sample_n = min(n, 64 * nlist)
         rng = np.random.default_rng(seed)
         sample = _unit_rows(x, np.sort(rng.choice(n, size=sample_n, replace=False)))
+        import faiss
+
         km = faiss.Kmeans(x.shape[1], nlist, niter=10, spherical=True, seed=seed)
         km.cp.max_points_per_centroid = 64
         km.train(sample)
-        quantizer = km.index
+        quantizer = _KMeansLists(km.index)
     return _run(
         parts,
         ids_sorted,

@@ -1,16 +1,45 @@
-"""Access to the compiled core and what it was built with."""
+"""The one door to the compiled core ``fastface._C``.
+
+Every use of native code goes through this module: the index (top-k merge,
+8-bit IVF-PQ scan, list layout), alignment and detection (affine warps) and
+:func:`build_info`. The wrappers here take arrays that the calling layer has
+validated; they only make them contiguous with the dtype the core expects
+(no value changes) and check the shapes the core relies on. The core
+releases the GIL for every call that does real work.
+"""
 
 from __future__ import annotations
 
+import importlib
 import platform
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from . import _C  # type: ignore[attr-defined]
+_C: Any = importlib.import_module("._C", __package__)  # the compiled extension (csrc/)
 
-__all__ = ["build_info", "merge_topk"]
+__all__ = [
+    "ListRun",
+    "build_info",
+    "copy_segments",
+    "ivfpq8_search",
+    "merge_topk",
+    "warp_affine_f32_nchw",
+    "warp_affine_u8",
+]
+
+#: Inverted lists of one run held in place (see ``csrc/ivfpq.h``):
+#: ``ListRun(codes, ids, codes_off, ids_off, count, code_size)`` with ``codes``
+#: and ``ids`` 1-D uint8 buffers and per-list int64 byte offsets and counts.
+#: The constructor checks that every list lies inside its buffers.
+ListRun = _C.ListRun
+
+#: Batched affine warps (``csrc/align.h``); inputs validated by :mod:`fastface.faces`.
+warp_affine_u8 = _C.warp_affine_u8
+warp_affine_f32_nchw = _C.warp_affine_f32_nchw
 
 
 def build_info() -> dict[str, Any]:
@@ -34,7 +63,7 @@ def build_info() -> dict[str, Any]:
     >>> sorted(k for k in ("simd", "cuda_built", "omp_max_threads") if k in info)
     ['cuda_built', 'omp_max_threads', 'simd']
     """
-    from . import __version__
+    from ._version import __version__
 
     info: dict[str, Any] = {
         "version": __version__,
@@ -61,21 +90,69 @@ def build_info() -> dict[str, Any]:
 
 
 def merge_topk(
-    D: np.ndarray, I: np.ndarray, k: int, *, larger_is_better: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard sorted top-k lists, shaped ``(nshards, nq, k_in)``, into ``(nq, k)``.
+    D: npt.ArrayLike, I: npt.ArrayLike, k: int, *, larger_is_better: bool
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Top-``k`` of result lists shaped ``(nparts, nq, k_in)``, as ``(nq, k)``.
 
-    Ties keep shard order (a stable sort of the concatenated lists); ids ``-1``
-    are padding. Runs in C++ with the GIL released, parallel over queries.
+    The one merge of the library: better score first (larger when
+    ``larger_is_better``, else smaller), **equal scores by lower id**; ids
+    ``-1`` are padding and are skipped; missing results are padded with
+    ``-1`` and ``-inf`` (``+inf``). The input lists need not be sorted and the
+    parts may come in any order: the result is the same. Runs in C++ with the
+    GIL released, parallel over queries.
     """
+    D = np.asarray(D)
+    I = np.asarray(I)
     if D.ndim != 3 or D.shape != I.shape:
         raise ValueError(
-            f"merge_topk: expected D and I of equal shape (nshards, nq, k_in), got "
+            f"merge_topk: expected D and I of equal shape (nparts, nq, k_in), got "
             f"{D.shape} and {I.shape}"
         )
-    if k <= 0:
-        raise ValueError(f"merge_topk: k must be positive, got {k}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise ValueError(f"merge_topk: k must be a positive int, got {k!r}")
     D = np.ascontiguousarray(D, dtype=np.float32)
     I = np.ascontiguousarray(I, dtype=np.int64)
     out_D, out_I = _C.merge_topk(D, I, int(k), bool(larger_is_better))
     return out_D, out_I
+
+
+def ivfpq8_search(
+    q: npt.NDArray[np.float32],
+    pq_t: npt.NDArray[np.float32],
+    coarse: npt.NDArray[np.float32],
+    inner_product: bool,
+    assign_D: npt.NDArray[np.float32],
+    assign_I: npt.NDArray[np.int64],
+    runs: Sequence[Any],
+    exclude: npt.NDArray[np.int64],
+    k: int,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Exact top-``k`` of 8-bit PQ codes over the probed lists of ``runs`` (``csrc/ivfpq.h``).
+
+    ``pq_t`` is the PQ codebook transposed to ``(M, dsub, 256)``; ``coarse`` the
+    ``(nlist, d)`` centroids; ``exclude`` sorted ids never returned. The caller
+    (:mod:`fastface.index`) has validated everything.
+    """
+    out: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] = _C.ivfpq8_search(
+        q,
+        pq_t,
+        coarse,
+        bool(inner_product),
+        assign_D,
+        assign_I,
+        list(runs),
+        exclude,
+        int(k),
+    )
+    return out
+
+
+def copy_segments(
+    src: npt.NDArray[np.uint8],
+    dst: npt.NDArray[np.uint8],
+    src_off: npt.NDArray[np.int64],
+    dst_off: npt.NDArray[np.int64],
+    nbytes: npt.NDArray[np.int64],
+) -> None:
+    """Copy ``nbytes[i]`` bytes from ``src[src_off[i]:]`` to ``dst[dst_off[i]:]`` (1-D uint8)."""
+    _C.copy_segments(src, dst, src_off, dst_off, nbytes)

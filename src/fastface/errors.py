@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "AuditChainError",
     "CorruptIndexError",
+    "DiskFullError",
     "EmptyIndexError",
     "FastfaceError",
     "IndexLockedError",
@@ -24,14 +25,32 @@ class FastfaceError(Exception):
 
 
 class CorruptIndexError(FastfaceError):
-    """A file of an index is missing, truncated or does not match its checksum.
+    """A file of an index is missing, truncated, fails its checksum or holds invalid fields.
 
-    ``path`` names the offending file.
+    ``path`` names the offending file and ``field`` (when known) the entry
+    or header field that failed, e.g. ``"shards[2].count"`` or ``"header.d"``.
     """
 
-    def __init__(self, message: str, path: str | None = None) -> None:
+    def __init__(self, message: str, path: str | None = None, field: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+        self.field = field
+
+
+class DiskFullError(FastfaceError, OSError):
+    """A write failed for lack of space (or a file size limit); nothing was committed.
+
+    Behaves as the ``OSError`` it replaces (``errno``, ``strerror``,
+    ``filename``); ``path`` names the file being written. The index in memory
+    and on disk is as it was before the call that raised.
+    """
+
+    def __init__(self, errno_: int, message: str, path: str) -> None:
+        super().__init__(errno_, message, path)
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
 
 
 class UnsupportedFormatError(FastfaceError, ValueError):

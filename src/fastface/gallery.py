@@ -91,6 +91,7 @@ from .errors import (
 from .index import storage
 from .index.ivfpq import IVFPQParams
 from .index.sharded import ShardedIndex
+from .kernels.exact import scores as exact_scores
 
 __all__ = [
     "LEGAL_BASES",
@@ -958,13 +959,9 @@ class Gallery:
             )
             while batch := cur.fetchmany(8192):
                 xb = np.frombuffer(b"".join(r[2] for r in batch), np.float32).reshape(-1, self.d)
-                if larger:
-                    s = (q @ xb.T).max(axis=0)
-                    hit = s >= threshold
-                else:
-                    sq = (q * q).sum(1)[:, None] - 2 * q @ xb.T + (xb * xb).sum(1)[None, :]
-                    s = sq.min(axis=0)
-                    hit = s <= threshold
+                S = exact_scores(q, xb, self._config["metric"])
+                s = S.max(axis=0) if larger else S.min(axis=0)
+                hit = s >= threshold if larger else s <= threshold
                 for j in np.flatnonzero(hit):
                     matches.append(
                         {
@@ -1243,7 +1240,7 @@ class Gallery:
         )
 
     def _index_generation(self) -> int:
-        return int(self._index._generation)
+        return self._index.generation
 
     def _vacuum(self, *, full: bool = False) -> None:
         """Return free pages to the file system, then truncate the WAL.

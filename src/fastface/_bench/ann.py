@@ -23,9 +23,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from ..datasets import SyntheticFaces, open_vectors
+from ..datasets import SyntheticFaces
 from ..eval import ground_truth, identity_accuracy, recall_at_k
 from ..index import IVFPQParams, ShardedIndex
+from ..io import open_vectors
 from .common import (
     Interleaved,
     PeakRSS,
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         xq /= np.linalg.norm(xq, axis=1, keepdims=True)
         qlabels = labels = None
         d = src.d
-        data_desc = {"file": str(data_path), "n": src.n, "d": d}
+        data_desc: dict[str, Any] = {"file": str(data_path), "n": src.n, "d": d}
     else:
         d = cfg["d"]
         gen = SyntheticFaces(
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "intra_cos": gen.intra_cos,
             }
         }
+    assert src.n is not None  # files and arrays know their size
     n = src.n
     params = IVFPQParams(d, cfg["nlist"], cfg["M"], nbits=args.nbits)
     print(f"n={n} d={d} nq={xq.shape[0]} k={k} params={params}", flush=True)
@@ -182,11 +184,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     shard_size=shard_size,
                     progress=False,
                 )
-                codec = index._codec
+                codec = index.codec
             else:
-                index = ShardedIndex.create(path, params, shard_size=shard_size)
-                index._codec = faiss.clone_index(codec)
-                index._codec_rec = None
+                index = ShardedIndex.create(path, codec, shard_size=shard_size)
                 for lo, chunk in src.iter_chunks(100_000):
                     index.add(chunk, np.arange(lo, lo + chunk.shape[0]), commit=False)
                 index.flush()
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # --- FAISS IndexIVFPQ with the same codec and vectors; exact IndexFlatIP
     assert codec is not None
-    ref = faiss.clone_index(codec)
+    ref = codec.faiss_index()
     t0 = time.perf_counter()
     for lo, chunk in src.iter_chunks(100_000):
         ref.add_with_ids(chunk, np.arange(lo, lo + chunk.shape[0], dtype=np.int64))

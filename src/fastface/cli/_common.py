@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import sqlite3
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -180,9 +181,34 @@ def write_jsonl(rows: Iterable[Any], out: TextIO | None = None) -> None:
 
 
 # --- running a command -----------------------------------------------------------------------
+# Library errors name Python arguments ("nprobe=64 exceeds nlist=32", "k: expected ...");
+# the command line says the flag the user typed instead.
+_FLAGS = {
+    "k": "-k",
+    "nprobe": "--nprobe",
+    "nlist": "--nlist",
+    "M": "--M",
+    "d": "--d",
+    "nbits": "--nbits",
+    "rerank": "--rerank",
+    "shard_size": "--shard-size",
+    "chunk_size": "--chunk-size",
+    "max_points": "--train-size",
+}
+_ARG = re.compile(r"(?<![\w-])(" + "|".join(_FLAGS) + r")(=|: )")
+
+
+def flag_message(message: str) -> str:
+    """``nprobe=64 exceeds nlist=32`` -> ``--nprobe 64 exceeds --nlist 32``."""
+    return _ARG.sub(
+        lambda m: f"{_FLAGS[m.group(1)]} " if m.group(2) == "=" else f"{_FLAGS[m.group(1)]}: ",
+        message,
+    )
+
+
 def _one_line(e: BaseException, args: argparse.Namespace) -> str:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    text = " ".join(str(msg).split()) or type(e).__name__
+    text = flag_message(" ".join(str(msg).split())) or type(e).__name__
     if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
         text = f"{e.filename}: {text}"
     elif isinstance(e, sqlite3.DatabaseError):

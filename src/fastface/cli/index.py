@@ -33,7 +33,7 @@ def _index_dir(value: str) -> Path:
 
 
 def _read_vectors(path: Path, column: str | None) -> np.ndarray:
-    from ..datasets import open_vectors
+    from ..io import open_vectors
 
     return open_vectors(path, column=column).read_all()
 
@@ -57,8 +57,8 @@ def summary(index: Any) -> dict[str, Any]:
 
 # --- build -----------------------------------------------------------------------------------
 def _build(args: argparse.Namespace) -> int:
-    from ..datasets import open_vectors
     from ..index import IVFPQParams, ShardedIndex
+    from ..io import open_vectors
 
     d = args.d or open_vectors(args.source, column=args.column).d
     try:
@@ -71,7 +71,7 @@ def _build(args: argparse.Namespace) -> int:
             store_vectors=None if args.store_vectors == "none" else args.store_vectors,
         )
     except (TypeError, ValueError) as e:
-        raise UsageError(f"--nlist/--M/--nbits: {e}") from e
+        raise UsageError(str(e)) from e
     index = ShardedIndex.build(
         args.source,
         args.index,
@@ -106,7 +106,7 @@ def _search(args: argparse.Namespace) -> int:
     with ShardedIndex.open(args.index, mmap=args.mmap) as index:
         nlist = index.params.nlist
         if args.nprobe is not None and args.nprobe > nlist:
-            raise UsageError(f"--nprobe {args.nprobe} exceeds the index's nlist={nlist}")
+            raise UsageError(f"--nprobe {args.nprobe} exceeds --nlist {nlist} of this index")
         nprobe = args.nprobe if args.nprobe is not None else min(16, nlist)
         D, I = index.search(xq, args.k, nprobe=nprobe, rerank=args.rerank)
         metric = index.params.metric
@@ -220,7 +220,7 @@ def _dedup(args: argparse.Namespace) -> int:
     with ShardedIndex.open(args.index) as index:
         if args.nprobe > index.params.nlist:
             raise UsageError(
-                f"--nprobe {args.nprobe} exceeds the index's nlist={index.params.nlist}"
+                f"--nprobe {args.nprobe} exceeds --nlist {index.params.nlist} of this index"
             )
         result = dedup(index, args.threshold, nprobe=args.nprobe, progress=progress_wanted(args))
     groups = (

@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from .. import _C  # type: ignore[attr-defined]
+from .. import _native as _C
 
 __all__ = [
     "ARCFACE_TEMPLATE",

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _C  # type: ignore[attr-defined]
+from .. import _native as _C
 from .align import _check_images
 
 __all__ = ["MTCNN", "Detections", "detect", "mtcnn_model_paths", "stack_landmarks"]

@@ -1,11 +1,10 @@
 """From a CPU index to the arrays of :class:`GpuIVFPQ`.
 
-This module is the ONE place that reaches into fastface's index objects:
-:func:`_codec_of` takes the FAISS index out of an ``IVFPQIndex``; everything
-else uses FAISS's public API on that object (quantizer vectors, PQ centroids,
-inverted lists, code packer) and the public members of ``IVFPQIndex`` and
-``ShardedIndex`` (``shards()``, ``ids``, ``vectors``, ``contains``). When the
-shard contract names the codec publicly, only :func:`_codec_of` changes.
+Only the shard contract is used: :func:`_codec_of` takes a FAISS copy of a
+shard (``IVFPQIndex.to_faiss()``), everything else uses FAISS's public API on
+that object (quantizer vectors, PQ centroids, inverted lists, code packer) and
+the public members of ``IVFPQIndex`` and ``ShardedIndex`` (``shards()``,
+``ids``, ``vectors``, ``contains``).
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ __all__ = ["add_encoded", "codec_arrays", "from_cpu", "list_arrays"]
 
 
 def _codec_of(shard: Any) -> Any:
-    """The FAISS ``IndexIVFPQ`` / ``IndexIVFPQFastScan`` inside an ``IVFPQIndex``."""
-    return shard._index  # the one reach-in (see module docstring)
+    """A FAISS ``IndexIVFPQ`` / ``IndexIVFPQFastScan`` with the codec, codes and ids of a shard."""
+    return shard.to_faiss()
 
 
 def codec_arrays(ivf: Any) -> dict[str, Any]:
@@ -92,7 +91,7 @@ def from_cpu(
     from .ivfpq import DEFAULT_MEMORY_BUDGET, GpuIVFPQ
 
     if isinstance(index, ShardedIndex):
-        shards = [s for s in index.shards() if s.n_rows > 0]
+        shards = [s for s in index.shards() if s.ntotal > 0]
         if not shards:
             raise ValueError("from_cpu: the index holds no vectors")
     elif isinstance(index, IVFPQIndex):

@@ -1,6 +1,17 @@
-"""IVF-PQ shards and sharded indexes."""
+"""IVF-PQ shards and sharded indexes.
 
-from .ivfpq import IVFPQIndex, IVFPQParams
+Layers, bottom up: :mod:`~fastface.index.params` (parameters and the trained
+codec), :mod:`~fastface.index.faiss_format` (the file format, checked before
+FAISS reads a byte), :mod:`~fastface.index.lists` (inverted lists in place,
+the native scan), :mod:`~fastface.index.storage` (atomic owner-only writes,
+verified reads, sealed manifests), :mod:`~fastface.index.ivfpq` (one shard:
+the shard contract) and :mod:`~fastface.index.sharded` (a directory of
+shards).
+"""
+
+from .ivfpq import IdSet, IVFPQIndex
+from .lists import ListRun
+from .params import Codec, IVFPQParams
 from .sharded import ShardedIndex
 
-__all__ = ["IVFPQIndex", "IVFPQParams", "ShardedIndex"]
+__all__ = ["Codec", "IVFPQIndex", "IVFPQParams", "IdSet", "ListRun", "ShardedIndex"]

@@ -1,137 +1,249 @@
-"""One IVF-PQ shard, with FAISS as the CPU engine."""
+"""One IVF-PQ shard, and the shard contract every consumer of a shard uses.
+
+An :class:`IVFPQIndex` holds a trained :class:`~fastface.index.params.Codec`
+(coarse centroids, PQ codebooks), the PQ codes of its vectors in inverted
+lists, their int64 ids and, optionally, the raw vectors (float16/float32)
+for exact scoring. FAISS trains the codec and encodes vectors; 8-bit codes
+are scanned by fastface's native kernel in place, 4-bit (fast-scan) codes
+by FAISS.
+
+The shard contract
+------------------
+:class:`~fastface.ShardedIndex`, :func:`fastface.dedup`, the gallery, and
+(later) Ray actors and GPU kernels talk to a shard only through these
+public members. All of them are safe to call from several threads while
+another thread adds or removes: a call works on the state it found when
+it started (writes publish a new state; they never change one in place).
+
+State (read-only)
+    ``params``, ``d``, ``ntotal``, ``is_trained``, ``read_only``;
+    ``codec`` (the trained codec, shared by every shard of a sharded index);
+    ``ids`` (ids in row order); ``vectors`` (raw vectors in row order, or
+    ``None``); ``list_runs`` (8-bit: the inverted lists in place, see
+    :mod:`fastface.index.lists`).
+Lookup
+    ``contains(ids)`` (mask), ``rows_of(ids)`` (row of each id, ``-1`` if
+    not held), ``live_ids()`` / ``live_rows()`` (searchable ids / rows),
+    ``get_vectors(ids)`` (stored vectors of ids, float32).
+Search, in three steps that compose
+    ``assign(q, nprobe)`` -> ``(Dq, Iq)``: the coarse assignment, which
+    depends on the codec only, so one assignment serves every shard;
+    ``scan(q, k, assignment, exclude=ids)`` -> ``(D, I)``: PQ scores of the
+    codes in the assigned lists, skipping the excluded ids (tombstones);
+    ``rescore(q, candidate_ids, k)`` -> ``(D, I)``: exact scores of
+    candidates held here (:mod:`fastface.kernels.exact`).
+    ``search(q, k, nprobe=, rerank=)`` is ``assign`` + ``scan`` (+ ``rescore``).
+Writing
+    ``train``, ``add``, ``remove``, ``copy()`` (cheap: the copy shares every
+    buffer and copies on write), ``save`` / ``load``, ``serialize()`` (the
+    FAISS file as byte chunks), ``to_faiss()``, ``from_faiss``, ``from_parts``.
+
+Results are ``(D, I)`` shaped ``(nq, k)``: float32 scores (inner product,
+larger is better; or squared L2) and int64 ids, padded with ``-1`` and
+``-inf`` (``+inf`` for L2). Equal scores are ordered by lower id, always; a
+top-``k`` is exact under that order, so splitting the same vectors over
+shards and merging (:func:`fastface._native.merge_topk`) gives the same bits
+as scanning them together (8-bit codes; 4-bit fast-scan leaves ties to FAISS).
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import threading
 from collections.abc import Iterable
-from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 
-from .._validation import as_ids, check_k, check_matrix, check_positive_int
-from ..errors import (
-    CorruptIndexError,
-    EmptyIndexError,
-    NotTrainedError,
-    ReadOnlyIndexError,
+from .._validation import (
+    as_id_array,
+    as_ids,
+    as_queries,
+    as_vectors,
+    check_k,
+    check_positive_int,
 )
-from . import storage
-from .vectors import STORE_DTYPES, VectorStore, check_storable
+from ..errors import CorruptIndexError, EmptyIndexError, NotTrainedError, ReadOnlyIndexError
+from . import faiss_format, lists, storage
+from .lists import ListRun
+from .params import STORE_DTYPES, Codec, IVFPQParams
+from .vectors import Rows, check_storable
 
-__all__ = ["IVFPQIndex", "IVFPQParams"]
+__all__ = ["IVFPQIndex", "IVFPQParams", "IdSet", "check_nprobe", "check_rerank", "sorted_unique"]
 
-FORMAT_VERSION = 1
-_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+FORMAT = "fastface.ivfpq"
+FORMAT_VERSION = 2
+#: Largest number of re-ranking candidates per query (``k * rerank``).
+MAX_CANDIDATES = 1 << 20
+_MAX_RUNS = 8
 
 
-@dataclass(frozen=True)
-class IVFPQParams:
-    """Parameters of an IVF-PQ codec.
+def check_nprobe(nprobe: Any, nlist: int) -> int:
+    """``nprobe`` as an int in ``1..nlist``; ``None`` means ``min(16, nlist)``."""
+    if nprobe is None:
+        return min(16, nlist)
+    nprobe = check_positive_int(nprobe, "nprobe")
+    if nprobe > nlist:
+        raise ValueError(
+            f"nprobe={nprobe} exceeds nlist={nlist}; pass nprobe <= nlist "
+            "(nprobe=nlist scans every list)"
+        )
+    return nprobe
 
-    Parameters
-    ----------
-    d : int
-        Vector dimension.
-    nlist : int
-        Number of inverted lists (coarse k-means centroids).
-    M : int
-        Number of PQ sub-quantizers; must divide ``d``.
-    nbits : {8, 4}
-        Bits per sub-quantizer code; 4 selects FAISS's fast-scan layout.
-    metric : {"ip", "l2"}
-        Inner product (the face metric, on unit vectors) or squared L2.
-    store_vectors : {"float16", "float32", None}
-        Keep the raw vectors beside the codes, in this precision, for exact
-        re-ranking (``search(..., rerank=f)``) and :func:`fastface.dedup`.
-        ``None`` keeps only the PQ codes, like a plain FAISS ``IndexIVFPQ``.
-        A record written before this option existed reads as ``None``.
 
-    Examples
-    --------
-    >>> IVFPQParams(512, 1024, 64).nbits
-    8
-    >>> IVFPQParams(512, 1024, 60)
-    Traceback (most recent call last):
-    ...
-    ValueError: M=60 must divide d=512; pick one of 1, 2, 4, 8, 16, 32, 64, 128, 256, 512
+def check_rerank(rerank: Any, k: int, params: IVFPQParams) -> int | None:
+    """``rerank`` as ``None`` or an int >= 1 with ``k * rerank <= MAX_CANDIDATES``."""
+    if rerank is None:
+        return None
+    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)):
+        raise TypeError(f"rerank: expected an int >= 1 or None, got {type(rerank).__name__}")
+    if rerank < 1:
+        raise ValueError(
+            f"rerank: expected an int >= 1 (candidates per result), got {rerank}; pass "
+            "rerank=None to skip re-ranking"
+        )
+    if params.store_vectors is None:
+        raise ValueError(
+            "rerank: this index keeps no raw vectors (store_vectors=None); create it with "
+            "IVFPQParams(..., store_vectors='float16') to re-rank"
+        )
+    if k * int(rerank) > MAX_CANDIDATES:
+        raise ValueError(
+            f"rerank: k * rerank = {k * int(rerank)} candidates per query exceeds "
+            f"{MAX_CANDIDATES}; lower k or rerank"
+        )
+    return int(rerank)
+
+
+def check_assignment(
+    assignment: Any, nq: int, nlist: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """A coarse assignment ``(Dq, Iq)`` for ``nq`` queries, as :meth:`IVFPQIndex.assign` returns."""
+    if not isinstance(assignment, tuple) or len(assignment) != 2:
+        raise TypeError("assignment: expected the (Dq, Iq) pair that assign() returns")
+    Dq = np.ascontiguousarray(assignment[0], dtype=np.float32)
+    Iq = np.asarray(assignment[1])
+    if Iq.dtype.kind not in "iu":
+        raise TypeError(f"assignment: list numbers must be integers, got {Iq.dtype}")
+    Iq = np.ascontiguousarray(Iq, dtype=np.int64)
+    if Dq.ndim != 2 or Dq.shape != Iq.shape or Dq.shape[0] != nq:
+        raise ValueError(
+            f"assignment: expected (Dq, Iq) shaped ({nq}, nprobe), got {Dq.shape} and {Iq.shape}"
+        )
+    if Iq.size and (int(Iq.min()) < -1 or int(Iq.max()) >= nlist):
+        raise ValueError(f"assignment: list numbers must be in -1..{nlist - 1}")
+    return Dq, Iq
+
+
+def sorted_unique(a: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Sorted unique values of an int64 array (by sorting: faster than NumPy's hashed unique)."""
+    s = np.sort(a.reshape(-1))
+    if s.size > 1:
+        s = s[np.concatenate(([True], s[1:] != s[:-1]))]
+    return s
+
+
+class IdSet:
+    """A set of ids, sorted and unique, built once and reused (e.g. tombstones).
+
+    Pass one as ``exclude=`` to :meth:`IVFPQIndex.scan` to skip re-checking
+    the ids on every call.
     """
 
-    d: int
-    nlist: int
-    M: int
-    _: KW_ONLY
-    nbits: int = 8
-    metric: Literal["ip", "l2"] = "ip"
-    store_vectors: Literal["float16", "float32"] | None = "float16"
+    __slots__ = ("_selector", "array")
 
-    def __post_init__(self) -> None:
-        check_positive_int(self.d, "d")
-        check_positive_int(self.nlist, "nlist")
-        check_positive_int(self.M, "M")
-        if self.d % self.M:
-            divisors = ", ".join(str(m) for m in range(1, self.d + 1) if self.d % m == 0)
-            raise ValueError(f"M={self.M} must divide d={self.d}; pick one of {divisors}")
-        if self.nbits not in (4, 8):
-            raise ValueError(f"nbits must be 8 or 4 (fast-scan), got {self.nbits!r}")
-        if self.metric not in _METRICS:
-            raise ValueError(f"metric must be 'ip' or 'l2', got {self.metric!r}")
-        if self.store_vectors is not None and self.store_vectors not in STORE_DTYPES:
-            raise ValueError(
-                f"store_vectors must be 'float16', 'float32' or None, got {self.store_vectors!r}"
-            )
+    def __init__(self, ids: npt.ArrayLike) -> None:
+        arr = sorted_unique(as_id_array(ids, "ids"))
+        arr.flags.writeable = False
+        self.array: npt.NDArray[np.int64] = arr
+        self._selector: tuple[Any, Any] | None = None
+
+    def __len__(self) -> int:
+        return int(self.array.size)
+
+    def contains(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Mask of which ``ids`` (int64) are in the set."""
+        arr = self.array
+        if arr.size == 0:
+            return np.zeros(np.shape(ids), bool)
+        pos = np.searchsorted(arr, ids)
+        np.minimum(pos, arr.size - 1, out=pos)
+        return arr[pos] == ids
+
+    def faiss_selector(self) -> Any:
+        """A FAISS selector that admits every id *not* in the set (built once)."""
+        if self._selector is None:
+            batch = faiss.IDSelectorBatch(self.array)
+            self._selector = (faiss.IDSelectorNot(batch), batch)  # Not does not own batch
+        return self._selector[0]
+
+
+def _exclusion(exclude: Any) -> IdSet | None:
+    if exclude is None:
+        return None
+    ids = exclude if isinstance(exclude, IdSet) else IdSet(exclude)
+    return ids if len(ids) else None
+
+
+class _State:
+    """One immutable state of a shard: rows (ids, vectors) and inverted lists."""
+
+    __slots__ = ("faiss", "ids", "lookup", "runs", "vectors")
+
+    def __init__(
+        self,
+        ids: Rows,
+        vectors: Rows | None,
+        runs: tuple[ListRun, ...],
+        faiss_index: Any,
+    ) -> None:
+        self.ids = ids
+        self.vectors = vectors
+        self.runs = runs
+        self.faiss = faiss_index  # 4-bit: a FAISS index holding the lists (never mutated)
+        self.lookup: tuple[Any, ...] | None = None
 
     @property
-    def larger_is_better(self) -> bool:
-        return self.metric == "ip"
+    def n(self) -> int:
+        return self.ids.n
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, obj: dict[str, Any]) -> IVFPQParams:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in obj.items() if k in fields}
-        kw.setdefault("store_vectors", None)  # written before vectors were stored
-        return cls(**kw)
-
-    def new_faiss_index(self) -> Any:
-        metric = _METRICS[self.metric]
-        quantizer: Any = (
-            faiss.IndexFlatIP(self.d) if self.metric == "ip" else faiss.IndexFlatL2(self.d)
-        )
-        index: Any
-        if self.nbits == 4:
-            index = faiss.IndexIVFPQFastScan(quantizer, self.d, self.nlist, self.M, 4, metric)
-        else:
-            index = faiss.IndexIVFPQ(quantizer, self.d, self.nlist, self.M, 8, metric)
-        index.own_fields = True
-        quantizer.this.disown()
-        return index
-
-
-def _pad_value(params: IVFPQParams) -> float:
-    return float("-inf") if params.larger_is_better else float("inf")
-
-
-def _invlist_ids(index: Any) -> npt.NDArray[np.int64]:
-    """All ids stored in an IVF index's inverted lists (list order)."""
-    invlists = index.invlists
-    parts = []
-    for lst in range(index.nlist):
-        n = invlists.list_size(lst)
-        if n:
-            ptr = invlists.get_ids(lst)
-            parts.append(faiss.rev_swig_ptr(ptr, n).copy())
-            invlists.release_ids(lst, ptr)
-    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+    def rows_of(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Row of each id, ``-1`` for unknown ids. Dense table when ids are compact."""
+        if self.n == 0:
+            return np.full(ids.shape, -1, np.int64)
+        if self.lookup is None:
+            arr = self.ids.array
+            order = np.argsort(arr, kind="stable").astype(np.int64)
+            srt = arr[order]
+            lo, span = int(srt[0]), int(srt[-1]) - int(srt[0]) + 1
+            table = None
+            if span <= 2 * srt.size + 1024:
+                table = np.full(span, -1, np.int64)
+                table[srt - lo] = order
+            self.lookup = (srt, order, lo, span, table)
+        srt, order, lo, span, table = self.lookup
+        if table is not None:
+            off = ids - lo
+            inside = (off >= 0) & (off < span)
+            return np.where(inside, table[np.where(inside, off, 0)], -1)
+        pos = np.searchsorted(srt, ids)
+        np.minimum(pos, srt.size - 1, out=pos)
+        return np.where(srt[pos] == ids, order[pos], -1)
 
 
 class IVFPQIndex:
-    """One IVF-PQ shard: FAISS ``IndexIVFPQ`` (or its fast-scan twin) with ids.
+    """One IVF-PQ shard: FAISS-compatible codes, ids and (optionally) raw vectors.
+
+    Create with parameters (then :meth:`train`) or with a trained
+    :class:`~fastface.index.params.Codec`; or :meth:`load` a saved one. See
+    the module docstring for the shard contract: :meth:`assign`,
+    :meth:`scan`, :meth:`rescore`, :meth:`live_ids`, :attr:`codec`...
+
+    Thread safety: any number of threads may search while one adds or
+    removes; each search sees the index as it was when it started. Writes
+    from several threads are serialised by a lock.
 
     Examples
     --------
@@ -149,45 +261,206 @@ class IVFPQIndex:
     >>> D, I = index.search(xb[:2], 5, nprobe=16, rerank=4)  # exact scores, from stored vectors
     >>> I[:, 0].tolist(), bool(abs(D[0, 0] - 1.0) < 1e-3)
     ([0, 1], True)
+    >>> assignment = index.assign(xb[:2], 16)                 # the same, step by step
+    >>> D2, I2 = index.scan(xb[:2], 5 * 4, assignment)
+    >>> np.array_equal(index.rescore(xb[:2], I2, 5)[1], I)
+    True
     """
 
-    def __init__(self, params: IVFPQParams, *, _faiss_index: Any = None) -> None:
-        if not isinstance(params, IVFPQParams):
-            raise TypeError(f"params: expected IVFPQParams, got {type(params).__name__}")
-        self.params = params
-        self._index = params.new_faiss_index() if _faiss_index is None else _faiss_index
-        self._ids = np.empty(0, np.int64)  # row order: the order vectors were added
-        self._ids_sorted: npt.NDArray[np.int64] | None = np.empty(0, np.int64)
-        self._id_rows: npt.NDArray[np.int64] | None = np.empty(0, np.int64)
-        self._dense_rows: npt.NDArray[np.int64] | None = None
-        self._store = VectorStore(params.store_vectors, params.d) if params.store_vectors else None
+    def __init__(self, params: IVFPQParams | Codec) -> None:
+        if isinstance(params, Codec):
+            self._codec: Codec | None = params
+            self.params = params.params
+        elif isinstance(params, IVFPQParams):
+            self._codec = None
+            self.params = params
+        else:
+            raise TypeError(f"params: expected IVFPQParams or Codec, got {type(params).__name__}")
         self._read_only = False
+        self._write_lock = threading.Lock()
+        self._state = self._empty_state()
 
-    # --- state -------------------------------------------------------------------------------
+    def _empty_state(self) -> _State:
+        p = self.params
+        vectors = Rows(STORE_DTYPES[p.store_vectors], (p.d,)) if p.store_vectors else None
+        runs: tuple[ListRun, ...] = ()
+        fidx = None
+        if self._codec is not None:
+            if p.nbits == 8:
+                runs = (ListRun.empty(p.nlist, p.code_size),)
+            else:
+                fidx = self._codec.faiss_index()
+        return _State(Rows(np.int64, ()), vectors, runs, fidx)
+
+    # --- construction from parts ---------------------------------------------------------------
+    @classmethod
+    def from_parts(
+        cls,
+        codec: Codec,
+        ids: npt.NDArray[np.int64],
+        *,
+        runs: Iterable[ListRun] | None = None,
+        faiss_index: Any = None,
+        vectors: npt.NDArray[Any] | None = None,
+        read_only: bool = False,
+    ) -> IVFPQIndex:
+        """An index over existing parts: ``ids`` in row order, their lists and raw vectors.
+
+        8-bit codecs take ``runs`` (:class:`~fastface.index.lists.ListRun`,
+        e.g. a shard's share of lists packed with other shards); 4-bit codecs
+        take a filled FAISS fast-scan index, which must not be changed after.
+        The lists must hold exactly ``ids``; ``vectors`` (row order) is
+        required when the codec's params store vectors. Nothing is copied.
+        """
+        obj = cls(codec)
+        p = obj.params
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if p.nbits == 8:
+            if runs is None or faiss_index is not None:
+                raise ValueError("from_parts: an 8-bit codec takes runs, not a FAISS index")
+            run_t = tuple(runs)
+            held = sum(r.n for r in run_t)
+        else:
+            if faiss_index is None or runs is not None:
+                raise ValueError("from_parts: a 4-bit codec takes a FAISS index, not runs")
+            run_t = ()
+            held = int(faiss_index.ntotal)
+        if held != ids.size:
+            raise CorruptIndexError(f"the lists hold {held} vectors, the ids {ids.size}")
+        vec_rows = None
+        if p.store_vectors is not None:
+            if vectors is None:
+                raise ValueError(
+                    f"vectors: the params keep raw vectors (store_vectors={p.store_vectors!r}); "
+                    f"pass the {ids.size} vectors in ids order"
+                )
+            want = np.dtype(STORE_DTYPES[p.store_vectors])
+            if vectors.ndim != 2 or vectors.shape != (ids.size, p.d) or vectors.dtype != want:
+                raise CorruptIndexError(
+                    f"stored vectors hold {vectors.dtype} {tuple(vectors.shape)}, expected "
+                    f"{want} ({ids.size}, {p.d})"
+                )
+            vec_rows = Rows.of(vectors)
+        ids_ro = ids.view()
+        ids_ro.flags.writeable = False
+        obj._state = _State(Rows.of(ids_ro), vec_rows, run_t, faiss_index)
+        obj._read_only = bool(read_only)
+        return obj
+
+    @classmethod
+    def from_faiss(
+        cls,
+        params: IVFPQParams,
+        index: Any,
+        ids: Iterable[int] | None = None,
+        vectors: npt.NDArray[Any] | None = None,
+    ) -> IVFPQIndex:
+        """Wrap a trained (and possibly filled) FAISS ``IndexIVFPQ`` / ``IndexIVFPQFastScan``.
+
+        The lists are copied; ``index`` stays the caller's. ``ids`` gives the
+        row order of the vectors (default: the lists' order) and ``vectors``
+        their raw values in that order (required when ``params`` store
+        vectors and the index is not empty).
+        """
+        want = faiss.IndexIVFPQFastScan if params.nbits == 4 else faiss.IndexIVFPQ
+        index = faiss.downcast_index(index)
+        if not isinstance(index, want) or type(index) not in (
+            faiss.IndexIVFPQ,
+            faiss.IndexIVFPQFastScan,
+        ):
+            raise TypeError(
+                f"index: expected a faiss.{want.__name__} for nbits={params.nbits}, got "
+                f"{type(index).__name__}"
+            )
+        if not index.is_trained:
+            raise NotTrainedError("index: the FAISS index is not trained")
+        codec = Codec(params, index)
+        data = np.frombuffer(bytes(faiss.serialize_index(index)), np.uint8)
+        layout = faiss_format.parse(data, "faiss index")
+        layout.check(params)
+        if params.nbits == 8:
+            run = ListRun.from_layout(data, layout)
+            list_ids = run.list_ids()
+            fidx = None
+            runs: tuple[ListRun, ...] | None = (run,)
+        else:
+            fidx = faiss.clone_index(index)
+            list_ids = _fastscan_ids(data, layout)
+            runs = None
+        if ids is None:
+            row_ids = list_ids
+        else:
+            row_ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+            row_ids = as_ids(row_ids, list_ids.size)
+            if not np.array_equal(np.sort(row_ids), np.sort(list_ids)):
+                raise ValueError("ids: must be the ids stored in the index, in row order")
+        if params.store_vectors is not None and vectors is None and row_ids.size == 0:
+            vectors = np.empty((0, params.d), STORE_DTYPES[params.store_vectors])
+        if vectors is not None and params.store_vectors is not None:
+            vectors = np.ascontiguousarray(vectors, dtype=STORE_DTYPES[params.store_vectors])
+        return cls.from_parts(
+            codec, row_ids, runs=runs, faiss_index=fidx, vectors=vectors, read_only=False
+        )
+
+    def view(self) -> IVFPQIndex:
+        """A read-only index sharing this one's current state (later writes here do not show)."""
+        obj = self.copy()
+        obj._read_only = True
+        return obj
+
+    def with_vectors(self, vectors: npt.NDArray[Any]) -> IVFPQIndex:
+        """A copy whose stored vectors are ``vectors`` (same shape and dtype; e.g. a memory map)."""
+        st = self._state
+        if st.vectors is None:
+            raise ValueError("with_vectors: this index keeps no raw vectors")
+        if vectors.shape != (st.n, self.d) or vectors.dtype != st.vectors.dtype:
+            raise ValueError(
+                f"with_vectors: expected {st.vectors.dtype} ({st.n}, {self.d}), got "
+                f"{vectors.dtype} {tuple(vectors.shape)}"
+            )
+        obj = self.copy()
+        obj._state = _State(st.ids, Rows.of(vectors), st.runs, st.faiss)
+        return obj
+
+    def copy(self) -> IVFPQIndex:
+        """A writable copy that shares every buffer with this index (copy on write)."""
+        if self._codec is None:
+            return IVFPQIndex(self.params)
+        obj = IVFPQIndex(self._codec)
+        st = self._state
+        obj._state = _State(st.ids, st.vectors, st.runs, st.faiss)
+        return obj
+
+    # --- state ---------------------------------------------------------------------------------
     @property
     def d(self) -> int:
         return self.params.d
 
     @property
     def ntotal(self) -> int:
-        """Number of searchable vectors (hidden ones excluded)."""
-        return int(self._index.ntotal)
-
-    @property
-    def n_rows(self) -> int:
-        """Number of stored rows: ``ntotal`` plus rows hidden by :meth:`hide`."""
-        return int(self._ids.size)
+        """Number of vectors held (all searchable)."""
+        return self._state.n
 
     @property
     def is_trained(self) -> bool:
-        return bool(self._index.is_trained)
+        return self._codec is not None
+
+    @property
+    def read_only(self) -> bool:
+        """True for an index loaded with ``mmap=True`` and for the shards of a ShardedIndex."""
+        return self._read_only
+
+    @property
+    def codec(self) -> Codec:
+        """The trained codec (read-only, shared); raises ``NotTrainedError`` before training."""
+        if self._codec is None:
+            raise NotTrainedError("index is not trained; call train(x) first")
+        return self._codec
 
     @property
     def ids(self) -> npt.NDArray[np.int64]:
-        """Ids of the stored vectors, in the order they were added (read-only view)."""
-        view = self._ids.view()
-        view.flags.writeable = False
-        return view
+        """Ids of the stored vectors, in row order (read-only view)."""
+        return self._state.ids.array
 
     @property
     def vectors(self) -> npt.NDArray[Any] | None:
@@ -195,11 +468,13 @@ class IVFPQIndex:
 
         A memory map for an index loaded from disk: indexing it reads only the rows asked for.
         """
-        if self._store is None:
-            return None
-        view = self._store.array.view()
-        view.flags.writeable = False
-        return view
+        st = self._state
+        return None if st.vectors is None else st.vectors.array
+
+    @property
+    def list_runs(self) -> tuple[ListRun, ...]:
+        """8-bit codecs: the inverted lists in place (several runs may share a list)."""
+        return self._state.runs
 
     def __len__(self) -> int:
         return self.ntotal
@@ -211,55 +486,49 @@ class IVFPQIndex:
             f"ntotal={self.ntotal}, is_trained={self.is_trained})"
         )
 
+    # --- lookup --------------------------------------------------------------------------------
     def contains(self, ids: npt.ArrayLike) -> npt.NDArray[np.bool_]:
-        """Boolean mask: which of ``ids`` are stored here."""
-        arr = np.asarray(ids, dtype=np.int64)
-        srt = self._sorted_ids()
-        if srt.size == 0:  # nothing stored (indexing srt below would fail)
-            return np.zeros(arr.shape, bool)
-        pos = np.searchsorted(srt, arr)
-        pos[pos >= srt.size] = 0
-        return srt[pos] == arr
+        """Boolean mask: which of ``ids`` (integers, any shape) are stored here."""
+        arr = np.asarray(ids)
+        flat = as_id_array(arr)
+        return (self._state.rows_of(flat) >= 0).reshape(arr.shape)
 
-    def _sorted_ids(self) -> npt.NDArray[np.int64]:
-        if self._ids_sorted is None:
-            order = np.argsort(self._ids, kind="stable")
-            self._ids_sorted = self._ids[order]
-            self._id_rows = order.astype(np.int64, copy=False)
-            self._dense_rows = None
-        return self._ids_sorted
+    def rows_of(self, ids: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """Row of each id (same shape as ``ids``), ``-1`` where the id is not stored here."""
+        arr = np.asarray(ids)
+        flat = as_id_array(arr)
+        return self._state.rows_of(flat).reshape(arr.shape)
 
-    def _rows_of(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        """Row of each id in the stored order, ``-1`` for ``-1`` or unknown ids.
+    def live_ids(self) -> npt.NDArray[np.int64]:
+        """Ids of the searchable vectors, in row order (a copy)."""
+        return np.array(self._state.ids.array)
 
-        Ids spanning at most ``2 * ntotal`` values (the usual case: ids handed
-        out in order) use a dense table, one gather; others binary search.
+    def live_rows(self) -> npt.NDArray[np.int64]:
+        """Rows of the searchable vectors (all rows of a shard), ascending."""
+        return np.arange(self._state.n, dtype=np.int64)
+
+    def get_vectors(self, ids: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """The stored raw vectors of ``ids`` as float32 ``(len(ids), d)``.
+
+        Unknown ids raise ``KeyError``.
         """
-        srt = self._sorted_ids()
-        assert self._id_rows is not None
-        if srt.size == 0:
-            return np.full(ids.shape, -1, np.int64)
-        lo, span = int(srt[0]), int(srt[-1]) - int(srt[0]) + 1
-        if span <= 2 * srt.size + 1024:
-            if self._dense_rows is None:
-                table = np.full(span, -1, np.int64)
-                table[srt - lo] = self._id_rows
-                self._dense_rows = table
-            off = ids - lo
-            inside = (off >= 0) & (off < span)
-            return np.where(inside, self._dense_rows[np.where(inside, off, 0)], -1)
-        pos = np.searchsorted(srt, ids)
-        np.minimum(pos, srt.size - 1, out=pos)
-        return np.where(srt[pos] == ids, self._id_rows[pos], -1)
+        st = self._state
+        if st.vectors is None:
+            raise ValueError("get_vectors: this index keeps no raw vectors (store_vectors=None)")
+        flat = as_id_array(ids)
+        rows = st.rows_of(flat)
+        if (rows < 0).any():
+            raise KeyError(f"ids not stored here, e.g. {int(flat[rows < 0][0])}")
+        return np.asarray(st.vectors.array[rows], dtype=np.float32)
 
+    # --- train / add / remove ------------------------------------------------------------------
     def _check_writable(self) -> None:
         if self._read_only:
             raise ReadOnlyIndexError(
-                "this index was loaded with mmap=True and is read-only; load it with "
-                "mmap=False to change it"
+                "this index is read-only (loaded with mmap=True, or a shard of a ShardedIndex); "
+                "load it with mmap=False, or call copy(), to change it"
             )
 
-    # --- train / add ---------------------------------------------------------------------------
     def train(
         self, x: npt.NDArray[np.float32], *, max_points: int | None = None, seed: int = 0
     ) -> None:
@@ -269,24 +538,11 @@ class IVFPQIndex:
         used, sampled without replacement with ``seed``; ``x`` may be a memory map.
         """
         self._check_writable()
-        if self.is_trained:
-            raise RuntimeError("index is already trained; create a new IVFPQIndex to retrain")
-        need = max(self.params.nlist, 2**self.params.nbits)
-        limit = max_points if max_points is not None else max(256 * self.params.nlist, 65536)
-        if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > limit:
-            n = x.shape[0]
-            rows = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
-            x = np.asarray(x[rows])
-        x = check_matrix(x, "x", d=self.d)
-        if x.shape[0] < need:
-            raise ValueError(
-                f"x: training needs at least {need} vectors (nlist={self.params.nlist}, "
-                f"2**nbits={2**self.params.nbits}), got {x.shape[0]}; pass more data or "
-                "lower nlist"
-            )
-        self._index.cp.seed = seed
-        self._index.pq.cp.seed = seed
-        self._index.train(x)
+        with self._write_lock:
+            if self.is_trained:
+                raise RuntimeError("index is already trained; create a new IVFPQIndex to retrain")
+            self._codec = train_codec(self.params, x, max_points=max_points, seed=seed)
+            self._state = self._empty_state()
 
     def add(
         self,
@@ -295,54 +551,182 @@ class IVFPQIndex:
         *,
         batch_size: int = 65536,
     ) -> npt.NDArray[np.int64]:
-        """Add vectors, in batches of ``batch_size`` rows; returns their ids.
+        """Add vectors (2-D; float16/32/64, cast to float32); returns their ids.
 
         Without ``ids`` the vectors get consecutive ids after the largest one
-        stored. Ids must be unique across the index.
+        stored. Ids must be unique across the index. Nothing changes if this
+        raises.
         """
         self._check_writable()
         if not self.is_trained:
             raise NotTrainedError("index is not trained; call train(x) before add(x)")
-        x = check_matrix(x, "x", d=self.d, allow_empty=True)
+        x = as_vectors(x, "x", d=self.d, allow_empty=True)
         check_storable(x, self.params.store_vectors)
-        n = x.shape[0]
-        if ids is None:
-            start = int(self._ids.max()) + 1 if self._ids.size else 0
-            id_arr = np.arange(start, start + n, dtype=np.int64)
-        else:
-            id_arr = as_ids(ids, n)
-            taken = self.contains(id_arr)
-            if taken.any():
-                raise ValueError(
-                    f"ids: {int(taken.sum())} id(s) already in the index, e.g. "
-                    f"{int(id_arr[taken][0])}; remove them first or pass new ids"
-                )
-        self._add_checked(x, id_arr, batch_size)
+        batch_size = check_positive_int(batch_size, "batch_size")
+        with self._write_lock:
+            st = self._state
+            id_arr = self._new_ids(st, ids, x.shape[0])
+            self._state = self._added(st, x, id_arr, batch_size)
         return id_arr
 
-    def _add_checked(
-        self, x: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], batch_size: int
-    ) -> None:
-        batch_size = check_positive_int(batch_size, "batch_size")
-        for s in range(0, x.shape[0], batch_size):
-            self._index.add_with_ids(x[s : s + batch_size], ids[s : s + batch_size])
-        if ids.size:
-            self._ids = np.concatenate([self._ids, ids])
-            self._ids_sorted = None
-            if self._store is not None:
-                self._store.append(x)
-
-    # --- search -------------------------------------------------------------------------------
-    def _check_nprobe(self, nprobe: int | None) -> int:
-        if nprobe is None:
-            return min(16, self.params.nlist)
-        nprobe = check_positive_int(nprobe, "nprobe")
-        if nprobe > self.params.nlist:
+    def _new_ids(self, st: _State, ids: Any, n: int) -> npt.NDArray[np.int64]:
+        if ids is None:
+            start = int(st.ids.array.max()) + 1 if st.n else 0
+            return consecutive_ids(start, n)
+        id_arr = as_ids(ids, n)
+        taken = st.rows_of(id_arr) >= 0
+        if taken.any():
             raise ValueError(
-                f"nprobe={nprobe} exceeds nlist={self.params.nlist}; pass nprobe <= nlist "
-                "(nprobe=nlist scans every list)"
+                f"ids: {int(taken.sum())} id(s) already in the index, e.g. "
+                f"{int(id_arr[taken][0])}; remove them first or pass new ids"
             )
-        return nprobe
+        return id_arr
+
+    def _added(
+        self, st: _State, x: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], batch_size: int
+    ) -> _State:
+        """The state with ``x`` added (a new state; ``st`` is unchanged)."""
+        if ids.size == 0:
+            return st
+        codec = self.codec
+        p = self.params
+        runs = st.runs
+        fidx = st.faiss
+        if p.nbits == 8:
+            new_runs = list(runs)
+            for s in range(0, x.shape[0], batch_size):
+                lst, codes = codec.encode(x[s : s + batch_size])
+                new_runs.append(lists.from_encoded(lst, codes, ids[s : s + batch_size], p.nlist))
+            runs = _settle_runs(new_runs, p.nlist, p.code_size)
+        else:
+            fidx = faiss.clone_index(st.faiss)  # fast-scan lists change in place: copy first
+            for s in range(0, x.shape[0], batch_size):
+                fidx.add_with_ids(x[s : s + batch_size], ids[s : s + batch_size])
+        vectors = None if st.vectors is None else st.vectors.append(x)
+        return _State(st.ids.append(ids), vectors, runs, fidx)
+
+    def remove(self, ids: npt.ArrayLike) -> int:
+        """Remove vectors by id (integers); returns how many were removed (unknown ids ignored)."""
+        self._check_writable()
+        arr = sorted_unique(as_id_array(ids))
+        with self._write_lock:
+            st = self._state
+            new, removed = self._removed(st, arr)
+            self._state = new
+        return removed
+
+    def _removed(self, st: _State, arr: npt.NDArray[np.int64]) -> tuple[_State, int]:
+        present = arr[st.rows_of(arr) >= 0]
+        if present.size == 0:
+            return st, 0
+        keep = ~np.isin(st.ids.array, present)
+        p = self.params
+        if p.nbits == 8:
+            runs: tuple[ListRun, ...] = (
+                lists.filtered(lists.concat(st.runs, p.nlist, p.code_size), present),
+            )
+            fidx = None
+        else:
+            runs = ()
+            fidx = faiss.clone_index(st.faiss)
+            fidx.remove_ids(faiss.IDSelectorBatch(present))
+        vectors = None if st.vectors is None else st.vectors.take(keep)
+        return _State(st.ids.take(keep), vectors, runs, fidx), int(present.size)
+
+    # --- search --------------------------------------------------------------------------------
+    def _check_searchable(self) -> Codec:
+        if self._codec is None:
+            raise NotTrainedError("index is not trained; call train(x) and add(x) before search")
+        return self._codec
+
+    def assign(
+        self, q: npt.NDArray[np.float32], nprobe: int | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Coarse assignment: the ``nprobe`` nearest lists of each query, ``(Dq, Iq)``.
+
+        Depends only on the codec, so shards sharing a codec share it: pass it
+        to :meth:`scan` of each. ``nprobe`` defaults to ``min(16, nlist)``.
+        """
+        codec = self._check_searchable()
+        nprobe = check_nprobe(nprobe, self.params.nlist)
+        q = as_queries(q, "q", d=self.d)
+        return codec.assign(q, nprobe)
+
+    def scan(
+        self,
+        q: npt.NDArray[np.float32],
+        k: int,
+        assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+        *,
+        exclude: IdSet | npt.ArrayLike | None = None,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """PQ top-``k`` of each query over its assigned lists, never returning ``exclude`` ids.
+
+        ``assignment`` is :meth:`assign`'s result (of this codec) for the
+        same queries. Scores are PQ estimates (exact for the codes), ordered
+        better first, equal scores by lower id; padded with ``-1``. An empty
+        index returns padding.
+        """
+        codec = self._check_searchable()
+        k = check_k(k)
+        q = as_queries(q, "q", d=self.d)
+        a = check_assignment(assignment, q.shape[0], self.params.nlist)
+        return self._scan(self._state, codec, q, k, a, _exclusion(exclude))
+
+    def _scan(
+        self,
+        st: _State,
+        codec: Codec,
+        q: npt.NDArray[np.float32],
+        k: int,
+        assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+        exclude: IdSet | None,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        if self.params.nbits == 8:
+            ex = None if exclude is None else exclude.array
+            return lists.scan(codec, q, k, assignment, st.runs, ex)
+        return fastscan_scan(self.params, st.faiss, q, k, assignment, exclude)
+
+    def rescore(
+        self, q: npt.NDArray[np.float32], ids: npt.ArrayLike, k: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Exact top-``k`` of each query among candidate ``ids`` held here (others skipped).
+
+        ``ids``: shape ``(nq, m)`` (one candidate list per query) or ``(m,)``
+        (the same candidates for every query); ``-1`` entries are skipped.
+        Scores come from the stored vectors (:mod:`fastface.kernels.exact`);
+        equal scores are ordered by lower id.
+        """
+        self._check_searchable()
+        if self.params.store_vectors is None:
+            raise ValueError(
+                "rescore: this index keeps no raw vectors (store_vectors=None); create it with "
+                "IVFPQParams(..., store_vectors='float16')"
+            )
+        k = check_k(k)
+        q = as_queries(q, "q", d=self.d)
+        cand = np.asarray(ids)
+        flat = as_id_array(cand, "ids")
+        if cand.ndim == 1:
+            cand2 = np.broadcast_to(flat, (q.shape[0], flat.size))
+        elif cand.ndim == 2 and cand.shape[0] == q.shape[0]:
+            cand2 = flat.reshape(cand.shape)
+        else:
+            raise ValueError(
+                f"ids: expected shape ({q.shape[0]}, m) or (m,), got {tuple(cand.shape)}"
+            )
+        if cand2.shape[1] > MAX_CANDIDATES:
+            raise ValueError(f"ids: at most {MAX_CANDIDATES} candidates per query")
+        return self._rescore(self._state, q, np.ascontiguousarray(cand2), k)
+
+    def _rescore(
+        self, st: _State, q: npt.NDArray[np.float32], cand: npt.NDArray[np.int64], k: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        from ..kernels.exact import rescore
+
+        assert st.vectors is not None
+        rows = np.ascontiguousarray(st.rows_of(cand))
+        return rescore(q, st.vectors.array, rows, cand, k, metric=self.params.metric)
 
     def search(
         self,
@@ -352,266 +736,325 @@ class IVFPQIndex:
         nprobe: int | None = None,
         rerank: int | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Top-``k`` neighbours of each row of ``q``: approximate, or exact among candidates.
+        """Top-``k`` neighbours of each query: approximate, or exact among candidates.
 
-        Returns ``(D, I)`` shaped ``(nq, k)``: scores (inner product, larger is
+        ``q`` is ``(nq, d)`` or one query ``(d,)`` (float16/32/64). Returns
+        ``(D, I)`` shaped ``(nq, k)``: scores (inner product, larger is
         better; or squared L2, smaller is better) and ids, padded with ``-1``
-        and ``-inf`` (``+inf`` for L2) where fewer than ``k`` are found.
-        ``nprobe`` lists are scanned per query (default ``min(16, nlist)``).
+        and ``-inf`` (``+inf`` for L2) where fewer than ``k`` are found; equal
+        scores list the lower id first. ``nprobe`` lists are scanned per query
+        (default ``min(16, nlist)``); ``k`` is at most
+        :data:`fastface._validation.MAX_K`.
 
-        With ``rerank=f`` IVF-PQ proposes ``k * f`` candidates per query and
-        each is re-scored exactly (float32 sums) against the stored vectors;
-        scores are then exact and equal scores list the lower id first. It
-        needs an index created with ``store_vectors`` set.
+        With ``rerank=f`` IVF-PQ proposes the ``k * f`` best candidates per
+        query and each is re-scored exactly (float32 sums) against the stored
+        vectors; scores are then exact. It needs ``store_vectors`` set.
         """
-        if not self.is_trained:
-            raise NotTrainedError("index is not trained; call train(x) and add(x) before search")
-        if self.ntotal == 0:
+        codec = self._check_searchable()
+        st = self._state
+        if st.n == 0:
             raise EmptyIndexError("index is empty; add(x) vectors before searching")
         k = check_k(k)
-        nprobe = self._check_nprobe(nprobe)
-        factor = self._check_rerank(rerank)
-        q = check_matrix(q, "q", d=self.d)
+        nprobe = check_nprobe(nprobe, self.params.nlist)
+        factor = check_rerank(rerank, k, self.params)
+        q = as_queries(q, "q", d=self.d)
+        assignment = codec.assign(q, nprobe)
         if factor is None:
-            return self._search(q, k, nprobe, None)
-        _, cand = self._search(q, k * factor, nprobe, None)
-        return self._rerank(q, cand, k)
+            return self._scan(st, codec, q, k, assignment, None)
+        _, cand = self._scan(st, codec, q, k * factor, assignment, None)
+        return self._rescore(st, q, cand, k)
 
-    def _check_rerank(self, rerank: int | None) -> int | None:
-        if rerank is None:
-            return None
-        if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)):
-            raise TypeError(f"rerank: expected an int >= 1 or None, got {type(rerank).__name__}")
-        if rerank < 1:
-            raise ValueError(
-                f"rerank: expected an int >= 1 (candidates per result), got {rerank}; pass "
-                "rerank=None to skip re-ranking"
-            )
-        if self._store is None:
-            raise ValueError(
-                "rerank: this index keeps no raw vectors (store_vectors=None); create it with "
-                "IVFPQParams(..., store_vectors='float16') to re-rank"
-            )
-        return int(rerank)
+    # --- persistence ---------------------------------------------------------------------------
+    def serialize(self) -> list[Any]:
+        """The index as a FAISS file (``IndexIVFPQ`` / ``IndexIVFPQFastScan``), in chunks.
 
-    def _rerank(
-        self, q: npt.NDArray[np.float32], cand: npt.NDArray[np.int64], k: int
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Exact top-``k`` of candidate ids ``cand`` (``-1`` skipped); no validation."""
-        from ..kernels.rerank import rerank_f16, rerank_f32
-
-        assert self._store is not None
-        rows = self._rows_of(cand)
-        D = np.full((q.shape[0], k), _pad_value(self.params), np.float32)
-        I = np.full((q.shape[0], k), -1, np.int64)
-        l2 = self.params.metric == "l2"
-        base = self._store.array
-        if base.dtype == np.float16:
-            rerank_f16(q, base.view(np.uint16), rows, cand, l2, D, I)
-        else:
-            rerank_f32(q, base, rows, cand, l2, D, I)
-        return D, I
-
-    def _search(
-        self,
-        q: npt.NDArray[np.float32],
-        k: int,
-        nprobe: int,
-        exclude: Any,
-        coarse: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] | None = None,
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Search without validation; ``exclude`` drops ids inside the scan.
-
-        ``coarse`` is a precomputed ``(Dq, Iq)`` coarse assignment (``nq x nprobe``)
-        from a quantizer equal to this index's: shards that share one codec
-        quantize each query once instead of once per shard.
+        ``b"".join(index.serialize())`` is what ``faiss.serialize_index``
+        writes for the same index, and ``faiss.read_index`` reads it.
         """
-        nq = q.shape[0]
-        if self.ntotal == 0:
-            D = np.full((nq, k), _pad_value(self.params), np.float32)
-            return D, np.full((nq, k), -1, np.int64)
-        params = faiss.SearchParametersIVF()
-        params.nprobe = nprobe
-        if exclude is not None:
-            params.sel = exclude
-        if coarse is None:
-            D, I = self._index.search(q, k, params=params)
-        else:
-            Dq, Iq = coarse
-            D = np.empty((nq, k), np.float32)
-            I = np.empty((nq, k), np.int64)
-            self._index.search_preassigned_c(
-                nq,
-                faiss.swig_ptr(q),
-                k,
-                faiss.swig_ptr(Iq),
-                faiss.swig_ptr(Dq),
-                faiss.swig_ptr(D),
-                faiss.swig_ptr(I),
-                False,
-                params,
-            )
-        missing = I < 0
-        if missing.any():
-            D[missing] = _pad_value(self.params)
-        return D, I
+        codec = self.codec
+        st = self._state
+        if self.params.nbits == 4:
+            return [bytes(faiss.serialize_index(st.faiss))]
+        return shard_file_chunks(codec, st.runs)
 
-    # --- remove -------------------------------------------------------------------------------
-    def remove(self, ids: npt.ArrayLike) -> int:
-        """Remove vectors by id; returns how many were removed (unknown ids are ignored)."""
-        self._check_writable()
-        arr = np.unique(np.asarray(ids, dtype=np.int64).ravel())
-        present = arr[self.contains(arr)]
-        if present.size == 0:
-            return 0
-        # hidden rows are already gone from the lists; the count is of stored rows
-        self._index.remove_ids(faiss.IDSelectorBatch(present))
-        removed = int(present.size)
-        keep = ~np.isin(self._ids, present)
-        self._ids = self._ids[keep]
-        self._ids_sorted = None
-        if self._store is not None:
-            self._store.keep(keep)
-        return removed
+    def to_faiss(self) -> Any:
+        """A FAISS index holding a copy of this index's codes and ids."""
+        if self._codec is None:
+            return self.params.new_faiss_index()
+        data = np.frombuffer(b"".join(self.serialize()), np.uint8)
+        return faiss.deserialize_index(data)
 
-    def hide(self, ids: npt.ArrayLike) -> int:
-        """Drop ``ids`` from the in-memory inverted lists only; returns how many were hidden.
+    def save(self, path: str | Path, *, file_mode: int = 0o600) -> None:
+        """Write the index to ``path``, its raw vectors beside it, and a checksummed record.
 
-        The rows (ids, stored vectors) stay, so the index still matches the
-        files it was loaded from, and search costs what it costs without the
-        hidden vectors (no filter in the scan). :meth:`remove` later drops the
-        rows too. Not available on a memory-mapped index.
-        """
-        if self._read_only:
-            raise ReadOnlyIndexError("a memory-mapped index cannot hide vectors in memory")
-        arr = np.unique(np.asarray(ids, dtype=np.int64).ravel())
-        if arr.size == 0:
-            return 0
-        return int(self._index.remove_ids(faiss.IDSelectorBatch(arr)))
-
-    # --- persistence --------------------------------------------------------------------------
-    def to_bytes(self) -> bytes:
-        return bytes(faiss.serialize_index(self._index))
-
-    @classmethod
-    def from_faiss(
-        cls,
-        params: IVFPQParams,
-        index: Any,
-        ids: Iterable[int] | None = None,
-        vectors: npt.NDArray[Any] | None = None,
-    ) -> IVFPQIndex:
-        """Wrap a filled FAISS index; ``vectors`` are its raw vectors in ``ids`` order.
-
-        With ``params.store_vectors`` set, ``vectors`` is required unless the index is empty.
-        """
-        obj = cls(params, _faiss_index=index)
-        obj._ids = _invlist_ids(index) if ids is None else np.asarray(ids, dtype=np.int64)
-        obj._ids_sorted = None
-        if obj._ids.size != index.ntotal:
-            raise CorruptIndexError(
-                f"ids count {obj._ids.size} does not match the index's {index.ntotal} vectors"
-            )
-        if obj._store is not None and (vectors is not None or index.ntotal):
-            if vectors is None:
-                raise ValueError(
-                    "vectors: the params keep raw vectors (store_vectors="
-                    f"{params.store_vectors!r}); pass the {index.ntotal} vectors in ids order"
-                )
-            if vectors.shape[0] != index.ntotal:
-                raise CorruptIndexError(
-                    f"stored vectors hold {vectors.shape[0]} rows, the index {index.ntotal}"
-                )
-            obj._store.attach(vectors)
-        return obj
-
-    def _vectors_path(self, path: Path) -> Path:
-        return path.with_name(vectors_file_name(path))
-
-    def save(self, path: str | Path) -> None:
-        """Write the index to ``path`` and its checksum record to ``path + '.json'``.
-
-        Both are written atomically; the data file first, so a crash leaves an
-        old record that no longer matches (detected on load), never a silent mix.
+        Files: ``path`` (FAISS format), ``path.vectors.npy`` (when vectors are
+        stored) and ``path.json`` (sizes and SHA-256 of both, written last).
+        Each is written atomically, created with ``file_mode`` (owner-only by
+        default); a crash leaves an old record that no longer matches the new
+        data (detected on load), never a silent mix.
         """
         path = Path(path)
-        rec = storage.atomic_write_bytes(path, self.to_bytes())
-        meta = {
-            "format": "fastface.ivfpq",
+        st = self._state
+        rec = storage.atomic_write(path, self.serialize(), mode=file_mode)
+        meta: dict[str, Any] = {
+            "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "params": self.params.to_dict(),
-            "ntotal": self.ntotal,
+            "ntotal": st.n,
             "data": rec,
         }
-        if self._store is not None:
-            # load() takes the ids from the inverted lists, in list order: store the
-            # vectors in that order so that rows keep matching ids
-            rows = self._rows_of(_invlist_ids(self._index))
+        if st.vectors is not None:
+            # load() takes the ids from the lists, in list order: store vectors in that order
+            rows = st.rows_of(_list_order_ids(self.params, st))
             meta["vectors"] = storage.atomic_write_npy(
-                self._vectors_path(path), self._store.array[rows]
+                path.with_name(vectors_file_name(path)), st.vectors.array[rows], mode=file_mode
             )
-        storage.atomic_write_json(path.with_name(path.name + ".json"), meta)
+        storage.atomic_write_json(
+            path.with_name(path.name + ".json"), storage.seal(meta), mode=file_mode
+        )
 
     @classmethod
     def load(cls, path: str | Path, *, mmap: bool = False) -> IVFPQIndex:
-        """Read an index written by :meth:`save`, verifying its checksum.
+        """Read an index written by :meth:`save`, verifying checksums and the FAISS header.
 
-        With ``mmap=True`` the inverted lists stay in the file (memory-mapped)
-        and the index is read-only. Stored raw vectors (the ``.vectors.npy``
-        sidecar written by :meth:`save`) are always memory-mapped after their
-        checksum is verified; a change copies the kept rows into memory.
+        With ``mmap=True`` the codes stay in the file (memory-mapped) and the
+        index is read-only. Stored raw vectors are always memory-mapped.
         """
         path = Path(path)
-        if not path.exists():
+        meta_path = path.with_name(path.name + ".json")
+        if not path.exists() and not meta_path.exists():
             raise FileNotFoundError(f"{path}: no such index file")
-        meta = storage.read_json_checked(
-            path.with_name(path.name + ".json"), kind="fastface.ivfpq", max_version=FORMAT_VERSION
-        )
-        rec = dict(meta["data"], file=path.name)
-        storage.verify_file(path.parent, rec)
-        params = IVFPQParams.from_dict(meta["params"])
-        vectors = None
-        if params.store_vectors is not None:
-            if not meta.get("vectors"):
-                raise CorruptIndexError(
-                    f"{path}.json: store_vectors={params.store_vectors!r} but no vectors file "
-                    "is recorded",
-                    str(path),
+        meta = storage.read_manifest(meta_path, kind=FORMAT, max_version=FORMAT_VERSION)
+        try:
+            params = IVFPQParams.from_dict(meta["params"])
+            ntotal = meta["ntotal"]
+            if isinstance(ntotal, bool) or not isinstance(ntotal, int) or ntotal < 0:
+                raise ValueError(f"ntotal {ntotal!r}")
+            data_rec = storage.check_record(dict(meta["data"], file=path.name), "data")
+            vec_rec = None
+            if params.store_vectors is not None:
+                vec_rec = storage.check_record(
+                    dict(meta["vectors"], file=vectors_file_name(path)), "vectors"
                 )
-            vrec = dict(meta["vectors"], file=vectors_file_name(path))
-            vectors = load_vectors(storage.verify_file(path.parent, vrec), params)
-        obj = cls.from_faiss(params, read_faiss_index(path, mmap=mmap), vectors=vectors)
-        obj._read_only = mmap
-        return obj
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptIndexError(f"{meta_path}: bad record ({e})", str(meta_path)) from e
+        data = storage.open_verified(path.parent, data_rec, in_memory=not mmap)
+        vectors = None
+        if vec_rec is not None:
+            vfile = storage.open_verified(path.parent, vec_rec)
+            vectors = storage.npy_array(
+                vfile, STORE_DTYPES[params.store_vectors or "float32"], (ntotal, params.d)
+            )
+        return load_shard(params, None, data, vectors, ntotal=ntotal, ids=None, read_only=mmap)
+
+
+# --- helpers shared with sharded.py ---------------------------------------------------------------
+
+
+def consecutive_ids(start: int, n: int) -> npt.NDArray[np.int64]:
+    """Ids ``start .. start + n - 1``; raises ``OverflowError`` past int64."""
+    if start + n - 1 > np.iinfo(np.int64).max:
+        raise OverflowError(
+            f"ids: automatic ids {start}..{start + n - 1} would pass the largest int64 "
+            "(2**63 - 1); pass explicit ids"
+        )
+    return np.arange(start, start + n, dtype=np.int64)
+
+
+def train_codec(
+    params: IVFPQParams, x: Any, *, max_points: int | None = None, seed: int = 0
+) -> Codec:
+    """Train a codec on a sample of ``x`` (at most ``max_points`` rows, default ``256 * nlist``)."""
+    need = max(params.nlist, 2**params.nbits)
+    if max_points is not None:
+        max_points = check_positive_int(max_points, "max_points")
+    limit = max_points if max_points is not None else max(256 * params.nlist, 65536)
+    if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > limit:
+        n = x.shape[0]
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+        x = np.asarray(x[rows])
+    x = as_vectors(x, "x", d=params.d)
+    if x.shape[0] < need:
+        raise ValueError(
+            f"x: training needs at least {need} vectors (nlist={params.nlist}, "
+            f"2**nbits={2**params.nbits}), got {x.shape[0]}; pass more data or lower nlist"
+        )
+    return Codec.train(params, x, seed=seed)
+
+
+def _settle_runs(runs: list[ListRun], nlist: int, code_size: int) -> tuple[ListRun, ...]:
+    """Merge the newest runs while the last is at least half the one before (few runs, each
+    entry copied O(log n) times); at most ``_MAX_RUNS`` runs."""
+    runs = [r for r in runs if r.n] or runs[:1]
+    while len(runs) >= 2 and (2 * runs[-1].n >= runs[-2].n or len(runs) > _MAX_RUNS):
+        merged = lists.concat(runs[-2:], nlist, code_size)
+        runs = [*runs[:-2], merged]
+    return tuple(runs)
+
+
+def shard_file_chunks(codec: Codec, runs: Iterable[ListRun]) -> list[Any]:
+    """An 8-bit shard as a FAISS ``IwPQ`` file, in chunks: header, lists head, list data."""
+    p = codec.params
+    run_t = tuple(runs)
+    prefix, lists_off = codec_prefix(codec)
+    count = (
+        np.sum([r.count for r in run_t], axis=0).astype(np.int64)
+        if run_t
+        else np.zeros(p.nlist, np.int64)
+    )
+    ntotal = int(count.sum())
+    head, codes_at, ids_at, total = faiss_format.ilar_section(p.nlist, p.code_size, count)
+    data = np.empty(total, np.uint8)
+    acc = np.zeros(p.nlist, np.int64)
+    from .. import _native
+
+    for r in run_t:
+        _native.copy_segments(
+            r.codes, data, r.codes_off, codes_at + acc * p.code_size, r.count * p.code_size
+        )
+        _native.copy_segments(r.ids, data, r.ids_off, ids_at + acc * 8, r.count * 8)
+        acc = acc + r.count
+    header = bytearray(prefix[:lists_off])
+    header[8:16] = int(ntotal).to_bytes(8, "little", signed=True)
+    return [bytes(header), head, data]
+
+
+def codec_prefix(codec: Codec) -> tuple[bytes, int]:
+    """The codec's FAISS bytes and where its (empty) lists section starts."""
+    raw = codec.to_bytes()
+    return raw, faiss_format.parse(raw, "codec").lists_off
+
+
+def _list_order_ids(params: IVFPQParams, st: _State) -> npt.NDArray[np.int64]:
+    if params.nbits == 8:
+        return lists.list_ids(st.runs, params.nlist)
+    data = np.frombuffer(bytes(faiss.serialize_index(st.faiss)), np.uint8)
+    return _fastscan_ids(data, faiss_format.parse(data, "index"))
+
+
+def _fastscan_ids(
+    data: npt.NDArray[np.uint8], layout: faiss_format.IVFPQLayout
+) -> npt.NDArray[np.int64]:
+    parts = [
+        np.frombuffer(data, np.int64, int(n), int(off))
+        for n, off in zip(layout.sizes, layout.ids_off, strict=True)
+        if n
+    ]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
+def fastscan_scan(
+    params: IVFPQParams,
+    fidx: Any,
+    q: npt.NDArray[np.float32],
+    k: int,
+    assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+    exclude: IdSet | None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """FAISS fast-scan over the assigned lists; rows re-sorted by (score, lower id)."""
+    from .._native import merge_topk
+
+    nq = q.shape[0]
+    if fidx.ntotal == 0:
+        return (
+            np.full((nq, k), params.pad_score, np.float32),
+            np.full((nq, k), -1, np.int64),
+        )
+    Dq, Iq = assignment
+    sp = faiss.SearchParametersIVF()
+    sp.nprobe = Iq.shape[1]
+    if exclude is not None:
+        sp.sel = exclude.faiss_selector()  # kept alive by the IdSet
+    D = np.empty((nq, k), np.float32)
+    I = np.empty((nq, k), np.int64)
+    fidx.search_preassigned_c(
+        nq,
+        faiss.swig_ptr(q),
+        k,
+        faiss.swig_ptr(Iq),
+        faiss.swig_ptr(Dq),
+        faiss.swig_ptr(D),
+        faiss.swig_ptr(I),
+        False,
+        sp,
+    )
+    # FAISS keeps equal scores in scan order: the one merge puts the lower id first
+    return merge_topk(D[None], I[None], k, larger_is_better=params.larger_is_better)
 
 
 def vectors_file_name(path: Path) -> str:
     return path.name + ".vectors.npy"
 
 
-def load_vectors(path: Path, params: IVFPQParams) -> npt.NDArray[Any]:
-    """Memory-map a verified stored-vectors ``.npy`` file and check its dtype and shape."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise CorruptIndexError(f"{path}: not a readable .npy file ({e})", str(path)) from e
-    want = np.dtype(STORE_DTYPES[params.store_vectors or "float32"])
-    if arr.ndim != 2 or arr.shape[1] != params.d or arr.dtype != want:
+def load_shard(
+    params: IVFPQParams,
+    codec: Codec | None,
+    data: storage.VerifiedFile,
+    vectors: npt.NDArray[Any] | None,
+    *,
+    ntotal: int,
+    ids: npt.NDArray[np.int64] | None,
+    read_only: bool = False,
+) -> IVFPQIndex:
+    """An index from a verified FAISS file (its header checked here before any parsing by FAISS).
+
+    ``codec``: the shared codec (``None``: taken from the file). ``ids``: the
+    row order (``None``: the lists' order). 8-bit codes are scanned in place
+    from the file's buffer (in memory or mapped, as ``data`` holds it).
+    """
+    buf = data.array()
+    layout = faiss_format.parse(buf, data.name)
+    layout.check(params, ntotal=ntotal, buf=buf if codec is None else None)
+    if codec is None:
+        codec = Codec(params, faiss.deserialize_index(_codec_bytes(buf, layout, params)))
+    else:  # a shard file embeds its codec: it must be the index's
+        raw, off = codec_prefix(codec)
+        # all but ntotal [8:16] and FAISS's default nprobe [45:53]
+        if layout.lists_off != off or any(
+            buf[a:b].tobytes() != raw[a:b] for a, b in ((0, 8), (16, 45), (53, off))
+        ):
+            raise CorruptIndexError(
+                f"{data.path}: its codec differs from the index's codec file", data.path, "codec"
+            )
+    if params.nbits == 8:
+        run = ListRun.from_layout(buf, layout)
+        list_ids = run.list_ids()
+        fidx = None
+        runs: tuple[ListRun, ...] | None = (run,)
+    else:
+        fidx = faiss.deserialize_index(np.asarray(buf))
+        list_ids = _fastscan_ids(buf, layout)
+        runs = None
+    srt = np.sort(list_ids)
+    if srt.size and (int(srt[0]) < 0 or bool((srt[1:] == srt[:-1]).any())):
+        raise CorruptIndexError(f"{data.path}: duplicate or negative ids", data.path, "ids")
+    if ids is None:
+        ids = list_ids
+    elif ids.size != srt.size or not np.array_equal(np.sort(ids), srt):
         raise CorruptIndexError(
-            f"{path}: holds {arr.dtype} {tuple(arr.shape)}, expected {want} rows of d={params.d}",
-            str(path),
+            f"{data.path}: its lists hold other ids than its ids file", data.path, "ids"
         )
-    return arr
+    del srt
+    return IVFPQIndex.from_parts(
+        codec, ids, runs=runs, faiss_index=fidx, vectors=vectors, read_only=read_only
+    )
 
 
-def read_faiss_index(path: Path, *, mmap: bool) -> Any:
-    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    try:
-        index = faiss.read_index(str(path), flags)
-    except RuntimeError as e:
-        raise CorruptIndexError(f"{path}: FAISS cannot read it ({e})", str(path)) from e
-    if not isinstance(index, (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan)):
-        raise CorruptIndexError(
-            f"{path}: holds a {type(index).__name__}, expected an IVF-PQ index", str(path)
+def _codec_bytes(
+    buf: Any, layout: faiss_format.IVFPQLayout, params: IVFPQParams
+) -> npt.NDArray[np.uint8]:
+    """The file's header with empty lists: the codec alone, for FAISS to read (checked first)."""
+    head = bytearray(bytes(memoryview(buf)[: layout.lists_off]))
+    head[8:16] = (0).to_bytes(8, "little")
+    if params.nbits == 8:
+        tail, _, _, _ = faiss_format.ilar_section(
+            params.nlist, params.code_size, np.zeros(params.nlist, np.int64)
         )
-    return index
+        out = bytes(head) + tail
+    else:
+        # an empty block-lists section: nlist, code_size marker, per-block, block size, empty lists
+        lists_part = bytes(memoryview(buf)[layout.lists_off : layout.lists_off + 4 + 32])
+        empty = (0).to_bytes(8, "little") * 2 * params.nlist
+        out = bytes(head) + lists_part + empty
+    faiss_format.parse(out, "codec").check(params, ntotal=0)
+    return np.frombuffer(out, np.uint8)

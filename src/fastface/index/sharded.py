@@ -1,47 +1,222 @@
-"""A directory of IVF-PQ shards that share one trained codec."""
+"""A directory of IVF-PQ shards that share one trained codec.
+
+Layout of a directory::
+
+    manifest.json                     what is committed: parameters, shards, files, checksums
+    codec-g000001.faiss               the trained codec (a FAISS index without vectors)
+    shard-000000-g000003.faiss        shard 0's codes and ids (a FAISS IVF-PQ file)
+    shard-000000-g000003.npy          its ids in row order
+    shard-000000-g000003.f16.npy      its raw vectors in row order (store_vectors)
+    tombstones-g000007.npy            removed ids still inside sealed shard files
+    .lock                             the writer's lock (flock)
+
+File names carry the generation that wrote them and a file is never
+rewritten: a change writes new files, then a new manifest (atomically).
+
+The manifest defends itself. It carries the SHA-256 of its own canonical
+JSON, checked before any field is read; then every field is type- and
+range-checked, file names must be plain names of the kinds this index
+writes (never ``..`` or a path), every file's size and SHA-256 must match,
+and each shard file's FAISS header is checked against the manifest before
+anything parses the rest. Any damage raises
+:class:`~fastface.errors.CorruptIndexError` naming the file and the field.
+Opening never deletes a file unless the manifest verified.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-import faiss
 import numpy as np
 import numpy.typing as npt
 
 from .._native import merge_topk
-from .._validation import as_ids, check_k, check_matrix, check_positive_int
+from .._validation import as_id_array, as_ids, as_queries, as_vectors, check_k, check_positive_int
 from ..errors import CorruptIndexError, EmptyIndexError, NotTrainedError, ReadOnlyIndexError
-from . import storage
-from .ivfpq import IVFPQIndex, IVFPQParams, load_vectors, read_faiss_index
+from . import faiss_format, lists, storage
+from .ivfpq import (
+    IdSet,
+    IVFPQIndex,
+    check_assignment,
+    check_nprobe,
+    check_rerank,
+    consecutive_ids,
+    load_shard,
+    sorted_unique,
+    train_codec,
+)
+from .lists import ListRun
+from .params import STORE_DTYPES, Codec, IVFPQParams
 from .vectors import check_storable
 
 __all__ = ["ShardedIndex"]
 
 FORMAT = "fastface.sharded"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-_OWNED = re.compile(
-    r"^(codec|shard-\d+|tombstones)(-g\d+)?\.(faiss|npy|f16\.npy|f32\.npy)$|^\..*\.tmp-\d+$"
-)
+LOCK = ".lock"
+_G = r"-g\d{6,12}"
+_NAMES = {
+    "codec": re.compile(rf"^codec{_G}\.faiss$"),
+    "index": re.compile(rf"^shard-\d{{6,12}}{_G}\.faiss$"),
+    "ids": re.compile(rf"^shard-\d{{6,12}}{_G}\.npy$"),
+    "vectors": re.compile(rf"^shard-\d{{6,12}}{_G}\.f(16|32)\.npy$"),
+    "tombstones": re.compile(rf"^tombstones{_G}\.npy$"),
+}
+_OWNED = re.compile(rf"^(codec|shard-\d{{6,12}}|tombstones){_G}\.(faiss|npy|f16\.npy|f32\.npy)$")
 _VEC_SUFFIX = {"float16": "f16.npy", "float32": "f32.npy"}
+_MANIFEST_KEYS = {
+    "format",
+    "format_version",
+    "generation",
+    "params",
+    "shard_size",
+    "codec",
+    "shards",
+    "tombstones",
+    "ntotal",
+    "next_id",
+    "build",
+}
+_OPEN_RETRIES = 50
+_MAX_PACKS = 4
 
 
+@dataclass(frozen=True)
 class _Shard:
-    __slots__ = ("dirty", "files", "index", "number", "sealed")
+    number: int
+    sealed: bool
+    index: IVFPQIndex  # a read-only view; changes go through index.copy()
+    files: dict[str, storage.FileRecord] | None  # None: this content is not on disk yet
 
-    def __init__(self, number: int, index: IVFPQIndex, *, sealed: bool) -> None:
-        self.number = number
-        self.index = index
-        self.sealed = sealed
-        self.files: dict[str, storage.FileRecord] = {}
-        self.dirty = True
+
+@dataclass(frozen=True)
+class _Pack:
+    """Sealed shards' lists merged into one run (in-memory 8-bit indexes)."""
+
+    run: ListRun
+    numbers: frozenset[int]
+
+
+@dataclass(frozen=True)
+class _State:
+    """Everything a search or a commit needs; never changed once published."""
+
+    generation: int  # the manifest generation this state was loaded from or last committed as
+    codec: Codec | None
+    codec_rec: storage.FileRecord | None
+    shards: tuple[_Shard, ...]
+    tombstones: IdSet
+    tomb_rec: storage.FileRecord | None
+    build: dict[str, Any] | None
+    next_id: int
+    packs: tuple[_Pack, ...] = ()
+    dirty: bool = False
+
+    @property
+    def runs(self) -> list[ListRun]:
+        """The lists to scan for a one-pass search: packs, then unpacked shards' runs."""
+        packed = set().union(*(p.numbers for p in self.packs)) if self.packs else set()
+        out = [p.run for p in self.packs]
+        for s in self.shards:
+            if s.number not in packed:
+                out.extend(s.index.list_runs)
+        return out
+
+
+def _fail(path: Path, field: str, why: str) -> CorruptIndexError:
+    return CorruptIndexError(f"{path}: manifest field {field}: {why}", str(path), field)
+
+
+def _int(value: Any, path: Path, field: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, field, f"expected an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise _fail(path, field, f"{value} is outside {lo}..{hi}")
+    return value
+
+
+def _record(value: Any, path: Path, field: str, kind: str) -> storage.FileRecord:
+    try:
+        return storage.check_record(value, field, _NAMES[kind])
+    except ValueError as e:
+        raise _fail(path, field, str(e)) from e
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    """A manifest whose every field has been checked."""
+
+    generation: int
+    params: IVFPQParams
+    shard_size: int
+    codec: storage.FileRecord | None
+    shards: list[tuple[int, bool, int, dict[str, storage.FileRecord]]]
+    tombstones: storage.FileRecord | None
+    ntotal: int
+    next_id: int | None
+    build: dict[str, Any] | None
+    sealed: bool  # carried a checksum that verified (format 2); format 1 had none
+
+
+def _check_manifest(man: dict[str, Any], path: Path) -> _Manifest:
+    unknown = set(man) - _MANIFEST_KEYS - {"checksum"}
+    if unknown:
+        raise _fail(path, sorted(unknown)[0], "unknown field")
+    for key in _MANIFEST_KEYS - {"next_id"}:
+        if key not in man:
+            raise _fail(path, key, "missing")
+    generation = _int(man["generation"], path, "generation", 1)
+    try:
+        params = IVFPQParams.from_dict(man["params"])
+    except (TypeError, ValueError) as e:
+        raise _fail(path, "params", str(e)) from e
+    shard_size = _int(man["shard_size"], path, "shard_size", 1, 2**40)
+    codec = None if man["codec"] is None else _record(man["codec"], path, "codec", "codec")
+    if not isinstance(man["shards"], list):
+        raise _fail(path, "shards", "expected a list")
+    shards = []
+    last = -1
+    for i, entry in enumerate(man["shards"]):
+        f = f"shards[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"number", "sealed", "count", "files"}:
+            raise _fail(path, f, "expected number, sealed, count and files")
+        number = _int(entry["number"], path, f"{f}.number", last + 1, 10**12 - 1)
+        last = number
+        if not isinstance(entry["sealed"], bool):
+            raise _fail(path, f"{f}.sealed", "expected true or false")
+        count = _int(entry["count"], path, f"{f}.count", 0, shard_size)
+        files = entry["files"]
+        want = {"index", "ids"} | ({"vectors"} if params.store_vectors else set())
+        if not isinstance(files, dict) or set(files) != want:
+            raise _fail(path, f"{f}.files", f"expected the files {sorted(want)}")
+        recs = {k: _record(files[k], path, f"{f}.files.{k}", k) for k in sorted(want)}
+        if not entry["sealed"] and i != len(man["shards"]) - 1:
+            raise _fail(path, f"{f}.sealed", "only the last shard may be open")
+        shards.append((number, entry["sealed"], count, recs))
+    if shards and codec is None:
+        raise _fail(path, "codec", "shards without a trained codec")
+    tomb = None
+    if man["tombstones"] is not None:
+        tomb = _record(man["tombstones"], path, "tombstones", "tombstones")
+    ntotal = _int(man["ntotal"], path, "ntotal")
+    # 2**63 means every id has been used
+    next_id = None if "next_id" not in man else _int(man["next_id"], path, "next_id", 0, 2**63)
+    build = man["build"]
+    if build is not None and not isinstance(build, dict):
+        raise _fail(path, "build", "expected an object or null")
+    sealed = man["format_version"] >= 2
+    return _Manifest(
+        generation, params, shard_size, codec, shards, tomb, ntotal, next_id, build, sealed
+    )
 
 
 class ShardedIndex:
@@ -50,9 +225,51 @@ class ShardedIndex:
     Create with :meth:`create` (then :meth:`train`, :meth:`add`) or
     :meth:`build` (streams a vector file), reopen with :meth:`open`. Shards are
     sealed at ``shard_size`` vectors and never rewritten in place; ``add`` fills
-    the open shard; ``remove`` hides vectors at once (tombstones applied inside
-    the scan) and :meth:`compact` rewrites the affected shards without them.
-    Every change is committed by writing new files, then the manifest, atomically.
+    the open shard; ``remove`` makes vectors unsearchable at once (tombstones,
+    skipped inside the scan) and :meth:`compact` rewrites the affected shards
+    without them. Every change is committed by writing new files, then the
+    manifest, atomically.
+
+    Search
+        8-bit codes are searched in one pass over every shard's lists, in
+        place: one coarse assignment and one look-up table per query; the
+        sealed shards' lists of an in-memory index are merged once into one
+        run when they seal (or at :meth:`open`), so four shards cost what one
+        does. ``strategy="fanout"`` scans shard by shard and merges the
+        per-shard top-k (:func:`fastface._native.merge_topk`); both give the
+        same bits (equal scores by lower id). 4-bit fast-scan shards are
+        scanned by FAISS and merged.
+
+    Readers and writers
+        One process writes (``mode="a"`` holds the directory's ``flock``);
+        any number of processes read (``mode="r"``, the default). A reader
+        opening during a commit always loads one consistent generation: the
+        writer keeps the files of the previous generation until the next
+        commit (deleting one generation late), and a reader that still finds
+        a file gone (it was two commits behind) re-reads the manifest and
+        retries. A reader loads everything it needs at open (memory-mapped
+        files stay valid after the writer unlinks them), so it never notices
+        later commits; reopen to see them.
+
+    Threads
+        One ``ShardedIndex`` may be shared by threads: any number search in
+        parallel while one writes. A write builds a new state (sharing
+        every unchanged buffer) and publishes it when it has been committed;
+        a search works on the state it found when it started, so it never
+        waits and never sees a half-done change. Writes are serialised.
+
+    Failures
+        A write that raises (bad input, :class:`~fastface.errors.DiskFullError`,
+        anything) changes nothing, in memory or on disk: files written for a
+        failed commit are deleted and the previous state stays published.
+        ``add(..., commit=False)`` publishes at once in memory; :meth:`flush`
+        commits.
+
+    Files
+        Owner-only by default (directory ``0o700``, files ``0o600``), set on
+        the descriptor when each file is created, never through the umask;
+        ``create(..., file_mode=0o640)`` chooses otherwise (the directory
+        gets the matching execute bits) and later commits keep that choice.
 
     Examples
     --------
@@ -70,55 +287,96 @@ class ShardedIndex:
     3 3000 (3, 4)
     """
 
-    def __init__(self, path: Path, params: IVFPQParams, shard_size: int, *, writable: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        params: IVFPQParams,
+        shard_size: int,
+        *,
+        writable: bool,
+        mmap: bool = False,
+        file_mode: int = 0o600,
+    ) -> None:
         self.path = Path(path)
         self.params = params
         self.shard_size = shard_size
         self._writable = writable
+        self._mmap = mmap
+        self._file_mode = file_mode
         self._lock: storage.WriterLock | None = None
-        self._codec: Any = None
-        self._codec_rec: storage.FileRecord | None = None
-        self._shards: list[_Shard] = []
-        self._tombstones = np.empty(0, np.int64)
-        self._tomb_rec: storage.FileRecord | None = None
-        self._exclude: Any = None
-        self._mmap = False
-        self._exclude_inner: Any = None
-        self._generation = 0
-        self._build: dict[str, Any] | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._stack: tuple[tuple[tuple[int, int], ...], IVFPQIndex] | None = None
+        self._write_lock = threading.RLock()
+        self._prev_files: set[str] = set()
+        self._sealed_manifest = True
+        self._state = _State(0, None, None, (), IdSet(()), None, None, 0)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, path: str | os.PathLike[str], params: IVFPQParams, *, shard_size: int = 1_000_000
+        cls,
+        path: str | os.PathLike[str],
+        params: IVFPQParams | Codec,
+        *,
+        shard_size: int = 1_000_000,
+        file_mode: int = 0o600,
     ) -> ShardedIndex:
-        """Create an empty index directory (it must not exist or be empty)."""
+        """Create an empty index directory.
+
+        ``params`` is an :class:`IVFPQParams` (then :meth:`train`) or a
+        trained :class:`~fastface.index.params.Codec` (e.g. another index's
+        :attr:`codec`: both then encode alike). The directory must not exist,
+        be empty, or hold only what an interrupted ``create`` left (a lock
+        file, temporary files). Files are created with ``file_mode``
+        (owner-only ``0o600`` by default).
+        """
+        codec = None
+        if isinstance(params, Codec):
+            codec, params = params, params.params
         if not isinstance(params, IVFPQParams):
-            raise TypeError(f"params: expected IVFPQParams, got {type(params).__name__}")
+            raise TypeError(f"params: expected IVFPQParams or Codec, got {type(params).__name__}")
         shard_size = check_positive_int(shard_size, "shard_size")
-        path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise FileExistsError(
-                f"{path}: exists and is not empty; open it with ShardedIndex.open or pick a "
-                "new directory"
+        if (
+            isinstance(file_mode, bool)
+            or not isinstance(file_mode, int)
+            or not (0o400 <= file_mode <= 0o666 and file_mode & 0o600 == 0o600)
+        ):
+            raise ValueError(
+                f"file_mode: expected permission bits that let the owner read and write "
+                f"(e.g. 0o600, 0o640), got {file_mode!r}"
             )
-        path.mkdir(parents=True, exist_ok=True)
-        obj = cls(path, params, shard_size, writable=True)
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path}: exists and is not a directory")
+        if path.is_dir() and _foreign(path):
+            raise FileExistsError(
+                f"{path}: exists and is not empty; open the index there or pick a new directory"
+            )
+        dir_mode = file_mode | ((file_mode & 0o444) >> 2)
+        storage.make_dir(path, dir_mode)
+        obj = cls(path, params, shard_size, writable=True, file_mode=file_mode)
         obj._acquire_lock()
-        obj._commit()
+        try:
+            if _foreign(path):  # someone else created it meanwhile
+                raise FileExistsError(f"{path}: was created by another process meanwhile")
+            for p in path.iterdir():  # what an interrupted create left
+                if storage.is_tmp_name(p.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+            obj._commit_state(replace(obj._state, codec=codec))
+        except BaseException:
+            obj.close()
+            raise
         return obj
 
     @classmethod
     def open(
         cls, path: str | os.PathLike[str], *, mode: Literal["r", "a"] = "r", mmap: bool = False
     ) -> ShardedIndex:
-        """Open an index directory, verifying every file's size and SHA-256.
+        """Open an index directory, verifying the manifest and every file before using it.
 
-        ``mode="r"`` reads; ``mode="a"`` also allows changes and takes the
-        directory's writer lock. ``mmap=True`` leaves the inverted lists in the
-        files (read mode only).
+        ``mode="r"`` reads (any number of processes); ``mode="a"`` also
+        allows changes and takes the directory's writer lock. ``mmap=True``
+        leaves codes and vectors in the files (read mode only): opening is
+        fast and memory stays low; searches read the pages they need.
         """
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
@@ -127,66 +385,144 @@ class ShardedIndex:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such index directory")
-        man = storage.read_json_checked(path / MANIFEST, kind=FORMAT, max_version=FORMAT_VERSION)
-        try:
-            params = IVFPQParams.from_dict(man["params"])
-            obj = cls(path, params, int(man["shard_size"]), writable=mode == "a")
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptIndexError(f"{path / MANIFEST}: bad parameters ({e})") from e
         if mode == "a":
-            obj._acquire_lock()
-        try:
-            obj._load_manifest(man, mmap=mmap)
-            if mode == "a":
-                obj._remove_unreferenced()
-        except BaseException:
-            obj.close()
-            raise
+            lock = storage.WriterLock(path)
+            lock.acquire()
+            try:
+                obj = cls._load(path, writable=True, mmap=False)
+                obj._lock = lock
+                obj._prev_files = obj._referenced(obj._state)
+                if obj._sealed_manifest:  # only a verified manifest may delete leftovers
+                    obj._remove_unreferenced(obj._state)
+            except BaseException:
+                lock.release()
+                raise
+            return obj
+        for attempt in range(_OPEN_RETRIES):
+            try:
+                return cls._load(path, writable=False, mmap=mmap)
+            except _Vanished as gone:
+                # a file listed in the manifest went away: a writer committed meanwhile?
+                if _generation(path) == gone.generation and attempt > 0:
+                    raise CorruptIndexError(
+                        f"{gone.path}: listed in the manifest but missing; restore it from a "
+                        "backup",
+                        gone.path,
+                        "file",
+                    ) from None
+        raise CorruptIndexError(  # pragma: no cover - a writer committing non-stop
+            f"{path}: the manifest kept changing while opening; try again", str(path)
+        )
+
+    @classmethod
+    def _load(cls, path: Path, *, writable: bool, mmap: bool) -> ShardedIndex:
+        man_path = path / MANIFEST
+        raw = storage.read_manifest(man_path, kind=FORMAT, max_version=FORMAT_VERSION)
+        man = _check_manifest(raw, man_path)
+        file_mode = storage.dir_file_mode(path) | 0o600
+        with contextlib.suppress(FileNotFoundError):
+            file_mode = os.stat(man_path).st_mode & 0o666
+        obj = cls(
+            path, man.params, man.shard_size, writable=writable, mmap=mmap, file_mode=file_mode
+        )
+        obj._state = obj._load_state(man, man_path)
+        obj._sealed_manifest = man.sealed
         return obj
 
-    def _load_manifest(self, man: dict[str, Any], *, mmap: bool) -> None:
-        self._mmap = mmap
-        self._generation = int(man["generation"])
-        self._build = man.get("build")
-        if man.get("codec"):
-            self._codec_rec = man["codec"]
-            codec_path = storage.verify_file(self.path, man["codec"])
-            self._codec = read_faiss_index(codec_path, mmap=False)
-        for entry in man["shards"]:
-            index_path = storage.verify_file(self.path, entry["files"]["index"])
-            ids_path = storage.verify_file(self.path, entry["files"]["ids"])
-            ids = np.load(ids_path, allow_pickle=False)
-            vectors = None
-            if self.params.store_vectors is not None:
-                if "vectors" not in entry["files"]:
-                    raise CorruptIndexError(
-                        f"{self.path / MANIFEST}: shard {entry['number']} has no vectors file "
-                        f"but store_vectors={self.params.store_vectors!r}",
-                        str(self.path / MANIFEST),
+    @staticmethod
+    @contextlib.contextmanager
+    def _entry(where: str) -> Iterator[None]:
+        """Name the manifest entry in a file's error: ``shards[2].files.index.d``."""
+        try:
+            yield
+        except CorruptIndexError as e:
+            e.field = f"{where}.{e.field}" if e.field else where
+            raise
+
+    def _open_file(
+        self, rec: storage.FileRecord, generation: int, *, in_memory: bool = False
+    ) -> storage.VerifiedFile:
+        try:
+            return storage.open_verified(self.path, rec, in_memory=in_memory)
+        except FileNotFoundError:
+            raise _Vanished(str(self.path / rec["file"]), generation) from None
+
+    def _load_state(self, man: _Manifest, man_path: Path) -> _State:
+        p = man.params
+        g = man.generation
+        codec = None
+        if man.codec is not None:
+            with self._entry("codec"):
+                vf = self._open_file(man.codec, g, in_memory=True)
+                buf = vf.array()
+                layout = faiss_format.parse(buf, vf.name)
+                layout.check(p, ntotal=0, buf=buf)
+                import faiss
+
+                codec = Codec(p, faiss.deserialize_index(np.array(buf)))
+        shards: list[_Shard] = []
+        next_id = 0
+        for i, (number, sealed, count, recs) in enumerate(man.shards):
+            with self._entry(f"shards[{i}].files"):
+                assert codec is not None
+                ids_vf = self._open_file(recs["ids"], g, in_memory=True)
+                ids = storage.npy_array(ids_vf, np.int64, (count,), mmap=False)
+                vectors = None
+                if p.store_vectors is not None:
+                    vec_vf = self._open_file(recs["vectors"], g)
+                    vectors = storage.npy_array(vec_vf, STORE_DTYPES[p.store_vectors], (count, p.d))
+                # hashed, then mapped: in memory, sealed shards' lists are packed from the
+                # mappings (below) and the open shard's copied, one copy each, the files'
+                # pages never held all at once; 4-bit: FAISS copies the lists
+                data = self._open_file(recs["index"], g)
+                index = load_shard(p, codec, data, vectors, ntotal=count, ids=ids, read_only=True)
+                if not self._mmap and not sealed and p.nbits == 8:
+                    index = IVFPQIndex.from_parts(
+                        codec,
+                        index.ids,
+                        runs=(lists.concat(index.list_runs, p.nlist, p.code_size),),
+                        vectors=index.vectors,
+                        read_only=True,
                     )
-                vec_path = storage.verify_file(self.path, entry["files"]["vectors"])
-                vectors = load_vectors(vec_path, self.params)
-            index = IVFPQIndex.from_faiss(
-                self.params, read_faiss_index(index_path, mmap=mmap), ids, vectors
-            )
-            index._read_only = mmap
-            if index.ntotal != entry["count"]:
+            if count:
+                next_id = max(next_id, int(ids.max()) + 1)
+            shards.append(_Shard(number, sealed, index, recs))
+        tomb = IdSet(())
+        if man.tombstones is not None:
+            with self._entry("tombstones"):
+                vf = self._open_file(man.tombstones, g, in_memory=True)
+                arr = storage.npy_array(vf, np.int64, (None,), mmap=False)
+            if arr.size and ((np.diff(arr) <= 0).any() or int(arr[0]) < 0):
                 raise CorruptIndexError(
-                    f"{index_path}: holds {index.ntotal} vectors, the manifest says "
-                    f"{entry['count']}",
-                    str(index_path),
+                    f"{vf.path}: tombstones must be sorted, unique ids", vf.path, "tombstones"
                 )
-            shard = _Shard(int(entry["number"]), index, sealed=bool(entry["sealed"]))
-            shard.files = entry["files"]
-            shard.dirty = False
-            self._shards.append(shard)
-        if man.get("tombstones"):
-            self._tomb_rec = man["tombstones"]
-            tomb_path = storage.verify_file(self.path, man["tombstones"])
-            self._set_tombstones(np.load(tomb_path, allow_pickle=False))
+            held = np.zeros(arr.size, bool)
+            for s in shards:
+                if s.sealed:
+                    held |= s.index.rows_of(arr) >= 0
+            if not held.all():
+                raise CorruptIndexError(
+                    f"{vf.path}: tombstone {int(arr[~held][0])} is in no sealed shard",
+                    vf.path,
+                    "tombstones",
+                )
+            tomb = IdSet(arr)
+            if arr.size:
+                next_id = max(next_id, int(arr[-1]) + 1)
+        stored = sum(s.index.ntotal for s in shards)
+        if man.ntotal != stored - len(tomb):
+            raise _fail(man_path, "ntotal", f"{man.ntotal}, the files hold {stored - len(tomb)}")
+        if man.next_id is not None:
+            if man.next_id < next_id:
+                raise _fail(
+                    man_path, "next_id", f"{man.next_id} is below a stored id {next_id - 1}"
+                )
+            next_id = man.next_id
+        state = _State(g, codec, man.codec, tuple(shards), tomb, man.tombstones, man.build, next_id)
+        return self._with_packs(state, rebuild=True)
 
     def _acquire_lock(self) -> None:
-        self._lock = storage.WriterLock(self.path)
+        self._lock = storage.WriterLock(self.path, mode=self._file_mode)
         self._lock.acquire()
 
     # --- state --------------------------------------------------------------------------------
@@ -197,28 +533,53 @@ class ShardedIndex:
     @property
     def ntotal(self) -> int:
         """Number of searchable vectors (removed ones excluded)."""
-        return sum(s.index.n_rows for s in self._shards) - int(self._tombstones.size)
+        st = self._state
+        return sum(s.index.ntotal for s in st.shards) - len(st.tombstones)
 
     @property
     def is_trained(self) -> bool:
-        return self._codec is not None
+        return self._state.codec is not None
+
+    @property
+    def codec(self) -> Codec:
+        """The trained codec every shard shares (read-only)."""
+        codec = self._state.codec
+        if codec is None:
+            raise NotTrainedError(f"{self.path}: not trained; call train(x) first")
+        return codec
+
+    @property
+    def generation(self) -> int:
+        """Generation of the last commit this index loaded or wrote (one more per commit)."""
+        return self._state.generation
+
+    @property
+    def read_only(self) -> bool:
+        return not self._writable
 
     @property
     def nshards(self) -> int:
-        return len(self._shards)
+        return len(self._state.shards)
 
     @property
     def shard_counts(self) -> list[int]:
-        return [s.index.n_rows for s in self._shards]
+        """Vectors held per shard, removed-but-uncompacted ones included."""
+        return [s.index.ntotal for s in self._state.shards]
 
     @property
     def pending_removals(self) -> int:
         """Removed vectors still present in sealed shard files (folded in by :meth:`compact`)."""
-        return int(self._tombstones.size)
+        return len(self._state.tombstones)
+
+    @property
+    def tombstones(self) -> npt.NDArray[np.int64]:
+        """Ids removed but still inside sealed shard files, ascending (read-only)."""
+        return self._state.tombstones.array
 
     @property
     def build_state(self) -> dict[str, Any] | None:
-        return None if self._build is None else dict(self._build)
+        b = self._state.build
+        return None if b is None else dict(b)
 
     def __len__(self) -> int:
         return self.ntotal
@@ -231,52 +592,88 @@ class ShardedIndex:
         )
 
     def shards(self) -> Iterator[IVFPQIndex]:
-        """The shards, in order (removed vectors may still be inside sealed ones)."""
-        for s in self._shards:
+        """The shards, in order, as read-only indexes (removed vectors may still be inside)."""
+        for s in self._state.shards:
             yield s.index
 
     def contains(self, ids: npt.ArrayLike) -> npt.NDArray[np.bool_]:
-        """Which of ``ids`` are searchable in this index."""
-        arr = np.asarray(ids, dtype=np.int64)
-        found = self._stored(arr)
-        if self._tombstones.size:
-            found &= ~np.isin(arr, self._tombstones)
-        return found
+        """Which of ``ids`` (integers) are searchable in this index."""
+        st = self._state
+        arr = np.asarray(ids)
+        flat = as_id_array(arr)
+        found = _stored(st, flat)
+        if len(st.tombstones):
+            found &= ~st.tombstones.contains(flat)
+        return found.reshape(arr.shape)
 
-    def _stored(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
-        """Which of ``ids`` some shard holds, removed-but-uncompacted ones included."""
-        found = np.zeros(ids.shape, bool)
-        for s in self._shards:
-            found |= s.index.contains(ids)
-        return found
+    def stored(self, ids: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """Which of ``ids`` some shard file holds, removed-but-uncompacted ones included."""
+        arr = np.asarray(ids)
+        return _stored(self._state, as_id_array(arr)).reshape(arr.shape)
+
+    def live_ids(self) -> npt.NDArray[np.int64]:
+        """Ids of every searchable vector, shard by shard in row order."""
+        parts = [s.ids[rows] for s, rows in self.live_rows()]
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+    def live_rows(self) -> Iterator[tuple[IVFPQIndex, npt.NDArray[np.int64]]]:
+        """Each non-empty shard with the rows of its searchable (not removed) vectors."""
+        st = self._state
+        for s in st.shards:
+            n = s.index.ntotal
+            if n == 0:
+                continue
+            rows = np.arange(n, dtype=np.int64)
+            if len(st.tombstones):
+                rows = rows[~st.tombstones.contains(s.index.ids)]
+            if rows.size:
+                yield s.index, rows
+
+    def get_vectors(self, ids: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """Stored raw vectors of searchable ``ids`` as float32.
+
+        Unknown or removed ids raise ``KeyError``.
+        """
+        st = self._state
+        if self.params.store_vectors is None:
+            raise ValueError("get_vectors: this index keeps no raw vectors (store_vectors=None)")
+        flat = as_id_array(ids)
+        out = np.empty((flat.size, self.d), np.float32)
+        found = np.zeros(flat.size, bool)
+        for s in st.shards:
+            rows = s.index.rows_of(flat)
+            hit = rows >= 0
+            if hit.any():
+                vec = s.index.vectors
+                assert vec is not None
+                out[hit] = vec[rows[hit]]
+                found |= hit
+        if len(st.tombstones):
+            found &= ~st.tombstones.contains(flat)
+        if not found.all():
+            raise KeyError(f"ids not searchable in {self.path}, e.g. {int(flat[~found][0])}")
+        return out
 
     def _check_writable(self) -> None:
         if not self._writable:
             raise ReadOnlyIndexError(
                 f"{self.path}: opened read-only; use ShardedIndex.open(path, mode='a') to change it"
             )
+        if self._lock is None:
+            raise ReadOnlyIndexError(f"{self.path}: closed; open it again to change it")
 
     # --- train / add --------------------------------------------------------------------------
     def train(
         self, x: npt.NDArray[np.float32], *, max_points: int | None = None, seed: int = 0
     ) -> None:
-        """Train the shared codec (coarse quantizer and PQ) on a sample of ``x``."""
+        """Train the shared codec (coarse quantizer and PQ) on a sample of ``x``; commits."""
         self._check_writable()
-        if self.is_trained:
-            raise RuntimeError(f"{self.path}: already trained; create a new index to retrain")
-        tmp = IVFPQIndex(self.params)
-        tmp.train(x, max_points=max_points, seed=seed)
-        self._codec = tmp._index
-        self._codec_rec = None
-        self._commit()
-
-    def _new_shard(self) -> _Shard:
-        assert self._codec is not None
-        number = self._shards[-1].number + 1 if self._shards else 0
-        index = IVFPQIndex.from_faiss(self.params, faiss.clone_index(self._codec), ())
-        shard = _Shard(number, index, sealed=False)
-        self._shards.append(shard)
-        return shard
+        with self._write_lock:
+            st = self._state
+            if st.codec is not None:
+                raise RuntimeError(f"{self.path}: already trained; create a new index to retrain")
+            codec = train_codec(self.params, x, max_points=max_points, seed=seed)
+            self._commit_state(replace(st, codec=codec, codec_rec=None, dirty=True))
 
     def add(
         self,
@@ -288,59 +685,179 @@ class ShardedIndex:
     ) -> npt.NDArray[np.int64]:
         """Add vectors to the open shard, sealing shards as they reach ``shard_size``.
 
-        Ids default to consecutive values after the largest ever used; given
-        ids must be new (not stored, not removed-but-uncompacted). With
-        ``commit=True`` (default) the change is on disk when this returns.
+        ``x`` is 2-D float16/32/64 (cast to float32). Ids default to
+        consecutive values after the largest ever used; given ids must be new
+        (not stored, not removed-but-uncompacted). With ``commit=True``
+        (default) the change is on disk when this returns; nothing changes if
+        this raises.
         """
         self._check_writable()
-        if not self.is_trained:
-            raise NotTrainedError(f"{self.path}: not trained; call train(x) before add(x)")
-        x = check_matrix(x, "x", d=self.d, allow_empty=True)
+        x = as_vectors(x, "x", d=self.d, allow_empty=True)
         check_storable(x, self.params.store_vectors)
-        n = x.shape[0]
-        if ids is None:
-            start = self._next_id()
-            id_arr = np.arange(start, start + n, dtype=np.int64)
-        else:
-            id_arr = as_ids(ids, n)
-            taken = self._stored(id_arr)
-            if taken.any():
-                pending = np.isin(id_arr[taken], self._tombstones)
-                hint = (
-                    "it was removed and awaits compact()"
-                    if pending.any()
-                    else "remove it first or pass new ids"
-                )
-                raise ValueError(
-                    f"ids: {int(taken.sum())} id(s) already in the index, e.g. "
-                    f"{int(id_arr[taken][0])}; {hint}"
-                )
-        done = 0
-        while done < n:
-            shard = self._shards[-1] if self._shards and not self._shards[-1].sealed else None
-            if shard is None:
-                shard = self._new_shard()
-            room = self.shard_size - shard.index.n_rows
-            take = min(room, n - done)
-            shard.index._add_checked(x[done : done + take], id_arr[done : done + take], batch_size)
-            shard.dirty = True
-            done += take
-            if shard.index.n_rows >= self.shard_size:
-                shard.sealed = True
-        if commit:
-            self._commit()
+        batch_size = check_positive_int(batch_size, "batch_size")
+        with self._write_lock:
+            st = self._state
+            if st.codec is None:
+                raise NotTrainedError(f"{self.path}: not trained; call train(x) before add(x)")
+            n = x.shape[0]
+            if ids is None:
+                id_arr = consecutive_ids(st.next_id, n)
+            else:
+                id_arr = as_ids(ids, n)
+                taken = _stored(st, id_arr)
+                if taken.any():
+                    pending = st.tombstones.contains(id_arr[taken])
+                    hint = (
+                        "it was removed and awaits compact()"
+                        if pending.any()
+                        else "remove it first or pass new ids"
+                    )
+                    raise ValueError(
+                        f"ids: {int(taken.sum())} id(s) already in the index, e.g. "
+                        f"{int(id_arr[taken][0])}; {hint}"
+                    )
+            new = self._added(st, x, id_arr, batch_size)
+            if commit:
+                self._commit_state(new)
+            else:
+                self._state = new
         return id_arr
 
-    def _next_id(self) -> int:
-        top = -1
-        for s in self._shards:
-            if s.index.ntotal:
-                top = max(top, int(s.index._sorted_ids()[-1]))
-        if self._tombstones.size:
-            top = max(top, int(self._tombstones[-1]))
-        return top + 1
+    def _added(
+        self, st: _State, x: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], batch_size: int
+    ) -> _State:
+        assert st.codec is not None
+        n = x.shape[0]
+        if n == 0:
+            return st
+        shards = list(st.shards)
+        done = 0
+        while done < n:
+            if shards and not shards[-1].sealed:
+                cur = shards.pop()
+                number, base = cur.number, cur.index
+            else:
+                number = shards[-1].number + 1 if shards else 0
+                base = IVFPQIndex(st.codec)
+            take = min(self.shard_size - base.ntotal, n - done)
+            grown = base.copy()
+            grown.add(x[done : done + take], ids[done : done + take], batch_size=batch_size)
+            sealed = grown.ntotal >= self.shard_size
+            shards.append(_Shard(number, sealed, _frozen(grown), None))
+            done += take
+        next_id = max(st.next_id, int(ids.max()) + 1)
+        return replace(st, shards=tuple(shards), next_id=next_id, dirty=True)
 
     # --- search -------------------------------------------------------------------------------
+    def assign(
+        self, q: npt.NDArray[np.float32], nprobe: int | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Coarse assignment of queries, one for all shards: ``(Dq, Iq)``, ``(nq, nprobe)``."""
+        codec = self.codec
+        nprobe = check_nprobe(nprobe, self.params.nlist)
+        return codec.assign(as_queries(q, "q", d=self.d), nprobe)
+
+    def scan(
+        self,
+        q: npt.NDArray[np.float32],
+        k: int,
+        assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+        *,
+        strategy: Literal["auto", "stacked", "fanout"] = "auto",
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """PQ top-``k`` over every shard with a given assignment, removed vectors skipped."""
+        st = self._state
+        codec = self.codec
+        k = check_k(k)
+        q = as_queries(q, "q", d=self.d)
+        a = check_assignment(assignment, q.shape[0], self.params.nlist)
+        return self._scan(st, codec, q, k, a, self._strategy(strategy))
+
+    def rescore(
+        self, q: npt.NDArray[np.float32], ids: npt.ArrayLike, k: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Exact top-``k`` of each query among candidate ``ids`` (removed ids skipped)."""
+        st = self._state
+        self.codec  # noqa: B018 - raises NotTrainedError before training
+        if self.params.store_vectors is None:
+            raise ValueError("rescore: this index keeps no raw vectors (store_vectors=None)")
+        k = check_k(k)
+        q = as_queries(q, "q", d=self.d)
+        cand = np.asarray(ids)
+        flat = as_id_array(cand, "ids")
+        if cand.ndim == 1:
+            cand2 = np.broadcast_to(flat, (q.shape[0], flat.size))
+        elif cand.ndim == 2 and cand.shape[0] == q.shape[0]:
+            cand2 = flat.reshape(cand.shape)
+        else:
+            raise ValueError(f"ids: expected shape ({q.shape[0]}, m) or (m,), got {cand.shape}")
+        cand2 = np.ascontiguousarray(cand2)
+        if len(st.tombstones):
+            cand2 = np.where(
+                st.tombstones.contains(cand2.reshape(-1)).reshape(cand2.shape), -1, cand2
+            )
+        return self._rescore(st, q, cand2, k)
+
+    def _rescore(
+        self, st: _State, q: npt.NDArray[np.float32], cand: npt.NDArray[np.int64], k: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        parts = [s.index.rescore(q, cand, k) for s in st.shards if s.index.ntotal]
+        if not parts:
+            return (
+                np.full((q.shape[0], k), self.params.pad_score, np.float32),
+                np.full((q.shape[0], k), -1, np.int64),
+            )
+        if len(parts) == 1:
+            return parts[0]
+        return merge_topk(
+            np.stack([p[0] for p in parts]),
+            np.stack([p[1] for p in parts]),
+            k,
+            larger_is_better=self.params.larger_is_better,
+        )
+
+    def _strategy(self, strategy: str) -> str:
+        if strategy not in ("auto", "stacked", "fanout"):
+            raise ValueError(f"strategy must be 'auto', 'stacked' or 'fanout', got {strategy!r}")
+        if strategy == "stacked" and self.params.nbits != 8:
+            raise ValueError(
+                "strategy='stacked' needs 8-bit codes (fast-scan packs codes in blocks that are "
+                "scanned per shard); use 'fanout' or 'auto'"
+            )
+        if strategy == "auto":
+            return "stacked" if self.params.nbits == 8 else "fanout"
+        return strategy
+
+    def _scan(
+        self,
+        st: _State,
+        codec: Codec,
+        q: npt.NDArray[np.float32],
+        k: int,
+        assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+        strategy: str,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        exclude = st.tombstones if len(st.tombstones) else None
+        if strategy == "stacked":
+            ex = None if exclude is None else exclude.array
+            return lists.scan(codec, q, k, assignment, st.runs, ex)
+        parts = [
+            s.index.scan(q, k, assignment, exclude=exclude) for s in st.shards if s.index.ntotal
+        ]
+        if not parts:
+            return (
+                np.full((q.shape[0], k), self.params.pad_score, np.float32),
+                np.full((q.shape[0], k), -1, np.int64),
+            )
+        if len(parts) == 1:
+            return parts[0]
+        return merge_topk(
+            np.stack([p[0] for p in parts]),
+            np.stack([p[1] for p in parts]),
+            k,
+            larger_is_better=self.params.larger_is_better,
+        )
+
     def search(
         self,
         q: npt.NDArray[np.float32],
@@ -348,292 +865,308 @@ class ShardedIndex:
         *,
         nprobe: int | None = None,
         rerank: int | None = None,
-        strategy: Literal["auto", "stacked", "fanout"] = "auto",
+        strategy: str = "auto",
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Search every shard: ``(D, I)`` shaped ``(nq, k)``.
+        """Search every shard: ``(D, I)`` shaped ``(nq, k)``, equal scores by lower id.
 
-        Removed vectors are skipped inside the scan, so ``k`` results still come
-        back when enough vectors remain. Two strategies give the same results:
+        ``q`` is ``(nq, d)`` or one query ``(d,)`` (float16/32/64). Removed
+        vectors are skipped inside the scan, so ``k`` results still come back
+        when enough vectors remain. ``strategy`` (see the class docstring)
+        never changes the result: ``"stacked"`` scans every shard's lists in
+        one pass (8-bit codes), ``"fanout"`` shard by shard and merges;
+        ``"auto"`` takes ``"stacked"`` for 8-bit codes.
 
-        - ``"fanout"``: every shard is searched on a thread pool (each with the
-          coarse assignment computed once, since the shards share one codec)
-          and the per-shard top-k lists are merged by the native k-way merge.
-        - ``"stacked"``: one scan over a read-only view that concatenates the
-          shards' inverted lists list by list (FAISS ``HStackInvertedLists``),
-          so the per-query work (quantizer, look-up tables, heaps) is done once,
-          not once per shard. 8-bit codes only (fast-scan packs codes in
-          blocks that cannot be concatenated).
-
-        ``"auto"`` (default) takes ``"stacked"`` for 8-bit codes up to
-        ``nprobe = 16`` and ``"fanout"`` above, where scanning the shards'
-        lists in place beats the stacked view's per-list copies (measured on
-        1M x 512 in 4 shards: stacked 1.16x / 0.93x of one shard at nprobe
-        1 / 8, fan-out 0.92x / 0.95x at nprobe 32 / 128).
-
-        With ``rerank=f`` each shard proposes ``k * f`` candidates (fan-out),
-        re-scores them exactly against its stored vectors (read from the
-        memory-mapped file, only the rows needed) and keeps its exact top
-        ``k``; the shards' lists are then merged with ties broken by lower id,
-        so the result is the exact top ``k`` of all candidates.
+        With ``rerank=f`` the ``k * f`` best PQ candidates of all shards are
+        re-scored exactly from the stored vectors (see
+        :meth:`IVFPQIndex.search`).
         """
-        if not self.is_trained:
-            raise NotTrainedError(f"{self.path}: not trained; nothing to search")
-        if self.ntotal <= 0:
-            raise EmptyIndexError(f"{self.path}: the index is empty; add vectors before searching")
-        if strategy not in ("auto", "stacked", "fanout"):
-            raise ValueError(f"strategy must be 'auto', 'stacked' or 'fanout', got {strategy!r}")
-        if strategy == "stacked" and self.params.nbits != 8:
-            raise ValueError("strategy='stacked' needs 8-bit codes; fast-scan shards use 'fanout'")
+        st = self._state
+        if st.codec is None:
+            raise NotTrainedError(f"{self.path}: not trained; call train(x) and add(x) first")
+        if sum(s.index.ntotal for s in st.shards) - len(st.tombstones) <= 0:
+            raise EmptyIndexError(f"{self.path}: the index is empty; add(x) vectors first")
         k = check_k(k)
-        shards = [s.index for s in self._shards if s.index.ntotal > 0]
-        nprobe = shards[0]._check_nprobe(nprobe)
-        factor = shards[0]._check_rerank(rerank)
-        q = check_matrix(q, "q", d=self.d)
-        exclude = self._exclude
-        if factor is None and len(shards) == 1:
-            return shards[0]._search(q, k, nprobe, exclude)
-        if factor is None and (
-            strategy == "stacked"
-            or (strategy == "auto" and self.params.nbits == 8 and nprobe <= 16)
-        ):
-            return self._stacked(shards)._search(q, k, nprobe, exclude)
-        k_scan = k if factor is None else k * factor
-        coarse = None
-        if len(shards) > 1:
-            # one codec: quantize each query once, then every shard scans the same lists
-            assert self._codec is not None
-            Dq, Iq = self._codec.quantizer.search(q, nprobe)
-            coarse = (np.ascontiguousarray(Dq), np.ascontiguousarray(Iq))
-
-        def one(shard: IVFPQIndex) -> tuple[np.ndarray, np.ndarray]:
-            return shard._search(q, k_scan, nprobe, exclude, coarse)
-
-        if len(shards) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    max_workers=min(len(shards), os.cpu_count() or 1),
-                    thread_name_prefix="fastface-shard",
-                )
-            parts = list(self._pool.map(one, shards))
-        else:
-            parts = [one(shards[0])]
-        if factor is not None:
-            # Numba's parallel kernels must not run from several threads at once:
-            # the scans above ran on the pool, the re-scoring runs here, shard by shard
-            exact = [s._rerank(q, p[1], k) for s, p in zip(shards, parts, strict=True)]
-            if len(exact) == 1:
-                return exact[0]
-            return _merge_exact(exact, k, self.params.larger_is_better)
-        D = np.stack([p[0] for p in parts])
-        I = np.stack([p[1] for p in parts])
-        return merge_topk(D, I, k, larger_is_better=self.params.larger_is_better)
-
-    def _stacked(self, shards: list[IVFPQIndex]) -> IVFPQIndex:
-        """A read-only IVFPQIndex whose list ``l`` concatenates the shards' lists ``l``."""
-        key = tuple((id(s._index), s.ntotal) for s in shards)
-        if self._stack is not None and self._stack[0] == key:
-            return self._stack[1]
-        assert self._codec is not None
-        vec = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]
-        for s in shards:
-            vec.push_back(s._index.invlists)
-        hstack = faiss.HStackInvertedLists(vec.size(), vec.data())
-        view: Any = faiss.clone_index(self._codec)
-        view.replace_invlists(hstack, False)
-        view.ntotal = sum(s.ntotal for s in shards)
-        stacked = IVFPQIndex(self.params, _faiss_index=view)
-        stacked._read_only = True
-        # the view borrows the shards' lists: keep them and the stack alive with it
-        stacked._keepalive = (hstack, vec, shards)  # type: ignore[attr-defined]
-        self._stack = (key, stacked)
-        return stacked
-
-    def _live_rows(self) -> Iterator[tuple[IVFPQIndex, npt.NDArray[np.int64]]]:
-        """Each non-empty shard with the rows of its searchable (not removed) vectors."""
-        for s in self._shards:
-            n = s.index.n_rows
-            if n == 0:
-                continue
-            rows = np.arange(n, dtype=np.int64)
-            if self._tombstones.size:
-                rows = rows[~np.isin(s.index._ids, self._tombstones)]
-            if rows.size:
-                yield s.index, rows
+        nprobe = check_nprobe(nprobe, self.params.nlist)
+        factor = check_rerank(rerank, k, self.params)
+        strategy = self._strategy(strategy)
+        q = as_queries(q, "q", d=self.d)
+        assignment = st.codec.assign(q, nprobe)
+        if factor is None:
+            return self._scan(st, st.codec, q, k, assignment, strategy)
+        _, cand = self._scan(st, st.codec, q, k * factor, assignment, strategy)
+        return self._rescore(st, q, cand, k)
 
     # --- remove / compact ---------------------------------------------------------------------
-    def _set_tombstones(self, tomb: npt.NDArray[np.int64]) -> None:
-        """Record removed ids of sealed shards and make them unsearchable.
-
-        In memory the removed vectors are taken out of the shards' inverted
-        lists (``IVFPQIndex.hide``), so search pays nothing for them; the shard
-        files keep them until :meth:`compact`. Memory-mapped shards cannot be
-        changed: there a selector skips the ids inside the scan instead.
-        """
-        new = np.unique(tomb.astype(np.int64, copy=False))
-        fresh = np.setdiff1d(new, self._tombstones, assume_unique=True)
-        self._tombstones = new
-        if self._mmap:
-            self._set_exclude()
-        elif fresh.size:
-            for s in self._shards:
-                hit = fresh[s.index.contains(fresh)]
-                if hit.size:
-                    s.index.hide(hit)
-
-    def _set_exclude(self) -> None:
-        if self._tombstones.size:
-            batch = faiss.IDSelectorBatch(self._tombstones)
-            # IDSelectorNot does not own its argument: keep both alive together
-            self._exclude = faiss.IDSelectorNot(batch)
-            self._exclude_inner = batch
-        else:
-            self._exclude = None
-
     def remove(self, ids: npt.ArrayLike, *, commit: bool = True) -> int:
-        """Make ``ids`` unsearchable at once; returns how many were found.
+        """Make ``ids`` (integers) unsearchable at once; returns how many were found.
 
-        Vectors in the open shard are dropped directly; those in sealed shards
-        are tombstoned until :meth:`compact`. Unknown ids are ignored.
+        Vectors in shards not yet written in their current form (the open
+        shard, a shard sealed by an uncommitted add) are dropped directly;
+        those in sealed shard files are tombstoned until :meth:`compact`.
+        Unknown ids are ignored.
         """
         self._check_writable()
-        arr = np.unique(np.asarray(ids, dtype=np.int64).ravel())
-        arr = arr[self.contains(arr)]
-        if arr.size == 0:
-            return 0
-        sealed_hits: list[np.ndarray] = []
-        for s in self._shards:
-            hit = arr[s.index.contains(arr)]
-            if hit.size == 0:
-                continue
-            if s.sealed:
-                sealed_hits.append(hit)
+        arr = sorted_unique(as_id_array(ids))
+        with self._write_lock:
+            st = self._state
+            arr = arr[self._live(st, arr)]
+            if arr.size == 0:
+                return 0
+            shards = []
+            tomb: list[npt.NDArray[np.int64]] = []
+            for s in st.shards:
+                hit = arr[s.index.contains(arr)] if s.index.ntotal else arr[:0]
+                if hit.size == 0:
+                    shards.append(s)
+                elif s.sealed and s.files is not None:
+                    tomb.append(hit)
+                    shards.append(s)
+                else:
+                    smaller = s.index.copy()
+                    smaller.remove(hit)
+                    shards.append(replace(s, index=_frozen(smaller), files=None))
+            new = replace(st, shards=tuple(shards), dirty=True)
+            if tomb:
+                all_t = sorted_unique(np.concatenate([st.tombstones.array, *tomb]))
+                new = replace(new, tombstones=IdSet(all_t), tomb_rec=None)
+            new = self._with_packs(new)
+            if commit:
+                self._commit_state(new)
             else:
-                s.index.remove(hit)
-                s.dirty = True
-        if sealed_hits:
-            self._set_tombstones(np.concatenate([self._tombstones, *sealed_hits]))
-            self._tomb_rec = None
-        if commit:
-            self._commit()
+                self._state = new
         return int(arr.size)
 
     def compact(self) -> dict[str, int]:
-        """Rewrite every sealed shard that holds removed vectors, without them.
+        """Rewrite every sealed shard that holds removed vectors, without them; commits.
 
-        Returns ``{"removed": n, "shards_rewritten": m}``. Old files are deleted
-        once the new manifest is on disk.
+        Returns ``{"removed": n, "shards_rewritten": m}``. Unlike other
+        commits, which delete replaced files one generation late, compaction
+        deletes them at once: removed vectors are gone from every file when it
+        returns (a reader loading the old files meanwhile retries).
         """
         self._check_writable()
-        rewritten = 0
-        removed = 0
-        if self._tombstones.size:
-            keep: list[_Shard] = []
-            for s in self._shards:
-                hit = self._tombstones[s.index.contains(self._tombstones)]
-                if hit.size:
-                    removed += s.index.remove(hit)
-                    s.dirty = True
-                    rewritten += 1
-                if s.index.n_rows > 0 or not s.sealed:
-                    keep.append(s)
-            self._shards = keep
-            self._tombstones = np.empty(0, np.int64)
-            self._set_exclude()
-            self._tomb_rec = None
-            self._commit()
+        with self._write_lock:
+            st = self._state
+            rewritten = removed = 0
+            if len(st.tombstones):
+                tomb = st.tombstones.array
+                shards = []
+                for s in st.shards:
+                    hit = tomb[s.index.contains(tomb)] if s.index.ntotal else tomb[:0]
+                    if hit.size:
+                        smaller = s.index.copy()
+                        removed += smaller.remove(hit)
+                        rewritten += 1
+                        s = replace(s, index=_frozen(smaller), files=None)
+                    if s.index.ntotal > 0 or not s.sealed:
+                        shards.append(s)
+                new = replace(
+                    st,
+                    shards=tuple(shards),
+                    tombstones=IdSet(()),
+                    tomb_rec=None,
+                    packs=(),
+                    dirty=True,
+                )
+                self._commit_state(new, purge=True)
+            elif st.dirty:
+                self._commit_state(st, purge=True)
         return {"removed": removed, "shards_rewritten": rewritten}
 
     # --- persistence --------------------------------------------------------------------------
     def flush(self) -> None:
-        """Write pending changes (``add``/``remove`` with ``commit=False``)."""
+        """Commit pending changes (``add``/``remove`` with ``commit=False``)."""
         self._check_writable()
-        self._commit()
+        with self._write_lock:
+            self._commit_state(self._state)
 
     def set_build_state(self, state: dict[str, Any] | None, *, commit: bool = True) -> None:
+        """Record a JSON-serialisable dict (or ``None``) in the manifest, e.g. build progress."""
         self._check_writable()
-        self._build = state
-        if commit:
-            self._commit()
+        if state is not None:
+            if not isinstance(state, dict):
+                raise TypeError(f"state: expected a dict or None, got {type(state).__name__}")
+            import json
 
-    def _commit(self) -> None:
-        """Write new files, then the manifest (atomically), then drop old files."""
-        self._generation += 1
-        g = self._generation
-        if self._codec is not None and self._codec_rec is None:
-            data = bytes(faiss.serialize_index(self._codec))
-            self._codec_rec = storage.atomic_write_bytes(self.path / f"codec-g{g:06d}.faiss", data)
-        for s in self._shards:
-            if not s.dirty:
-                continue
-            if s.index.ntotal != s.index.n_rows:
-                raise RuntimeError(
-                    f"shard {s.number}: {s.index.n_rows - s.index.ntotal} hidden rows would be "
-                    "written inconsistently; compact() must drop them first"
-                )
-            stem = f"shard-{s.number:06d}-g{g:06d}"
-            s.files = {
-                "index": storage.atomic_write_bytes(
-                    self.path / f"{stem}.faiss", s.index.to_bytes()
-                ),
-                "ids": storage.atomic_write_npy(self.path / f"{stem}.npy", s.index._ids),
-            }
-            store = s.index._store
-            if store is not None and self.params.store_vectors is not None:
-                vec_name = f"{stem}.{_VEC_SUFFIX[self.params.store_vectors]}"
-                s.files["vectors"] = storage.atomic_write_npy(self.path / vec_name, store.array)
-                if s.sealed:
-                    # a sealed shard's vectors stay on disk: map the file just written
-                    store.attach(load_vectors(self.path / vec_name, self.params))
-            s.dirty = False
-        if self._tombstones.size and self._tomb_rec is None:
-            self._tomb_rec = storage.atomic_write_npy(
-                self.path / f"tombstones-g{g:06d}.npy", self._tombstones
+            try:
+                state = json.loads(json.dumps(state, allow_nan=False))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"state: not JSON-serialisable ({e})") from e
+        with self._write_lock:
+            new = replace(self._state, build=state, dirty=True)
+            if commit:
+                self._commit_state(new)
+            else:
+                self._state = new
+
+    def _commit_state(self, st: _State, *, purge: bool = False) -> None:
+        """Write ``st``'s new files, then the manifest; publish ``st`` only if all succeeded.
+
+        Files no longer referenced are deleted one generation late (readers may be
+        loading them), or at once with ``purge`` (compaction: removed data must go).
+        """
+        g = st.generation + 1
+        written: list[Path] = []
+        mode = self._file_mode
+
+        def write(name: str, chunks: Any) -> storage.FileRecord:
+            target = self.path / name
+            written.append(target)
+            return storage.atomic_write(target, chunks, mode=mode)
+
+        def write_npy(name: str, arr: np.ndarray) -> storage.FileRecord:
+            target = self.path / name
+            written.append(target)
+            return storage.atomic_write_npy(target, arr, mode=mode)
+
+        try:
+            codec_rec = st.codec_rec
+            if st.codec is not None and codec_rec is None:
+                codec_rec = write(f"codec-g{g:06d}.faiss", [st.codec.to_bytes()])
+            shards = []
+            for s in st.shards:
+                if s.files is not None:
+                    shards.append(s)
+                    continue
+                stem = f"shard-{s.number:06d}-g{g:06d}"
+                files = {
+                    "index": write(f"{stem}.faiss", s.index.serialize()),
+                    "ids": write_npy(f"{stem}.npy", s.index.ids),
+                }
+                index = s.index
+                if self.params.store_vectors is not None:
+                    vec_name = f"{stem}.{_VEC_SUFFIX[self.params.store_vectors]}"
+                    vec = s.index.vectors
+                    assert vec is not None
+                    files["vectors"] = write_npy(vec_name, vec)
+                    if s.sealed:
+                        # a sealed shard's vectors stay on disk: map the file just written
+                        mapped = _map_npy(self.path / vec_name, vec.dtype, vec.shape)
+                        index = _with_vectors(index, mapped)
+                shards.append(replace(s, index=index, files=files))
+            tomb_rec = st.tomb_rec
+            if len(st.tombstones) and tomb_rec is None:
+                tomb_rec = write_npy(f"tombstones-g{g:06d}.npy", st.tombstones.array)
+            elif not len(st.tombstones):
+                tomb_rec = None
+            new = replace(
+                st,
+                generation=g,
+                codec_rec=codec_rec,
+                shards=tuple(shards),
+                tomb_rec=tomb_rec,
+                dirty=False,
             )
-        elif not self._tombstones.size:
-            self._tomb_rec = None
-        man = {
+            man = storage.seal(self._manifest(new))
+            storage.atomic_write_json(self.path / MANIFEST, man)
+        except BaseException:
+            for p in written:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise
+        new = self._with_packs(new)
+        prev = self._prev_files
+        self._state = new
+        self._prev_files = self._referenced(new)
+        # delete one generation late: readers that read the previous manifest may still load it
+        self._remove_unreferenced(new, keep=None if purge else prev)
+
+    def _manifest(self, st: _State) -> dict[str, Any]:
+        stored = sum(s.index.ntotal for s in st.shards)
+        return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "generation": g,
+            "generation": st.generation,
             "params": self.params.to_dict(),
             "shard_size": self.shard_size,
-            "codec": self._codec_rec,
+            "codec": st.codec_rec,
             "shards": [
-                {"number": s.number, "sealed": s.sealed, "count": s.index.n_rows, "files": s.files}
-                for s in self._shards
+                {"number": s.number, "sealed": s.sealed, "count": s.index.ntotal, "files": s.files}
+                for s in st.shards
             ],
-            "tombstones": self._tomb_rec,
-            "ntotal": self.ntotal,
-            "build": self._build,
+            "tombstones": st.tomb_rec,
+            "ntotal": stored - len(st.tombstones),
+            "next_id": st.next_id,
+            "build": st.build,
         }
-        storage.atomic_write_json(self.path / MANIFEST, man)
-        self._remove_unreferenced()
 
-    def _referenced(self) -> set[str]:
-        names = {MANIFEST, ".lock"}
-        if self._codec_rec:
-            names.add(self._codec_rec["file"])
-        if self._tomb_rec:
-            names.add(self._tomb_rec["file"])
-        for s in self._shards:
-            names.update(rec["file"] for rec in s.files.values())
+    def _with_packs(self, st: _State, *, rebuild: bool = False) -> _State:
+        """Merge written sealed shards' lists into packs (in-memory 8-bit indexes only)."""
+        if self._mmap or self.params.nbits != 8 or st.codec is None:
+            return st
+        p = self.params
+        by_number = {s.number: s for s in st.shards}
+        # packs whose shards all still exist unchanged (same objects) stay
+        keep: list[_Pack] = []
+        for pk in st.packs if not rebuild else ():
+            if all(
+                n in by_number and by_number[n].sealed and by_number[n].files is not None
+                for n in pk.numbers
+            ):
+                keep.append(pk)
+        packed = set().union(*(pk.numbers for pk in keep)) if keep else set()
+        todo = [s for s in st.shards if s.sealed and s.files is not None and s.number not in packed]
+        if not todo and len(keep) == len(st.packs) and not rebuild:
+            return st
+        groups: list[list[_Shard]] = [[by_number[n] for n in sorted(pk.numbers)] for pk in keep]
+        if todo:
+            groups.append(todo)
+        # size-tiered: merge the newest groups while the last is at least half the one before
+        sizes = [sum(s.index.ntotal for s in g) for g in groups]
+        while len(groups) >= 2 and (2 * sizes[-1] >= sizes[-2] or len(groups) > _MAX_PACKS):
+            groups[-2:] = [groups[-2] + groups[-1]]
+            sizes[-2:] = [sizes[-2] + sizes[-1]]
+        new_packs: list[_Pack] = []
+        replaced: dict[int, _Shard] = {}
+        old = {frozenset(pk.numbers): pk for pk in keep}
+        for g in groups:
+            numbers = frozenset(s.number for s in g)
+            if numbers in old:
+                new_packs.append(old[numbers])
+                continue
+            run, views = lists.pack([list(s.index.list_runs) for s in g], p.nlist, p.code_size)
+            new_packs.append(_Pack(run, numbers))
+            for s, view in zip(g, views, strict=True):
+                idx = IVFPQIndex.from_parts(
+                    st.codec, s.index.ids, runs=(view,), vectors=s.index.vectors, read_only=True
+                )
+                replaced[s.number] = replace(s, index=idx)
+        shards = tuple(replaced.get(s.number, s) for s in st.shards)
+        return replace(st, shards=shards, packs=tuple(new_packs))
+
+    def _referenced(self, st: _State) -> set[str]:
+        names = {MANIFEST, LOCK}
+        if st.codec_rec:
+            names.add(st.codec_rec["file"])
+        if st.tomb_rec:
+            names.add(st.tomb_rec["file"])
+        for s in st.shards:
+            if s.files:
+                names.update(rec["file"] for rec in s.files.values())
         return names
 
-    def _remove_unreferenced(self) -> None:
-        keep = self._referenced()
+    def _remove_unreferenced(self, st: _State, keep: set[str] | None = None) -> None:
+        """Delete files this index owns that neither ``st`` nor ``keep`` reference."""
+        wanted = self._referenced(st) | (keep or set())
         for p in self.path.iterdir():
-            if p.name not in keep and _OWNED.match(p.name):
+            if p.name in wanted:
+                continue
+            if _OWNED.match(p.name) or storage.is_tmp_name(p.name):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
 
+    def _live(self, st: _State, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        found = _stored(st, ids)
+        if len(st.tombstones):
+            found &= ~st.tombstones.contains(ids)
+        return found
+
     def close(self) -> None:
-        """Release the writer lock and the thread pool (pending changes must be flushed)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        """Release the writer lock (pending changes must be flushed first)."""
+        with self._write_lock:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self) -> ShardedIndex:
         return self
@@ -648,7 +1181,8 @@ class ShardedIndex:
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self.close()
+            if self._lock is not None:
+                self._lock.release()
 
     # --- build --------------------------------------------------------------------------------
     @classmethod
@@ -668,20 +1202,27 @@ class ShardedIndex:
         """Build an index directory from a vector file, resumably.
 
         ``source`` is a ``.npy`` (memory-mapped), ``.fvecs`` or ``.parquet``
-        file, or an array. Vectors get their row numbers as ids. Each chunk is
-        committed with the number of rows done, so a build that was
-        interrupted (even killed) continues from its last commit when called
-        again with the same arguments; sealed shards are never redone.
+        file, or an array (:func:`fastface.io.open_vectors`). Vectors get
+        their row numbers as ids. Each chunk is committed with the number of
+        rows done, so a build that was interrupted (even killed) continues
+        from its last commit when called again with the same arguments;
+        sealed shards are never redone.
         """
-        from ..datasets import open_vectors
+        from ..io import ChunkSource, open_vectors
 
         src = open_vectors(source, column=column)
         if src.d != params.d:
             raise ValueError(f"source has d={src.d}, params.d={params.d}; they must match")
         chunk_size = check_positive_int(chunk_size, "chunk_size")
         path = Path(path)
+        once = isinstance(src, ChunkSource)  # an iterable: read once, no resume
         fingerprint = {"source": src.describe(), "n": src.n}
         if (path / MANIFEST).exists():
+            if once:
+                raise FileExistsError(
+                    f"{path}: holds an index; a build from an iterable of chunks cannot resume, "
+                    "pick a new directory"
+                )
             index = cls.open(path, mode="a")
             state = index.build_state
             if state is None or state.get("source") != fingerprint or index.params != params:
@@ -698,44 +1239,80 @@ class ShardedIndex:
                 limit = train_size or max(256 * params.nlist, 65536)
                 index.train(src.sample(limit, seed=seed), max_points=limit, seed=seed)
             state = index.build_state or {}
-            start = int(state.get("rows_done", 0))
+            start = state.get("rows_done", 0)
+            top = src.n if src.n is not None else 2**62
+            if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= top:
+                raise CorruptIndexError(
+                    f"{path / MANIFEST}: build.rows_done {start!r} is not a row count",
+                    str(path / MANIFEST),
+                    "build.rows_done",
+                )
             if not state.get("complete"):
                 from tqdm.auto import tqdm
 
                 bar = tqdm(
                     total=src.n, initial=start, unit="vec", disable=not progress, desc="build"
                 )
+                done = start
                 with bar:
                     for lo, chunk in src.iter_chunks(chunk_size, start=start):
                         ids = np.arange(lo, lo + chunk.shape[0], dtype=np.int64)
                         index.add(chunk, ids, commit=False)
+                        done = lo + chunk.shape[0]
                         index.set_build_state(
-                            {
-                                "source": fingerprint,
-                                "rows_done": lo + chunk.shape[0],
-                                "complete": False,
-                            }
+                            {"source": fingerprint, "rows_done": done, "complete": False}
                         )
                         bar.update(chunk.shape[0])
-                index.set_build_state({"source": fingerprint, "rows_done": src.n, "complete": True})
+                index.set_build_state({"source": fingerprint, "rows_done": done, "complete": True})
         except BaseException:
             index.close()
             raise
         return index
 
 
-def _merge_exact(
-    parts: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]],
-    k: int,
-    larger_is_better: bool,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Top-``k`` of per-shard exact lists, equal scores ordered by lower id."""
-    from ..kernels.rerank import merge_exact
+class _Vanished(Exception):
+    """A file listed in manifest generation ``generation`` was not there."""
 
-    D_all = np.ascontiguousarray(np.concatenate([p[0] for p in parts], axis=1))
-    I_all = np.ascontiguousarray(np.concatenate([p[1] for p in parts], axis=1))
-    nq = D_all.shape[0]
-    D = np.full((nq, k), float("-inf") if larger_is_better else float("inf"), np.float32)
-    I = np.full((nq, k), -1, np.int64)
-    merge_exact(D_all, I_all, larger_is_better, D, I)
-    return D, I
+    def __init__(self, path: str, generation: int) -> None:
+        super().__init__(path)
+        self.path = path
+        self.generation = generation
+
+
+def _generation(path: Path) -> int | None:
+    try:
+        raw = storage.read_manifest(path / MANIFEST, kind=FORMAT, max_version=FORMAT_VERSION)
+    except (OSError, CorruptIndexError, ValueError):
+        return None
+    g = raw.get("generation")
+    return g if isinstance(g, int) else None
+
+
+def _foreign(path: Path) -> bool:
+    """True when ``path`` holds anything but what an interrupted create leaves."""
+    return any(p.name != LOCK and not storage.is_tmp_name(p.name) for p in path.iterdir())
+
+
+def _stored(st: _State, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    found = np.zeros(ids.shape, bool)
+    for s in st.shards:
+        if s.index.ntotal:
+            found |= s.index.rows_of(ids) >= 0
+    return found
+
+
+def _frozen(index: IVFPQIndex) -> IVFPQIndex:
+    """A read-only view of ``index`` (the same state)."""
+    return index.view()
+
+
+def _with_vectors(index: IVFPQIndex, vectors: npt.NDArray[Any]) -> IVFPQIndex:
+    return index.with_vectors(vectors).view()
+
+
+def _map_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+    """Map a ``.npy`` file this process has just written (and still holds the lock for)."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if arr.dtype != dtype or arr.shape != shape:  # pragma: no cover - we wrote it
+        raise CorruptIndexError(f"{path}: holds {arr.dtype} {arr.shape}", str(path))
+    return arr

@@ -1,22 +1,26 @@
-"""Raw vectors kept beside the PQ codes, for exact re-ranking and dedup.
+"""Rows kept beside the PQ codes: the ids and the raw vectors of a shard, in row order.
 
-A shard's vectors are stored in its row order (the order of ``IVFPQIndex.ids``)
-as float16 (default) or float32. In memory they live in a growable buffer; a
-sealed shard's vectors are a read-only memory map of their ``.npy`` file, and
-the first change to them (compaction) copies the kept rows into memory.
+A shard's rows are in the order vectors were added (the order of
+``IVFPQIndex.ids``); raw vectors are float16 (default) or float32, for exact
+re-ranking and dedup. A :class:`Rows` value never changes: appending gives a
+new value that shares the buffer when it can (rows are only ever written
+past the end of every value that uses the buffer), so a search holding an
+old value keeps reading what it saw while a writer appends. A sealed shard's
+vectors are a read-only memory map of their ``.npy`` file.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import threading
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["STORE_DTYPES", "VectorStore", "check_storable"]
+from .params import STORE_DTYPES
 
-StoreKind = Literal["float16", "float32"]
-STORE_DTYPES: dict[str, type] = {"float16": np.float16, "float32": np.float32}
+__all__ = ["STORE_DTYPES", "Rows", "check_storable"]
+
 _F16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -31,52 +35,74 @@ def check_storable(x: npt.NDArray[np.float32], kind: str | None, name: str = "x"
             )
 
 
-class VectorStore:
-    """Rows of ``d`` values of one dtype, appended and filtered with the codes."""
+class _Buffer:
+    """A growable array and how many of its rows some value has written."""
 
-    __slots__ = ("_buf", "_n", "d", "dtype", "kind")
+    __slots__ = ("array", "lock", "used")
 
-    def __init__(self, kind: StoreKind, d: int) -> None:
-        self.kind = kind
-        self.dtype = np.dtype(STORE_DTYPES[kind])
-        self.d = d
-        self._buf: npt.NDArray[Any] = np.empty((0, d), self.dtype)
-        self._n = 0
+    def __init__(self, array: npt.NDArray[Any], used: int) -> None:
+        self.array = array
+        self.used = used
+        self.lock = threading.Lock()
 
-    @property
-    def n(self) -> int:
-        return self._n
+
+class Rows:
+    """``n`` rows of a fixed shape and dtype; immutable, cheap to append to.
+
+    ``shape`` is the shape of one row: ``()`` for ids, ``(d,)`` for vectors.
+    """
+
+    __slots__ = ("_buf", "dtype", "n", "shape")
+
+    def __init__(self, dtype: Any, shape: tuple[int, ...], buf: _Buffer | None = None, n: int = 0):
+        self.dtype = np.dtype(dtype)
+        self.shape = shape
+        self._buf = buf if buf is not None else _Buffer(np.empty((0, *shape), self.dtype), 0)
+        self.n = n
+
+    @classmethod
+    def of(cls, array: npt.NDArray[Any]) -> Rows:
+        """Rows over an existing array (e.g. a read-only memory map); never written."""
+        return cls(
+            array.dtype, tuple(array.shape[1:]), _Buffer(array, array.shape[0]), array.shape[0]
+        )
 
     @property
     def array(self) -> npt.NDArray[Any]:
-        """The stored rows (a view; a memory map for sealed shards)."""
-        return self._buf[: self._n]
+        """The rows (a read-only view)."""
+        view = self._buf.array[: self.n].view()
+        view.flags.writeable = False
+        return view
 
     @property
     def is_mapped(self) -> bool:
-        return isinstance(self._buf, np.memmap)
+        return isinstance(self._buf.array, np.memmap) or not self._buf.array.flags.writeable
 
-    def attach(self, arr: npt.NDArray[Any]) -> None:
-        """Use ``arr`` (e.g. a read-only memory map) as the stored rows."""
-        if arr.ndim != 2 or arr.shape[1] != self.d or arr.dtype != self.dtype:
-            raise ValueError(
-                f"stored vectors: expected {self.dtype} rows of d={self.d}, got {arr.dtype} "
-                f"{tuple(arr.shape)}"
+    def append(self, x: npt.NDArray[Any]) -> Rows:
+        """These rows followed by ``x`` (cast to the dtype)."""
+        need = self.n + x.shape[0]
+        buf = self._buf
+        with buf.lock:
+            in_place = (
+                buf.used == self.n
+                and need <= buf.array.shape[0]
+                and buf.array.flags.writeable
+                and not isinstance(buf.array, np.memmap)
             )
-        self._buf = arr
-        self._n = int(arr.shape[0])
+            if in_place:
+                buf.array[self.n : need] = x
+                buf.used = need
+                return Rows(self.dtype, self.shape, buf, need)
+        cap = max(need, 2 * self.n, 1024)
+        array = np.empty((cap, *self.shape), self.dtype)
+        array[: self.n] = buf.array[: self.n]
+        array[self.n : need] = x
+        return Rows(self.dtype, self.shape, _Buffer(array, need), need)
 
-    def append(self, x: npt.NDArray[np.float32]) -> None:
-        need = self._n + x.shape[0]
-        if self.is_mapped or need > self._buf.shape[0]:
-            cap = max(need, 2 * self._buf.shape[0] if not self.is_mapped else need, 1024)
-            buf = np.empty((cap, self.d), self.dtype)
-            buf[: self._n] = self._buf[: self._n]
-            self._buf = buf
-        self._buf[self._n : need] = x
-        self._n = need
+    def take(self, mask: npt.NDArray[np.bool_]) -> Rows:
+        """The rows where ``mask`` is true, copied into memory."""
+        array = np.ascontiguousarray(self._buf.array[: self.n][mask])
+        return Rows(self.dtype, self.shape, _Buffer(array, array.shape[0]), array.shape[0])
 
-    def keep(self, mask: npt.NDArray[np.bool_]) -> None:
-        """Keep the rows where ``mask`` is true (copies them into memory)."""
-        self._buf = np.ascontiguousarray(self.array[mask])
-        self._n = int(self._buf.shape[0])
+    def __len__(self) -> int:
+        return self.n

@@ -1,5 +1,9 @@
 """Exact re-scoring of candidate lists against stored vectors (Numba).
 
+The gathered half of :mod:`fastface.kernels.exact`, the library's one exact
+scorer: these kernels score each query against its own candidate rows and
+keep the best ``k``; :func:`fastface.kernels.exact.scores` scores blocks.
+
 The stored vectors may be a read-only memory map: the kernels read only the
 rows named by ``rows``, so resident memory stays bounded by the rows touched.
 Numba has no float16 arithmetic on the CPU, so float16 storage is passed as
@@ -22,7 +26,6 @@ from numba.extending import intrinsic
 
 __all__ = [
     "F16_SCALE",
-    "merge_exact",
     "rerank_f16",
     "rerank_f32",
     "widen_f16",
@@ -230,22 +233,3 @@ def rerank_f16(
             else:
                 s = _score(qs, v, qq, l2)
             _insert(out_D[i], out_I[i], s, cand[i, c], not l2)
-
-
-@numba.njit(cache=True, parallel=True, nogil=True)
-def merge_exact(
-    D: npt.NDArray[np.float32],
-    I: npt.NDArray[np.int64],
-    larger: bool,
-    out_D: npt.NDArray[np.float32],
-    out_I: npt.NDArray[np.int64],
-) -> None:
-    """Top-``k`` of concatenated exact lists ``(nq, m)`` into padded ``(nq, k)`` outputs.
-
-    Entries with id ``-1`` are skipped; ties keep the lower id first, whatever
-    list they came from.
-    """
-    for i in numba.prange(D.shape[0]):
-        for c in range(D.shape[1]):
-            if I[i, c] >= 0:
-                _insert(out_D[i], out_I[i], D[i, c], I[i, c], larger)

@@ -1,14 +1,16 @@
-// Run-time choice among the align kernels compiled for several x86-64
-// levels (see CMakeLists.txt). A portable build carries v2 (the baseline
+// Run-time choice among the SIMD kernels (alignment, the IVF-PQ scan)
+// compiled for several x86-64 levels (see CMakeLists.txt). A portable build carries v2 (the baseline
 // every x86-64 CPU since 2009 has), v3 (AVX2 + FMA) and v4 (AVX-512); the
 // first call picks the highest level the CPU supports, or a lower one named
 // by the environment variable FASTFACE_ISA (for tests and comparisons).
 // Every variant is compiled with -ffp-contract=off, so all give the same
-// bytes: the float kernel's fused multiply-adds are explicit std::fma calls.
+// bytes: the kernels' fused multiply-adds are explicit (std::fma or FMA
+// intrinsics, which round alike).
 #include <cstdlib>
 #include <cstring>
 
 #include "align.h"
+#include "ivfpq.h"
 #include "dispatch.h"
 
 #define FASTFACE_DECLARE_ALIGN(NS)                                                               \
@@ -20,6 +22,14 @@
                             int64_t F, int64_t out_h, int64_t out_w, const float* mean,          \
                             const float* std, const int* channel, bool fixed_point, int threads, \
                             float* out);                                                         \
+  std::string check_list_run(const ListRun& run, int64_t nlist, int64_t code_size,               \
+                             int64_t codes_bytes, int64_t ids_bytes);                            \
+  void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float* assign_D,    \
+                     const int64_t* assign_I, int64_t nprobe, const ListRun* runs,               \
+                     int64_t nruns, const int64_t* exclude, int64_t n_exclude, int64_t k,        \
+                     float* D, int64_t* I);                                                      \
+  void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off,                   \
+                     const int64_t* dst_off, const int64_t* nbytes, int64_t nseg);               \
   }
 
 namespace fastface {
@@ -36,12 +46,17 @@ namespace {
 
 using WarpU8 = decltype(&warp_affine_u8);
 using WarpF32 = decltype(&warp_affine_f32_nchw);
+using Search8 = decltype(&ivfpq8_search);
 
 struct Variant {
   const char* name;
   WarpU8 u8;
   WarpF32 f32;
+  Search8 search8;
 };
+
+#define FASTFACE_VARIANT(NAME, NS) \
+  Variant { NAME, &NS::warp_affine_u8, &NS::warp_affine_f32_nchw, &NS::ivfpq8_search }
 
 #if FASTFACE_DISPATCH
 int cpu_level() {
@@ -59,14 +74,13 @@ Variant choose() {
     if (std::strcmp(want, "v2") == 0 && level > 2) level = 2;
     if (std::strcmp(want, "v3") == 0 && level > 3) level = 3;
   }
-  if (level >= 4) return {"x86-64-v4", &v4::warp_affine_u8, &v4::warp_affine_f32_nchw};
-  if (level == 3) return {"x86-64-v3", &v3::warp_affine_u8, &v3::warp_affine_f32_nchw};
-  return {"x86-64-v2", &v2::warp_affine_u8, &v2::warp_affine_f32_nchw};
+  if (level >= 4) return FASTFACE_VARIANT("x86-64-v4", v4);
+  if (level == 3) return FASTFACE_VARIANT("x86-64-v3", v3);
+  return FASTFACE_VARIANT("x86-64-v2", v2);
 }
 #else
 Variant choose() {
-  return {FASTFACE_ISA_NAME, &FASTFACE_ISA_NS::warp_affine_u8,
-          &FASTFACE_ISA_NS::warp_affine_f32_nchw};
+  return FASTFACE_VARIANT(FASTFACE_ISA_NAME, FASTFACE_ISA_NS);
 }
 #endif
 
@@ -100,5 +114,35 @@ void warp_affine_f32_nchw(const ImageView* images, const int64_t* image_index, c
   selected().f32(images, image_index, M, F, out_h, out_w, mean, std, channel, fixed_point,
                  threads, out);
 }
+
+void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float* assign_D,
+                   const int64_t* assign_I, int64_t nprobe, const ListRun* runs, int64_t nruns,
+                   const int64_t* exclude, int64_t n_exclude, int64_t k, float* D, int64_t* I) {
+  selected().search8(codec, q, nq, assign_D, assign_I, nprobe, runs, nruns, exclude, n_exclude, k,
+                     D, I);
+}
+
+// No SIMD in these two: the baseline variant serves every CPU.
+#if FASTFACE_DISPATCH
+std::string check_list_run(const ListRun& run, int64_t nlist, int64_t code_size,
+                           int64_t codes_bytes, int64_t ids_bytes) {
+  return v2::check_list_run(run, nlist, code_size, codes_bytes, ids_bytes);
+}
+
+void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off,
+                   const int64_t* dst_off, const int64_t* nbytes, int64_t nseg) {
+  v2::copy_segments(src, dst, src_off, dst_off, nbytes, nseg);
+}
+#else
+std::string check_list_run(const ListRun& run, int64_t nlist, int64_t code_size,
+                           int64_t codes_bytes, int64_t ids_bytes) {
+  return FASTFACE_ISA_NS::check_list_run(run, nlist, code_size, codes_bytes, ids_bytes);
+}
+
+void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off,
+                   const int64_t* dst_off, const int64_t* nbytes, int64_t nseg) {
+  FASTFACE_ISA_NS::copy_segments(src, dst, src_off, dst_off, nbytes, nseg);
+}
+#endif
 
 }  // namespace fastface

@@ -1,0 +1,401 @@
+"""FAISS's binary format for IVF-PQ indexes: parsed and checked here, before FAISS sees it.
+
+Shard and codec files are ordinary FAISS files (``faiss.read_index`` opens
+them), but fastface never hands FAISS a file it has not checked: FAISS's
+readers trust sizes written in the file, and a crafted header (``d = 0``,
+a list size of ``2**60``) can make them abort the process. :func:`parse`
+walks the whole layout with bounds checks on every read, and
+:meth:`IVFPQLayout.check` compares every header field with what the
+manifest expects (dimension, metric, lists, sub-quantizers, bits, code
+size, vector count). Any mismatch raises
+:class:`~fastface.errors.CorruptIndexError` naming the file and the field.
+
+8-bit shards are then scanned in place from the parsed layout (no FAISS
+involved); 4-bit fast-scan shards and codecs are handed to
+``faiss.deserialize_index`` only after the check.
+
+The layout (little-endian, FAISS ``impl/index_write.cpp``) of the two kinds
+fastface writes, ``IwPQ`` (``IndexIVFPQ``) and ``IwPf`` (``IndexIVFPQFastScan``)::
+
+    fourcc | index header: d i32, ntotal i64, 2 x i64, is_trained u8, metric i32
+           | nlist u64, nprobe u64
+           | quantizer: IxFI|IxF2, index header, u64 n/4, n bytes of centroids
+           | direct map: type u8, u64 count, count x i64
+           | by_residual u8, code_size u64
+           | [IwPf: bbs i32, M2 u64, implem i32, qbs2 u64]
+           | PQ: d u64, M u64, nbits u64, u64 count, count x f32 codebooks
+           | lists: "ilar" nlist u64, code_size u64, "full"|"sprs", u64 count,
+           |        count x u64 sizes (or (list, size) pairs), then per
+           |        non-empty list: codes, ids (i64)
+           |     or "ilbl" nlist u64, code_size u64, per_block u64,
+           |        block_size u64, then per list: u64 n, n x i64 ids,
+           |        u64 nbytes, nbytes of packed codes
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import CorruptIndexError
+from .params import IVFPQParams
+
+__all__ = ["IVFPQLayout", "ilar_section", "parse"]
+
+_KINDS = {b"IwPQ": 8, b"IwPf": 4}
+_QUANTIZERS = {b"IxFI": 0, b"IxF2": 1}  # fourcc -> FAISS metric
+_ILAR, _ILBL, _FULL, _SPRS = b"ilar", b"ilbl", b"full", b"sprs"
+
+
+class _Reader:
+    """Bounds-checked reads from a byte buffer; every failure names the file and field."""
+
+    def __init__(self, buf: Any, path: str) -> None:
+        self.mv = memoryview(buf).cast("B")
+        self.n = len(self.mv)
+        self.pos = 0
+        self.path = path
+
+    def fail(self, fld: str, why: str) -> CorruptIndexError:
+        return CorruptIndexError(
+            f"{self.path}: bad FAISS header field {fld}: {why}", self.path, fld
+        )
+
+    def need(self, nbytes: int, fld: str) -> None:
+        if nbytes < 0 or nbytes > self.n - self.pos:
+            raise self.fail(
+                fld, f"needs {nbytes} bytes at offset {self.pos}, the file has {self.n - self.pos}"
+            )
+
+    def unpack(self, fmt: str, fld: str) -> Any:
+        size = struct.calcsize(fmt)
+        self.need(size, fld)
+        (v,) = struct.unpack_from(fmt, self.mv, self.pos)
+        self.pos += size
+        return v
+
+    def fourcc(self, fld: str) -> bytes:
+        self.need(4, fld)
+        v = bytes(self.mv[self.pos : self.pos + 4])
+        self.pos += 4
+        return v
+
+    def u64(self, fld: str) -> int:
+        return int(self.unpack("<Q", fld))
+
+    def count(self, fld: str, item_size: int) -> int:
+        """A vector length: the items must fit in what is left of the file."""
+        n = self.u64(fld)
+        if n > (self.n - self.pos) // item_size:
+            raise self.fail(fld, f"{n} items of {item_size} bytes exceed the file")
+        return n
+
+    def skip(self, nbytes: int, fld: str) -> int:
+        self.need(nbytes, fld)
+        start = self.pos
+        self.pos += nbytes
+        return start
+
+    def array(self, dtype: Any, count: int, fld: str) -> npt.NDArray[Any]:
+        dt = np.dtype(dtype)
+        start = self.skip(count * dt.itemsize, fld)
+        return np.frombuffer(self.mv, dtype=dt, count=count, offset=start)
+
+
+@dataclass
+class IVFPQLayout:
+    """Where everything is in a FAISS IVF-PQ file, and its header fields.
+
+    ``codes_off`` / ``ids_off`` / ``sizes`` (8-bit files) give, for each list,
+    the byte offsets of its codes and ids in the file and its entry count.
+    """
+
+    path: str
+    nbits: int
+    d: int
+    ntotal: int
+    is_trained: bool
+    metric: int
+    nlist: int
+    nprobe: int
+    quantizer_metric: int
+    quantizer_d: int
+    quantizer_ntotal: int
+    centroids_off: int
+    by_residual: bool
+    code_size: int
+    pq_d: int
+    pq_M: int
+    pq_nbits: int
+    pq_off: int
+    lists_off: int  # where the inverted-lists section starts
+    sizes: npt.NDArray[np.int64]
+    codes_off: npt.NDArray[np.int64] = field(repr=False)
+    ids_off: npt.NDArray[np.int64] = field(repr=False)
+    size: int = 0  # file length
+    fastscan: dict[str, int] = field(default_factory=dict)
+
+    def _fail(self, fld: str, got: Any, want: Any) -> CorruptIndexError:
+        return CorruptIndexError(
+            f"{self.path}: FAISS header field {fld} is {got}, expected {want}", self.path, fld
+        )
+
+    def check(self, params: IVFPQParams, *, ntotal: int | None = None, buf: Any = None) -> None:
+        """Compare every header field with ``params`` (and the manifest's count ``ntotal``).
+
+        With ``buf`` (the file's bytes) the centroids must also be finite.
+        """
+        metric = 0 if params.metric == "ip" else 1
+        want: list[tuple[str, Any, Any]] = [
+            ("kind.nbits", self.nbits, params.nbits),
+            ("d", self.d, params.d),
+            ("is_trained", self.is_trained, True),
+            ("metric", self.metric, metric),
+            ("nlist", self.nlist, params.nlist),
+            ("quantizer.metric", self.quantizer_metric, metric),
+            ("quantizer.d", self.quantizer_d, params.d),
+            ("quantizer.ntotal", self.quantizer_ntotal, params.nlist),
+            # fastface's 8-bit codec encodes residuals; FAISS's fast-scan defaults to raw vectors
+            ("by_residual", self.by_residual, params.nbits == 8),
+            ("code_size", self.code_size, params.code_size),
+            ("pq.d", self.pq_d, params.d),
+            ("pq.M", self.pq_M, params.M),
+            ("pq.nbits", self.pq_nbits, params.nbits),
+            ("lists.total", int(self.sizes.sum()), self.ntotal),
+        ]
+        if ntotal is not None:
+            want.append(("ntotal", self.ntotal, ntotal))
+        for fld, got, expected in want:
+            if got != expected:
+                raise self._fail(fld, got, expected)
+        if not 1 <= self.nprobe <= max(params.nlist, 1):
+            raise self._fail("nprobe", self.nprobe, f"1..{params.nlist}")
+        if self.nbits == 4:  # what fastface's fast-scan indexes hold (FAISS's defaults)
+            for fld, want_v in (("bbs", 32), ("implem", 0), ("qbs2", 0)):
+                if self.fastscan.get(fld) != want_v:
+                    raise self._fail(f"fastscan.{fld}", self.fastscan.get(fld), want_v)
+        if buf is not None:
+            for fld, off, count in (
+                (
+                    "quantizer.centroids",
+                    self.centroids_off,
+                    self.quantizer_d * self.quantizer_ntotal,
+                ),
+                ("pq.centroids", self.pq_off, self.pq_d << self.pq_nbits),
+            ):
+                vals = np.frombuffer(buf, np.float32, count, off)
+                if not np.isfinite(vals).all():
+                    raise self._fail(fld, "not finite", "finite floats")
+
+
+def _index_header(r: _Reader, prefix: str) -> tuple[int, int, bool, int]:
+    d = r.unpack("<i", f"{prefix}d")
+    ntotal = r.unpack("<q", f"{prefix}ntotal")
+    r.skip(16, f"{prefix}reserved")
+    is_trained = r.unpack("<B", f"{prefix}is_trained")
+    metric = r.unpack("<i", f"{prefix}metric")
+    if d <= 0 or d > 1 << 16:
+        raise r.fail(f"{prefix}d", f"{d} is not a dimension (1..65536)")
+    if ntotal < 0:
+        raise r.fail(f"{prefix}ntotal", f"negative count {ntotal}")
+    if is_trained not in (0, 1):
+        raise r.fail(f"{prefix}is_trained", f"{is_trained} is not a bool")
+    if metric not in (0, 1):
+        raise r.fail(f"{prefix}metric", f"{metric} is neither inner product (0) nor L2 (1)")
+    return d, ntotal, bool(is_trained), metric
+
+
+def parse(buf: Any, path: str) -> IVFPQLayout:
+    """Walk an ``IwPQ`` / ``IwPf`` file held in ``buf`` (bytes, mmap, uint8 array).
+
+    Checks the structure (every length fits the file, the file ends where the
+    last list ends, sizes are consistent); :meth:`IVFPQLayout.check` then
+    checks the values against the expected parameters.
+    """
+    r = _Reader(buf, path)
+    kind = r.fourcc("kind")
+    if kind not in _KINDS:
+        raise r.fail("kind", f"{kind!r} is not an IVF-PQ index written by fastface (IwPQ/IwPf)")
+    nbits = _KINDS[kind]
+    d, ntotal, is_trained, metric = _index_header(r, "")
+    nlist = r.u64("nlist")
+    if not 1 <= nlist <= 1 << 26:
+        raise r.fail("nlist", f"{nlist} is out of range (1..2**26)")
+    nprobe = r.u64("nprobe")
+    qkind = r.fourcc("quantizer.kind")
+    if qkind not in _QUANTIZERS:
+        raise r.fail("quantizer.kind", f"{qkind!r} is not a flat quantizer (IxFI/IxF2)")
+    qd, qn, _, qmetric = _index_header(r, "quantizer.")
+    if _QUANTIZERS[qkind] != qmetric:
+        raise r.fail("quantizer.metric", f"{qmetric} disagrees with its kind {qkind!r}")
+    words = r.count("quantizer.centroids", 4)
+    if words != qd * qn:
+        raise r.fail("quantizer.centroids", f"{words} floats, expected {qd} x {qn}")
+    centroids_off = r.skip(4 * words, "quantizer.centroids")
+    dm_type = r.unpack("<B", "direct_map.type")
+    if dm_type != 0:
+        raise r.fail("direct_map.type", f"{dm_type} (fastface writes no direct map)")
+    dm_n = r.count("direct_map.size", 8)
+    if dm_n:
+        raise r.fail("direct_map.size", f"{dm_n} entries (fastface writes none)")
+    by_residual = r.unpack("<B", "by_residual")
+    if by_residual not in (0, 1):
+        raise r.fail("by_residual", f"{by_residual} is not a bool")
+    code_size = r.u64("code_size")
+    fastscan: dict[str, int] = {}
+    if nbits == 4:
+        fastscan["bbs"] = r.unpack("<i", "fastscan.bbs")
+        fastscan["M2"] = r.u64("fastscan.M2")
+        fastscan["implem"] = r.unpack("<i", "fastscan.implem")
+        fastscan["qbs2"] = r.u64("fastscan.qbs2")
+    pq_d = r.u64("pq.d")
+    pq_M = r.u64("pq.M")
+    pq_nbits = r.u64("pq.nbits")
+    if pq_d != d or pq_M < 1 or pq_M > d or d % pq_M or pq_nbits != nbits:
+        raise r.fail("pq", f"d={pq_d}, M={pq_M}, nbits={pq_nbits} do not fit d={d}, {nbits} bits")
+    pq_n = r.count("pq.centroids", 4)
+    if pq_n != pq_d * (1 << pq_nbits):
+        raise r.fail("pq.centroids", f"{pq_n} floats, expected d x 2**nbits = {pq_d << pq_nbits}")
+    pq_off = r.skip(4 * pq_n, "pq.centroids")
+    lists_off = r.pos
+    lkind = r.fourcc("lists.kind")
+    if lkind == _ILAR and nbits == 8:
+        sizes, codes_off, ids_off = _parse_ilar(r, nlist, code_size)
+    elif lkind == _ILBL and nbits == 4:
+        sizes, codes_off, ids_off = _parse_ilbl(r, nlist, fastscan, pq_M, code_size)
+    else:
+        raise r.fail("lists.kind", f"{lkind!r} is not the list layout of a {nbits}-bit index")
+    if r.pos != r.n:
+        raise r.fail("size", f"{r.n - r.pos} trailing bytes after the last list")
+    return IVFPQLayout(
+        path=path,
+        nbits=nbits,
+        d=d,
+        ntotal=ntotal,
+        is_trained=is_trained,
+        metric=metric,
+        nlist=nlist,
+        nprobe=nprobe,
+        quantizer_metric=qmetric,
+        quantizer_d=qd,
+        quantizer_ntotal=qn,
+        centroids_off=centroids_off,
+        by_residual=bool(by_residual),
+        code_size=code_size,
+        pq_d=pq_d,
+        pq_M=pq_M,
+        pq_nbits=pq_nbits,
+        pq_off=pq_off,
+        lists_off=lists_off,
+        sizes=sizes,
+        codes_off=codes_off,
+        ids_off=ids_off,
+        size=r.n,
+        fastscan=fastscan,
+    )
+
+
+def _parse_ilar(
+    r: _Reader, nlist: int, code_size: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    if r.u64("lists.nlist") != nlist:
+        raise r.fail("lists.nlist", "disagrees with the index header's nlist")
+    if r.u64("lists.code_size") != code_size or not 1 <= code_size <= 1 << 16:
+        raise r.fail("lists.code_size", f"disagrees with the header's code_size {code_size}")
+    ltype = r.fourcc("lists.type")
+    sizes = np.zeros(nlist, np.int64)
+    if ltype == _FULL:
+        n = r.count("lists.sizes", 8)
+        if n != nlist:
+            raise r.fail("lists.sizes", f"{n} sizes for {nlist} lists")
+        raw = r.array("<u8", n, "lists.sizes")
+        if raw.size and int(raw.max()) > r.n:
+            raise r.fail("lists.sizes", f"a list of {int(raw.max())} entries exceeds the file")
+        sizes[:] = raw
+    elif ltype == _SPRS:
+        n = r.count("lists.sizes", 8)
+        if n % 2:
+            raise r.fail("lists.sizes", "sparse sizes must come in (list, size) pairs")
+        raw = r.array("<u8", n, "lists.sizes").reshape(-1, 2)
+        if raw.size:
+            lists, counts = raw[:, 0], raw[:, 1]
+            if int(lists.max()) >= nlist or (lists.size > 1 and (np.diff(lists) <= 0).any()):
+                raise r.fail("lists.sizes", "sparse list numbers out of range or not ascending")
+            if int(counts.max()) > r.n:
+                raise r.fail(
+                    "lists.sizes", f"a list of {int(counts.max())} entries exceeds the file"
+                )
+            sizes[lists.astype(np.int64)] = counts
+    else:
+        raise r.fail("lists.type", f"{ltype!r} is neither 'full' nor 'sprs'")
+    per = sizes * (code_size + 8)  # each size <= file length: no overflow
+    total = int(per.sum())
+    start = r.skip(total, "lists.data")
+    ends = np.cumsum(per)
+    codes_off = start + ends - per
+    ids_off = codes_off + sizes * code_size
+    return sizes, codes_off.astype(np.int64), ids_off.astype(np.int64)
+
+
+def _parse_ilbl(
+    r: _Reader, nlist: int, fastscan: dict[str, int], M: int, code_size: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    if r.u64("lists.nlist") != nlist:
+        raise r.fail("lists.nlist", "disagrees with the index header's nlist")
+    cs = r.u64("lists.code_size")  # FAISS writes an invalid-size marker for block lists
+    if cs not in (2**64 - 1, code_size):
+        raise r.fail("lists.code_size", f"{cs} is neither the block marker nor {code_size}")
+    per_block = r.u64("lists.n_per_block")
+    block_size = r.u64("lists.block_size")
+    bbs, M2 = fastscan["bbs"], fastscan["M2"]
+    if bbs <= 0 or bbs % 32 or per_block != bbs:
+        raise r.fail("lists.n_per_block", f"{per_block} (bbs {bbs}) is not a multiple of 32")
+    if M2 != (M + 1) // 2 * 2 or block_size != bbs * M2 // 2:
+        raise r.fail("lists.block_size", f"{block_size} does not fit bbs={bbs}, M2={M2}")
+    sizes = np.zeros(nlist, np.int64)
+    codes_off = np.zeros(nlist, np.int64)
+    ids_off = np.zeros(nlist, np.int64)
+    for lst in range(nlist):
+        n = r.count(f"lists[{lst}].ids", 8)
+        ids_off[lst] = r.skip(8 * n, f"lists[{lst}].ids")
+        nb = r.count(f"lists[{lst}].codes", 1)
+        if nb != (n + per_block - 1) // per_block * block_size:
+            raise r.fail(f"lists[{lst}].codes", f"{nb} bytes for {n} codes")
+        codes_off[lst] = r.skip(nb, f"lists[{lst}].codes")
+        sizes[lst] = n
+    return sizes, codes_off, ids_off
+
+
+def ilar_section(
+    nlist: int, code_size: int, sizes: npt.NDArray[np.int64]
+) -> tuple[bytes, npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+    """Head of an ``ilar`` lists section as FAISS writes it, and where each list goes.
+
+    Returns ``(head, codes_at, ids_at, total)``: the bytes up to the list
+    data, each list's codes and ids offsets relative to the data start, and
+    the data length. FAISS picks ``full`` sizes when more than half the lists
+    are non-empty, else ``sprs`` pairs; so does this, byte for byte.
+    """
+    sizes = np.asarray(sizes, np.int64)
+    nonempty = np.flatnonzero(sizes)
+    head = [_ILAR, struct.pack("<QQ", nlist, code_size)]
+    if nonempty.size > nlist // 2:
+        head += [_FULL, struct.pack("<Q", nlist), sizes.astype("<u8").tobytes()]
+    else:
+        pairs = np.stack([nonempty, sizes[nonempty]], axis=1).astype("<u8")
+        head += [_SPRS, struct.pack("<Q", pairs.size), pairs.tobytes()]
+    per = sizes * (code_size + 8)
+    codes_at = np.cumsum(per) - per
+    ids_at = codes_at + sizes * code_size
+    return b"".join(head), codes_at.astype(np.int64), ids_at.astype(np.int64), int(per.sum())
+
+
+def iter_lists(layout: IVFPQLayout) -> Iterator[tuple[int, int, int, int]]:
+    """``(list, count, codes_offset, ids_offset)`` of every non-empty list."""
+    for lst in np.flatnonzero(layout.sizes):
+        yield int(lst), int(layout.sizes[lst]), int(layout.codes_off[lst]), int(layout.ids_off[lst])

@@ -1,0 +1,316 @@
+"""Vector sources: ``.npy`` (memory-mapped), ``.fvecs``, parquet, arrays and iterables of chunks.
+
+:func:`open_vectors` gives a :class:`VectorSource` (``n``, ``d``, chunked
+reads, random samples) over any of them; :meth:`ShardedIndex.build
+<fastface.ShardedIndex.build>` and the command line read vectors through it.
+Nothing here loads a whole file unless asked (:meth:`VectorSource.read_all`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "ChunkSource",
+    "VectorSource",
+    "load_fvecs",
+    "load_npy",
+    "load_parquet",
+    "open_vectors",
+    "write_fvecs",
+]
+
+
+def load_npy(path: str | os.PathLike[str], *, mmap: bool = True) -> npt.NDArray[Any]:
+    """A 2-D ``.npy`` array, memory-mapped by default."""
+    arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: expected a 2-D array, got shape {arr.shape}")
+    return arr
+
+
+def load_fvecs(path: str | os.PathLike[str]) -> npt.NDArray[np.float32]:
+    """A ``.fvecs`` file (int32 dimension then d float32 per row) as a read-only memory map."""
+    size = Path(path).stat().st_size
+    if size == 0:
+        return np.empty((0, 0), np.float32)
+    if size % 4:
+        raise ValueError(f"{path}: not an .fvecs file ({size} bytes is not a multiple of 4)")
+    raw = np.memmap(path, dtype=np.int32, mode="r")
+    d = int(raw[0])
+    if d <= 0 or raw.size % (d + 1):
+        raise ValueError(
+            f"{path}: not an .fvecs file (first dimension {d}, {raw.size * 4} bytes is not a "
+            "multiple of 4 * (d + 1))"
+        )
+    rows = raw.reshape(-1, d + 1)
+    if not (rows[:, 0] == d).all():
+        raise ValueError(f"{path}: rows have different dimensions; .fvecs needs one d")
+    return rows[:, 1:].view(np.float32)
+
+
+def write_fvecs(path: str | os.PathLike[str], x: npt.NDArray[np.float32]) -> None:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    out = np.empty((n, d + 1), np.float32)
+    out[:, 0] = np.array([d], np.int32).view(np.float32)[0]
+    out[:, 1:] = x
+    out.tofile(path)
+
+
+def _parquet_column(pf: Any, column: str | None) -> str:
+    names = pf.schema_arrow.names
+    if column is None:
+        return str(names[0])
+    if column not in names:
+        raise ValueError(f"parquet file has no column {column!r}; columns: {names}")
+    return column
+
+
+def _parquet_batch_to_array(col: Any, d: int | None = None) -> npt.NDArray[np.float32]:
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if (
+        not pa.types.is_list(col.type)
+        and not pa.types.is_fixed_size_list(col.type)
+        and not (pa.types.is_large_list(col.type))
+    ):
+        raise ValueError(f"parquet column must hold lists of floats, got {col.type}")
+    flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    n = len(col)
+    if n == 0:
+        return np.empty((0, d or 0), np.float32)
+    if flat.size % n:
+        raise ValueError("parquet rows have different lengths; every vector needs the same d")
+    return flat.reshape(n, flat.size // n)
+
+
+def load_parquet(
+    path: str | os.PathLike[str], *, column: str | None = None
+) -> npt.NDArray[np.float32]:
+    """A parquet column of float lists as a float32 ``(n, d)`` array (in memory)."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    name = _parquet_column(pf, column)
+    return _parquet_batch_to_array(pf.read(columns=[name]).column(0))
+
+
+class VectorSource:
+    """A readable set of vectors: ``n``, ``d``, chunked reads and random samples."""
+
+    def __init__(
+        self, path: Path | None, array: Any | None, parquet: Any | None, column: str | None
+    ):
+        self.path = path
+        self._array = array
+        self._pf = parquet
+        self._column = column
+        if array is not None:
+            self.n, self.d = int(array.shape[0]), int(array.shape[1])
+        elif parquet is None:
+            raise ValueError("VectorSource needs an array or a parquet file")
+        else:
+            self.n = int(parquet.metadata.num_rows)
+            first = next(parquet.iter_batches(batch_size=1, columns=[column]))
+            self.d = int(_parquet_batch_to_array(first.column(0)).shape[1])
+
+    def describe(self) -> str:
+        return str(self.path.resolve()) if self.path is not None else f"array{(self.n, self.d)}"
+
+    @staticmethod
+    def _f32(x: Any) -> npt.NDArray[np.float32]:
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def iter_chunks(
+        self, chunk_size: int, *, start: int = 0
+    ) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+        """Yield ``(first_row, float32 chunk)`` from row ``start`` on."""
+        if self._array is not None:
+            for lo in range(start, self.n, chunk_size):
+                yield lo, self._f32(self._array[lo : lo + chunk_size])
+            return
+        assert self._pf is not None  # one of array / parquet is set in __init__
+        seen = 0  # rows of the file read so far
+        buf: list[npt.NDArray[np.float32]] = []
+        buffered = 0
+        lo = start
+        for batch in self._pf.iter_batches(batch_size=chunk_size, columns=[self._column]):
+            x = _parquet_batch_to_array(batch.column(0))
+            b_lo, seen = seen, seen + x.shape[0]
+            if seen <= start:
+                continue
+            if b_lo < start:
+                x = x[start - b_lo :]
+            buf.append(x)
+            buffered += x.shape[0]
+            while buffered >= chunk_size:
+                cat = np.concatenate(buf)
+                yield lo, cat[:chunk_size]
+                lo += chunk_size
+                buf = [cat[chunk_size:]]
+                buffered = buf[0].shape[0]
+        if buffered:
+            yield lo, np.concatenate(buf)
+
+    def sample(self, n: int, *, seed: int = 0) -> npt.NDArray[np.float32]:
+        """Up to ``n`` rows drawn without replacement (all rows if fewer)."""
+        if n >= self.n:
+            return self.read_all()
+        rows = np.sort(np.random.default_rng(seed).choice(self.n, size=n, replace=False))
+        if self._array is not None:
+            return self._f32(self._array[rows])
+        out = np.empty((n, self.d), np.float32)
+        j = 0
+        for lo, x in self.iter_chunks(65536):
+            hi = lo + x.shape[0]
+            sel = rows[(rows >= lo) & (rows < hi)]
+            out[j : j + sel.size] = x[sel - lo]
+            j += sel.size
+        return out
+
+    def read_all(self) -> npt.NDArray[np.float32]:
+        if self._array is not None:
+            return self._f32(self._array)
+        return (
+            np.concatenate([x for _, x in self.iter_chunks(65536)])
+            if self.n
+            else np.empty((0, self.d), np.float32)
+        )
+
+
+class ChunkSource:
+    """Vectors from an iterable of ``(n_i, d)`` arrays, read once, front to back.
+
+    ``n`` is unknown (``None``) until the iterable is exhausted. :meth:`sample`
+    reads and keeps the first rows (a sample of the *beginning*, not a
+    random one); :meth:`iter_chunks` replays them, then continues. A build
+    from a chunk iterable cannot be resumed (the iterable cannot restart).
+    """
+
+    path = None
+
+    def __init__(self, chunks: Iterable[Any], d: int | None = None) -> None:
+        self._it = iter(chunks)
+        self._head: list[npt.NDArray[np.float32]] = []
+        self._read = 0
+        self._used = False
+        self._d: int | None = None
+        self.n: int | None = None
+        first = self._next()
+        if first is None:
+            if d is None:
+                raise ValueError("chunks: the iterable is empty and no d was given")
+            self.d = int(d)
+            self.n = 0
+        else:
+            self.d = int(first.shape[1])
+            if d is not None and d != self.d:
+                raise ValueError(f"chunks: rows have d={self.d}, expected d={d}")
+            self._head.append(first)
+
+    def _next(self) -> npt.NDArray[np.float32] | None:
+        for x in self._it:
+            arr = np.asarray(x)
+            if arr.ndim != 2:
+                raise ValueError(f"chunks: every chunk must be 2-D (n, d), got shape {arr.shape}")
+            if self._d is None:
+                self._d = int(arr.shape[1])
+            elif arr.shape[1] != self._d:
+                raise ValueError("chunks: chunks have different d; every vector needs the same d")
+            if arr.shape[0]:
+                self._read += arr.shape[0]
+                return np.ascontiguousarray(arr, dtype=np.float32)
+        self.n = self._read
+        return None
+
+    def describe(self) -> str:
+        return "chunks"
+
+    def sample(self, n: int, *, seed: int = 0) -> npt.NDArray[np.float32]:
+        """The first ``n`` rows (kept for :meth:`iter_chunks`); ``seed`` is unused."""
+        while sum(h.shape[0] for h in self._head) < n:
+            x = self._next()
+            if x is None:
+                break
+            self._head.append(x)
+        if not self._head:
+            return np.empty((0, self.d), np.float32)
+        return np.concatenate(self._head)[:n]
+
+    def iter_chunks(
+        self, chunk_size: int, *, start: int = 0
+    ) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+        """Yield ``(first_row, float32 chunk)`` of at most ``chunk_size`` rows; once only."""
+        if self._used:
+            raise RuntimeError("chunks: an iterable of chunks can be read only once")
+        if start:
+            raise ValueError("chunks: an iterable of chunks cannot resume from a row")
+        self._used = True
+        lo = 0
+
+        def pieces() -> Iterator[npt.NDArray[np.float32]]:
+            yield from self._head
+            self._head = []
+            while (x := self._next()) is not None:
+                yield x
+
+        for x in pieces():
+            for s in range(0, x.shape[0], chunk_size):
+                part = x[s : s + chunk_size]
+                yield lo, part
+                lo += part.shape[0]
+
+    def read_all(self) -> npt.NDArray[np.float32]:
+        parts = [x for _, x in self.iter_chunks(1 << 30)]
+        return np.concatenate(parts) if parts else np.empty((0, self.d), np.float32)
+
+
+def open_vectors(source: Any, *, column: str | None = None) -> VectorSource | ChunkSource:
+    """Open ``.npy`` (memory-mapped), ``.fvecs``, ``.parquet``, an array, or an iterable of chunks.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> src = open_vectors(np.zeros((5, 3), np.float32))
+    >>> src.n, src.d
+    (5, 3)
+    >>> chunks = open_vectors(np.ones((2, 3), np.float32) for _ in range(3))
+    >>> [(lo, x.shape[0]) for lo, x in chunks.iter_chunks(4)]
+    [(0, 2), (2, 2), (4, 2)]
+    """
+    if isinstance(source, np.ndarray):
+        if source.ndim != 2:
+            raise ValueError(f"expected a 2-D array, got shape {source.shape}")
+        return VectorSource(None, source, None, None)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such vector file")
+        suffix = path.suffix.lower()
+        if suffix == ".npy":
+            return VectorSource(path, load_npy(path), None, None)
+        if suffix == ".fvecs":
+            return VectorSource(path, load_fvecs(path), None, None)
+        if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            return VectorSource(path, None, pf, _parquet_column(pf, column))
+        raise ValueError(
+            f"{path}: unknown vector file type {suffix!r}; use .npy, .fvecs or .parquet"
+        )
+    if isinstance(source, Iterable) and not isinstance(source, (bytes, dict)):
+        return ChunkSource(source)
+    raise TypeError(
+        f"source: expected a path, a numpy array or an iterable of arrays, got "
+        f"{type(source).__name__}"
+    )
