@@ -142,3 +142,42 @@ def test_dlib_landmarks_bad_boxes(astronaut):
         dlib_landmarks([astronaut], [np.array([[1.0, 2.0, 3.0]])])
     [empty] = dlib_landmarks([astronaut], [np.zeros((0, 4))])
     assert empty.shape == (0, 5, 2)
+
+
+def _nms_numpy(boxes, scores, threshold, mode="union"):
+    """The slow twin: greedy suppression in NumPy, one kept box per iteration."""
+    x1, y1, x2, y2 = boxes.T
+    area = (x2 - x1) * (y2 - y1)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = iw * ih
+        denom = np.minimum(area[i], area[rest]) if mode == "min" else area[i] + area[rest] - inter
+        order = rest[inter / np.maximum(denom, 1e-12) <= threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+@pytest.mark.parametrize("mode", ["union", "min"])
+def test_grouped_nms_equals_numpy_per_group(mode):
+    from fastface.faces.detect import _grouped_nms
+
+    rng = np.random.default_rng(4)
+    for n in (0, 1, 7, 300):
+        centre = rng.uniform(0, 100, (n, 2))
+        side = rng.uniform(5, 40, n)
+        boxes = np.concatenate([centre - side[:, None] / 2, centre + side[:, None] / 2], axis=1)
+        scores = rng.random(n).round(1).astype(np.float32)  # many ties
+        groups = rng.integers(0, 4, n)
+        got = _grouped_nms(boxes, scores, groups, 0.5, mode)
+        want = [
+            np.flatnonzero(groups == g)[
+                _nms_numpy(boxes[groups == g], scores[groups == g], 0.5, mode)
+            ]
+            for g in np.unique(groups)
+        ]
+        np.testing.assert_array_equal(got, np.concatenate(want) if want else np.zeros(0, int))

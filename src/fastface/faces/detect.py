@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from .. import _C  # type: ignore[attr-defined]
@@ -115,59 +116,57 @@ def mtcnn_model_paths() -> dict[str, Path]:
 
 def _scaled(images: np.ndarray, h: int, w: int) -> np.ndarray:
     """Resize a (B, H, W, 3) uint8 batch to (B, h, w, 3): box-filter by the
-    largest integer factor that stays above the target, then bilinear (pixel
-    centres aligned as cv2.resize does) for the rest."""
-    B, H, W = images.shape[:3]
+    largest integer factor that stays above the target (``INTER_AREA`` at an
+    integer factor), then bilinear (pixel centres aligned) for the rest. Both
+    run in OpenCV, GIL released; a 512 x 512 pyramid takes 3.4 ms against
+    12.4 ms for ``INTER_AREA`` at each fractional scale."""
+    return np.stack([_scaled_one(im, h, w) for im in images])
+
+
+def _scaled_one(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    H, W = img.shape[:2]
     k = max(1, min(H // h, W // w))
     if k > 1:
-        images = _box_down(images, k)
-        H, W = images.shape[1:3]
-    sx, sy = w / W, h / H
-    M = np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
-    M = np.ascontiguousarray(np.broadcast_to(M, (B, 2, 3)))
-    return _C.warp_affine_u8(images, np.arange(B, dtype=np.int64), M, h, w, False)
-
-
-def _box_sum(x: np.ndarray, k: int) -> np.ndarray:
-    """Sums of k x k blocks of a (B, H, W, C) array, as uint32 (strided adds,
-    much faster than a reshape and mean over two axes)."""
-    h, w = x.shape[1] // k, x.shape[2] // k
-    acc = np.zeros((x.shape[0], h, w, x.shape[3]), np.uint32)
-    for dy in range(k):
-        for dx in range(k):
-            acc += x[:, dy : dy + h * k : k, dx : dx + w * k : k]
-    return acc
-
-
-def _box_down(x: np.ndarray, k: int) -> np.ndarray:
-    """uint8 mean of k x k blocks, rounded (INTER_AREA for an integer factor)."""
-    return ((_box_sum(x, k) + (k * k) // 2) // (k * k)).astype(np.uint8)
+        Hk, Wk = H // k, W // k
+        img = cv2.resize(img[: Hk * k, : Wk * k], (Wk, Hk), interpolation=cv2.INTER_AREA)
+    if img.shape[:2] != (h, w):
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+    return img
 
 
 def _net_input(x: np.ndarray) -> np.ndarray:
     """uint8 (B, H, W, 3) RGB -> the networks' float32 (B, W, H, 3)."""
-    return np.ascontiguousarray(((x.astype(np.float32) - _MEAN) * _SCALE).transpose(0, 2, 1, 3))
+    out = np.empty((x.shape[0], x.shape[2], x.shape[1], 3), np.float32)
+    np.subtract(x.transpose(0, 2, 1, 3), _MEAN, out=out, dtype=np.float32)
+    out *= _SCALE
+    return out
 
 
-def _nms(
-    boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "union"
+def _grouped_nms(
+    boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float, mode: str = "union"
 ) -> np.ndarray:
-    """Greedy non-maximum suppression; indices kept, best first."""
-    x1, y1, x2, y2 = boxes.T
-    area = (x2 - x1) * (y2 - y1)
-    order = np.argsort(-scores, kind="stable")
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        rest = order[1:]
-        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
-        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
-        inter = iw * ih
-        denom = np.minimum(area[i], area[rest]) if mode == "min" else area[i] + area[rest] - inter
-        overlap = inter / np.maximum(denom, 1e-12)
-        order = rest[overlap <= threshold]
-    return np.asarray(keep, dtype=np.int64)
+    """Greedy non-maximum suppression within each group (image): indices
+    kept, groups in ascending order, best score first within a group (ties:
+    earlier row first). ``mode="min"`` divides the intersection by the
+    smaller area instead of the union."""
+    from ..kernels.nms import grouped_nms  # numba: imported on first use
+
+    n = len(scores)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    order = np.lexsort((-np.asarray(scores, np.float64), groups))  # stable
+    g = np.asarray(groups)[order]
+    starts = np.concatenate([[0], np.flatnonzero(g[1:] != g[:-1]) + 1, [n]]).astype(np.int64)
+    keep = np.empty(n, np.int64)
+    k = grouped_nms(
+        np.ascontiguousarray(boxes, np.float64),
+        order.astype(np.int64),
+        starts,
+        float(threshold),
+        mode == "min",
+        keep,
+    )
+    return keep[:k]
 
 
 def _calibrate(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
@@ -188,19 +187,27 @@ def _square(boxes: np.ndarray) -> np.ndarray:
 def _crops(
     images: np.ndarray | list[np.ndarray], image_index: np.ndarray, boxes: np.ndarray, size: int
 ) -> np.ndarray:
-    """Box crops resized to size x size (outside the image reads 0), sampled at
-    twice the size and box-averaged 2 x 2 to limit aliasing."""
+    """Box crops resized to (F, size, size, 3) uint8 (outside the image reads
+    0), sampled at twice the size and box-averaged 2 x 2 to limit aliasing.
+
+    The 2 x 2 averaging is one ``cv2.resize(INTER_AREA)`` over all crops
+    stacked into one tall image: at a factor of exactly 2 no output pixel
+    straddles two crops."""
+    F = len(boxes)
     w = boxes[:, 2] - boxes[:, 0]
     h = boxes[:, 3] - boxes[:, 1]
     n2 = 2 * size
     sx, sy = n2 / w, n2 / h
-    M = np.zeros((len(boxes), 2, 3))
+    M = np.zeros((F, 2, 3))
     M[:, 0, 0] = sx
     M[:, 0, 2] = -boxes[:, 0] * sx + 0.5 * sx - 0.5
     M[:, 1, 1] = sy
     M[:, 1, 2] = -boxes[:, 1] * sy + 0.5 * sy - 0.5
-    big = _C.warp_affine_u8(images, image_index, np.ascontiguousarray(M), n2, n2, False)
-    return _box_sum(big, 2).astype(np.float32) * np.float32(0.25)
+    # One thread: a few hundred small crops take ~4 ms; OpenMP's fork and join
+    # cost more than that whenever the other core is busy (as in FacePipeline).
+    big = _C.warp_affine_u8(images, image_index, np.ascontiguousarray(M), n2, n2, False, 1)
+    tall = cv2.resize(big.reshape(F * n2, n2, 3), (size, F * size), interpolation=cv2.INTER_AREA)
+    return tall.reshape(F, size, size, 3)
 
 
 class MTCNN:
@@ -290,42 +297,45 @@ class MTCNN:
         for (H, W), members in groups.items():
             step = max(1, _PYRAMID_PIXELS // (H * W))
             chunks += [((H, W), members[j : j + step]) for j in range(0, len(members), step)]
-        all_boxes, all_owner = [], []
+        all_rows, all_owner = [], []
         for (H, W), members in chunks:
             batch = (
                 imgs[members]
                 if isinstance(imgs, np.ndarray)
                 else np.stack([imgs[i] for i in members])
             )
-            per_image: list[list[np.ndarray]] = [[] for _ in members]
+            level_rows, level_owner = [], []
             scale = _PNET_CELL / min_face_size
             while min(H, W) * scale >= _PNET_CELL:
                 h, w = int(np.ceil(H * scale)), int(np.ceil(W * scale))
                 reg, prob = self._run("pnet", _net_input(_scaled(batch, h, w)))
                 prob = prob[..., 1].transpose(0, 2, 1)  # (B, h', w')
-                reg = reg.transpose(0, 2, 1, 3)
-                for b in range(len(members)):
-                    ys, xs = np.nonzero(prob[b] > threshold)
-                    if ys.size == 0:
-                        continue
+                bs, ys, xs = np.nonzero(prob > threshold)
+                if bs.size:
                     x1 = xs * _PNET_STRIDE / scale
                     y1 = ys * _PNET_STRIDE / scale
                     side = _PNET_CELL / scale
-                    cand = np.stack([x1, y1, x1 + side, y1 + side], axis=1)
-                    rows = np.concatenate([cand, reg[b, ys, xs], prob[b, ys, xs][:, None]], axis=1)
-                    keep = _nms(rows[:, :4], rows[:, 8], 0.5)
-                    per_image[b].append(rows[keep])
+                    rows = np.empty((bs.size, 9))
+                    rows[:, 0], rows[:, 1] = x1, y1
+                    rows[:, 2], rows[:, 3] = x1 + side, y1 + side
+                    rows[:, 4:8] = reg[bs, xs, ys]
+                    rows[:, 8] = prob[bs, ys, xs]
+                    keep = _grouped_nms(rows[:, :4], rows[:, 8], bs, 0.5)
+                    level_rows.append(rows[keep])
+                    level_owner.append(bs[keep])
                 scale *= scale_factor
-            for b, i in enumerate(members):
-                if not per_image[b]:
-                    continue
-                rows = np.concatenate(per_image[b])
-                rows = rows[_nms(rows[:, :4], rows[:, 8], 0.7)]
-                all_boxes.append(_square(_calibrate(rows[:, :4], rows[:, 4:8])))
-                all_owner.append(np.full(len(rows), i, dtype=np.int64))
-        if not all_boxes:
+            if not level_rows:
+                continue
+            # Per image, across levels (level order kept for ties), as the
+            # reference does after its per-scale suppression.
+            rows = np.concatenate(level_rows)
+            b_of = np.concatenate(level_owner)
+            keep = _grouped_nms(rows[:, :4], rows[:, 8], b_of, 0.7)
+            all_rows.append(_square(_calibrate(rows[keep, :4], rows[keep, 4:8])))
+            all_owner.append(np.asarray(members, np.int64)[b_of[keep]])
+        if not all_rows:
             return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
-        return np.concatenate(all_boxes), np.concatenate(all_owner)
+        return np.concatenate(all_rows), np.concatenate(all_owner)
 
     def _refine(
         self,
@@ -340,7 +350,7 @@ class MTCNN:
         reg, prob = self._run("rnet", _crops_input(imgs, owner, boxes, 24))
         ok = prob[:, 1] > threshold
         boxes, owner, reg, score = boxes[ok], owner[ok], reg[ok], prob[ok, 1]
-        keep = _per_image_nms(boxes, score, owner, 0.7, "union")
+        keep = _grouped_nms(boxes, score, owner, 0.7)
         boxes, owner, reg = boxes[keep], owner[keep], reg[keep]
         return _square(_calibrate(boxes, reg)), owner
 
@@ -370,7 +380,7 @@ class MTCNN:
         h = (boxes[:, 3] - boxes[:, 1])[:, None]
         lm = np.stack([boxes[:, :1] + w * points[:, :5], boxes[:, 1:2] + h * points[:, 5:]], axis=2)
         boxes = _calibrate(boxes, reg)
-        keep = _per_image_nms(boxes, score, owner, 0.7, "min")
+        keep = _grouped_nms(boxes, score, owner, 0.7, "min")
         for i in range(n):
             sel = keep[owner[keep] == i]
             results[i] = Detections(
@@ -389,18 +399,7 @@ def _drop_tiny(boxes: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.nda
 def _crops_input(
     imgs: np.ndarray | list[np.ndarray], owner: np.ndarray, boxes: np.ndarray, size: int
 ) -> np.ndarray:
-    crops = _crops(imgs, np.ascontiguousarray(owner), boxes, size)
-    return np.ascontiguousarray(((crops - _MEAN) * _SCALE).transpose(0, 2, 1, 3))
-
-
-def _per_image_nms(
-    boxes: np.ndarray, scores: np.ndarray, owner: np.ndarray, threshold: float, mode: str
-) -> np.ndarray:
-    keep = []
-    for i in np.unique(owner):
-        idx = np.flatnonzero(owner == i)
-        keep.append(idx[_nms(boxes[idx], scores[idx], threshold, mode)])
-    return np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
+    return _net_input(_crops(imgs, np.ascontiguousarray(owner), boxes, size))
 
 
 @functools.lru_cache(maxsize=1)
