@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from .. import _C  # type: ignore[attr-defined]
 from .align import _check_images
+from .spec import Detections, Landmarks, stack_landmarks
 
 __all__ = ["MTCNN", "Detections", "detect", "mtcnn_model_paths", "stack_landmarks"]
 
@@ -41,50 +41,6 @@ _PNET_CELL = 12
 _PNET_STRIDE = 2
 _PYRAMID_PIXELS = 512 * 512
 _NET_BATCH = 64
-
-
-@dataclass(frozen=True)
-class Detections:
-    """Faces found in one image.
-
-    Attributes
-    ----------
-    boxes : (n, 4) float32
-        ``x1, y1, x2, y2`` in image pixels.
-    scores : (n,) float32
-        O-net face probability.
-    landmarks : (n, 5, 2) float32
-        ``(x, y)`` of the left eye, right eye, nose, left and right mouth
-        corner as seen in the image (the ArcFace template's order).
-    """
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    landmarks: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.scores.shape[0])
-
-
-def stack_landmarks(detections: Sequence[Detections]) -> tuple[np.ndarray, np.ndarray]:
-    """All faces' landmarks as one ``(F, 5, 2)`` array and the image each comes from.
-
-    The two arguments :func:`fastface.faces.align` takes after ``images``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> one = Detections(np.zeros((2, 4)), np.ones(2), np.zeros((2, 5, 2)))
-    >>> none = Detections(np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2)))
-    >>> lm, image_index = stack_landmarks([none, one])
-    >>> lm.shape, image_index.tolist()
-    ((2, 5, 2), [1, 1])
-    """
-    if not detections:
-        return np.zeros((0, 5, 2), np.float32), np.zeros(0, np.int64)
-    lm = np.concatenate([np.asarray(d.landmarks, np.float32) for d in detections])
-    index = np.repeat(np.arange(len(detections)), [len(d) for d in detections])
-    return lm, index.astype(np.int64)
 
 
 def mtcnn_model_paths() -> dict[str, Path]:
@@ -363,14 +319,7 @@ class MTCNN:
         threshold: float,
     ) -> list[Detections]:
         boxes, owner = _drop_tiny(boxes, owner)
-        results = [
-            Detections(
-                np.zeros((0, 4), np.float32),
-                np.zeros(0, np.float32),
-                np.zeros((0, 5, 2), np.float32),
-            )
-            for _ in range(n)
-        ]
+        results = [Detections.empty("mtcnn5") for _ in range(n)]
         if len(boxes) == 0:
             return results
         reg, points, prob = self._run("onet", _crops_input(imgs, owner, boxes, 48))
@@ -386,7 +335,8 @@ class MTCNN:
             results[i] = Detections(
                 boxes[sel].astype(np.float32),
                 score[sel].astype(np.float32),
-                lm[sel].astype(np.float32),
+                Landmarks(lm[sel], "mtcnn5"),
+                "mtcnn5",
             )
         return results
 
