@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_gallery
 
     cli_gallery.register(sub)
+    from . import cli_embed
+
+    cli_embed.register(sub)
     return parser
 
 

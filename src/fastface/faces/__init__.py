@@ -18,7 +18,7 @@ from .align import (
     pixel_hint,
     template,
 )
-from .analyze import Analysis, analyze
+from .analyze import Analysis, analyze, default_embedder
 from .compare import compare, verify
 from .detect import MTCNN, detect, mtcnn_model_paths
 from .dlib_onnx import dlib_onnx_embedder, dlib_resnet_to_onnx
@@ -70,6 +70,7 @@ __all__ = [
     "analyze",
     "compare",
     "decode_image",
+    "default_embedder",
     "detect",
     "dlib_face_model_path",
     "dlib_landmarks",

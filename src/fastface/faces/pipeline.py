@@ -159,7 +159,10 @@ def decode_image(item: Any) -> np.ndarray:
             f"expected a path, encoded bytes or a uint8 array, got {type(item).__name__}"
         )
     buf = np.frombuffer(data, np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    except cv2.error as e:  # e.g. more pixels than OPENCV_IO_MAX_IMAGE_PIXELS allows
+        raise ValueError(f"not a decodable image ({len(data)} bytes): {e}") from None
     if img is None:
         raise ValueError(f"not a decodable image ({len(data)} bytes)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
