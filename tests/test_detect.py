@@ -181,3 +181,30 @@ def test_grouped_nms_equals_numpy_per_group(mode):
             for g in np.unique(groups)
         ]
         np.testing.assert_array_equal(got, np.concatenate(want) if want else np.zeros(0, int))
+
+
+def test_prelu_rewrite_is_exact_and_the_stats_add_up(astronaut):
+    """The rewritten networks (PRelu as Relu/BatchNormalization/Add) against the files as
+    shipped, in ONNX Runtime: equal bit for bit, on random inputs far outside [-1, 1]."""
+    import onnxruntime as ort
+
+    from fastface.faces import MTCNN
+    from fastface.faces.detect import _without_prelu
+
+    rng = np.random.default_rng(2)
+    shapes = {"pnet": (3, 37, 29, 3), "rnet": (7, 24, 24, 3), "onet": (5, 48, 48, 3)}
+    for name, path in mtcnn_model_paths().items():
+        plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        rewritten = _without_prelu(path)
+        assert isinstance(rewritten, bytes) and b"PRelu" not in rewritten
+        fast = ort.InferenceSession(rewritten, providers=["CPUExecutionProvider"])
+        x = {plain.get_inputs()[0].name: rng.normal(0, 3, shapes[name]).astype(np.float32)}
+        for a, b in zip(plain.run(None, x), fast.run(None, x), strict=True):
+            np.testing.assert_array_equal(a, b)
+    m = MTCNN(threads=1)
+    m.detect([astronaut])
+    s = m.stats
+    assert s["pnet"] > 0 and s["rnet"] > 0 and s["onet"] > 0 and s["pyramid"] > 0
+    assert s["pyramid"] + s["pnet"] + s["crops"] + s["rnet"] + s["onet"] <= s["total"]
+    m.reset_stats()
+    assert m.stats["total"] == 0

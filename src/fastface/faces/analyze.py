@@ -142,7 +142,7 @@ def analyze(
         Default: dlib's ResNet in ONNX Runtime (:func:`default_embedder`,
         128-d, calibrated threshold :data:`~fastface.faces.DLIB_THRESHOLD`).
     detector : MTCNN or callable, optional
-        Default: the shared :class:`~fastface.faces.MTCNN`.
+        Default: the pipelines' shared :class:`~fastface.faces.MTCNN`.
     crops : bool
         Also return each face's aligned uint8 crop (``Face.crop``, ``.crops``).
     max_faces : int, optional
@@ -170,12 +170,10 @@ def analyze(
     >>> bool(faces.verify(res[0], res[0], model=res.spec))
     True
     """
-    from .detect import _default_model
-
     items = _as_items(images)
     emb = default_embedder() if embedder is None else embedder
     pipe = FacePipeline(
-        _default_model() if detector is None else detector,
+        detector,
         emb,
         batch_size=batch_size,
         workers=workers,

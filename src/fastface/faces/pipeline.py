@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .align import align, pixel_hint
-from .detect import MTCNN
+from .detect import pipeline_model
 from .embed import FaceEmbedder
 from .landmarks import dlib_landmarks
 from .spec import CONVENTIONS, Detections, Landmarks, spec_of
@@ -185,8 +185,9 @@ class FacePipeline:
     ----------
     detector : MTCNN, callable or None
         Finds faces: an object with ``detect(images, min_face_size=...)`` or a
-        callable ``images -> list[Detections]``; None makes the default
-        :class:`~fastface.faces.MTCNN`.
+        callable ``images -> list[Detections]``; None: a shared
+        :class:`~fastface.faces.MTCNN` with one ONNX Runtime thread per
+        network (``detect_threads`` batches run at once instead).
     embedder : Embedder, DlibEmbedder or any FaceEmbedder
         Its ``spec`` decides the crops (``align(..., for_model=embedder)``).
         When its template takes another landmark convention than the
@@ -254,7 +255,7 @@ class FacePipeline:
                 f"{type(embedder).__name__}"
             )
         self.spec = spec_of(embedder, "embedder")
-        self.detector = MTCNN() if detector is None else detector
+        self.detector = pipeline_model() if detector is None else detector
         if not (hasattr(self.detector, "detect") or callable(self.detector)):
             raise TypeError(
                 f"detector: expected an MTCNN or a callable images -> list[Detections], got "
