@@ -593,7 +593,7 @@ class DlibEmbedder:
 
     Align with ``align(images, detections, for_model=embedder)`` (dlib's
     5-point landmarks inside the detected boxes, the ``"dlib"`` template).
-    dlib's own descriptors are not of unit norm (1.24-1.51, median 1.38 on
+    dlib's own descriptors are not of unit norm (1.23-1.53, median 1.38 on
     LFW faces) and face_recognition's same-person rule is a Euclidean
     distance below 0.6 between them; this class returns unit rows, for which
     the equivalent rule is a cosine similarity of at least
