@@ -208,3 +208,17 @@ def test_prelu_rewrite_is_exact_and_the_stats_add_up(astronaut):
     assert s["pyramid"] + s["pnet"] + s["crops"] + s["rnet"] + s["onet"] <= s["total"]
     m.reset_stats()
     assert m.stats["total"] == 0
+
+
+def test_pnet_in_bands_equals_pnet_whole():
+    """P-net run band by band (overlapping by its receptive field) against one run."""
+    from fastface.faces import MTCNN
+
+    m = MTCNN(threads=1)
+    rng = np.random.default_rng(5)
+    for shape in [(1, 307, 307, 3), (2, 218, 151, 3), (1, 333, 41, 3), (1, 41, 333, 3)]:
+        x = ((rng.integers(0, 256, shape) - 127.5) * 0.0078125).astype(np.float32)
+        whole = m._run_chunks("pnet", x)
+        banded = m._run_pnet(x)
+        for a, b in zip(whole, banded, strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -39,7 +39,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".j
 
 
 def _image_files(args: list[str], recursive: bool) -> list[str]:
-    """Files named on the command line, and the image files of named directories (sorted)."""
+    """Files named on the command line, and the image files of named directories (sorted;
+    symbolic links inside a directory are not followed out of it, so they are skipped)."""
     out: list[str] = []
     for a in args:
         p = Path(a)
@@ -271,7 +272,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders of them")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGES",
+        help="image files, or folders (their image files by suffix; symlinks skipped)",
+    )
     p.add_argument("-o", "--output", required=True, help="output file: .parquet, .npz or .npy")
     p.add_argument(
         "--faces",
