@@ -40,7 +40,8 @@ older commit, run just before on the same machine) and carries its ratios and
 stage times into ``summary.before``.
 
     python bench/pipeline.py [--images 48] [--repeat 5] [--dlib-processes 0,1,2]
-        [--models dlib-bin,dlib-onnx,resnet112] [--before OLD.json] [--no-calibration]
+        [--models dlib-bin,dlib-onnx,resnet112] [--before OLD.json --before-note TEXT]
+        [--no-calibration]
 """
 
 from __future__ import annotations
@@ -334,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dlib-processes", default="0,1,2")
     p.add_argument("--models", default="dlib-bin,dlib-onnx,resnet112")
     p.add_argument("--before", type=Path, help="results JSON of an earlier run")
+    p.add_argument("--before-note", default="", help="what the earlier run was (commit, when)")
     p.add_argument("--no-calibration", action="store_true")
     p.add_argument("--out", type=Path, help="result file (default bench/results/pipeline.json)")
     args = p.parse_args(argv)
@@ -471,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     before = _before(args.before)
     if before is not None:
+        before["note"] = args.before_note
         summary["before"] = before
     if not args.no_calibration:
         t0 = time.perf_counter()
