@@ -158,6 +158,16 @@ def test_every_embedder_refuses_crops_of_another_size_or_template(astronaut, onn
         onnx_dlib.embed(other.crops)
     # the way out, on purpose
     assert onnx_dlib.embed(np.asarray(arc150)).shape == (1, 128)
+    # an ArcFace-template ONNX model refuses dlib chips of its own size
+    arcface = faces.Embedder(_pooled_model(), providers="cpu")
+    with pytest.raises(ValueError, match="template 'dlib' at 112"):
+        arcface.embed(dlib112)
+    with pytest.raises(ValueError, match="template 'dlib' at 150"):
+        arcface.embed(good.crops)
+    with pytest.raises(ValueError, match=r"\(F, 112, 112, 3\)"):  # unstamped: the size
+        arcface.embed(np.asarray(good.crops))
+    right, _ = align([astronaut], d.landmarks[:1], for_model=arcface)
+    assert arcface.embed(right).shape == (1, 16)
 
 
 # --- compare / verify ------------------------------------------------------------------------
@@ -291,12 +301,12 @@ def test_analyze_equals_the_explicit_route(tmp_path, astronaut, onnx_dlib):
         analyze(42)
 
 
-def test_analyze_with_an_arcface_model_equals_the_explicit_route(astronaut):
-    """Another template: MTCNN's own points, fused float input (the pipeline's path)."""
+def _pooled_model(d: int = 16) -> bytes:
+    """A small ArcFace-size ONNX model: 8 x 8 average pooling, then a random linear map."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.normal(0, 1, (16, 3 * 14 * 14)).astype(np.float32), "w")
+    w = numpy_helper.from_array(rng.normal(0, 1, (d, 3 * 14 * 14)).astype(np.float32), "w")
     graph = helper.make_graph(
         [
             helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[8, 8], strides=[8, 8]),
@@ -305,11 +315,16 @@ def test_analyze_with_an_arcface_model_equals_the_explicit_route(astronaut):
         ],
         "pooled",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d])],
         [w],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    emb = faces.Embedder(model.SerializeToString(), providers="cpu")
+    return model.SerializeToString()
+
+
+def test_analyze_with_an_arcface_model_equals_the_explicit_route(astronaut):
+    """Another template: MTCNN's own points, fused float input (the pipeline's path)."""
+    emb = faces.Embedder(_pooled_model(), providers="cpu")
     assert emb.spec.alignment.landmarks == "mtcnn5" and emb.spec.threshold is None
     imgs = [astronaut, _head(astronaut)]
     res = analyze(imgs, embedder=emb)
@@ -319,22 +334,7 @@ def test_analyze_with_an_arcface_model_equals_the_explicit_route(astronaut):
 
 
 def test_pipeline_refuses_a_detector_of_the_wrong_convention(astronaut):
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
-    graph = helper.make_graph(
-        [
-            helper.make_node("GlobalAveragePool", ["x"], ["p"]),
-            helper.make_node("Flatten", ["p"], ["f"]),
-            helper.make_node("Gemm", ["f", "w"], ["y"], transB=1),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    emb = faces.Embedder(model.SerializeToString(), providers="cpu")
+    emb = faces.Embedder(_pooled_model(4), providers="cpu")
 
     def dlib_points_detector(images):
         found = detect(images)
