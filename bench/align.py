@@ -33,7 +33,7 @@ from skimage import data
 from skimage.transform import SimilarityTransform
 
 import fastface
-from fastface._bench.common import Interleaved, median_time
+from fastface._bench.common import Interleaved, median_time, results_dir
 from fastface.faces import align, detect, template
 
 ROOT = Path(__file__).resolve().parent
@@ -194,7 +194,7 @@ def main() -> None:
         "agreement_within_1_grey_level": agree,
         "load_average_at_start": os.getloadavg(),
     }
-    out = ROOT / "results" / "align.json"
+    out = results_dir() / "align.json"  # FASTFACE_BENCH_RESULTS, else bench/results
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")

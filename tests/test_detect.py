@@ -142,3 +142,83 @@ def test_dlib_landmarks_bad_boxes(astronaut):
         dlib_landmarks([astronaut], [np.array([[1.0, 2.0, 3.0]])])
     [empty] = dlib_landmarks([astronaut], [np.zeros((0, 4))])
     assert empty.shape == (0, 5, 2)
+
+
+def _nms_numpy(boxes, scores, threshold, mode="union"):
+    """The slow twin: greedy suppression in NumPy, one kept box per iteration."""
+    x1, y1, x2, y2 = boxes.T
+    area = (x2 - x1) * (y2 - y1)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = iw * ih
+        denom = np.minimum(area[i], area[rest]) if mode == "min" else area[i] + area[rest] - inter
+        order = rest[inter / np.maximum(denom, 1e-12) <= threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+@pytest.mark.parametrize("mode", ["union", "min"])
+def test_grouped_nms_equals_numpy_per_group(mode):
+    from fastface.faces.detect import _grouped_nms
+
+    rng = np.random.default_rng(4)
+    for n in (0, 1, 7, 300):
+        centre = rng.uniform(0, 100, (n, 2))
+        side = rng.uniform(5, 40, n)
+        boxes = np.concatenate([centre - side[:, None] / 2, centre + side[:, None] / 2], axis=1)
+        scores = rng.random(n).round(1).astype(np.float32)  # many ties
+        groups = rng.integers(0, 4, n)
+        got = _grouped_nms(boxes, scores, groups, 0.5, mode)
+        want = [
+            np.flatnonzero(groups == g)[
+                _nms_numpy(boxes[groups == g], scores[groups == g], 0.5, mode)
+            ]
+            for g in np.unique(groups)
+        ]
+        np.testing.assert_array_equal(got, np.concatenate(want) if want else np.zeros(0, int))
+
+
+def test_prelu_rewrite_is_exact_and_the_stats_add_up(astronaut):
+    """The rewritten networks (PRelu as Relu/BatchNormalization/Add) against the files as
+    shipped, in ONNX Runtime: equal bit for bit, on random inputs far outside [-1, 1]."""
+    import onnxruntime as ort
+
+    from fastface.faces import MTCNN
+    from fastface.faces.detect import _without_prelu
+
+    rng = np.random.default_rng(2)
+    shapes = {"pnet": (3, 37, 29, 3), "rnet": (7, 24, 24, 3), "onet": (5, 48, 48, 3)}
+    for name, path in mtcnn_model_paths().items():
+        plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        rewritten = _without_prelu(path)
+        assert isinstance(rewritten, bytes) and b"PRelu" not in rewritten
+        fast = ort.InferenceSession(rewritten, providers=["CPUExecutionProvider"])
+        x = {plain.get_inputs()[0].name: rng.normal(0, 3, shapes[name]).astype(np.float32)}
+        for a, b in zip(plain.run(None, x), fast.run(None, x), strict=True):
+            np.testing.assert_array_equal(a, b)
+    m = MTCNN(threads=1)
+    m.detect([astronaut])
+    s = m.stats
+    assert s["pnet"] > 0 and s["rnet"] > 0 and s["onet"] > 0 and s["pyramid"] > 0
+    assert s["pyramid"] + s["pnet"] + s["crops"] + s["rnet"] + s["onet"] <= s["total"]
+    m.reset_stats()
+    assert m.stats["total"] == 0
+
+
+def test_pnet_in_bands_equals_pnet_whole():
+    """P-net run band by band (overlapping by its receptive field) against one run."""
+    from fastface.faces import MTCNN
+
+    m = MTCNN(threads=1)
+    rng = np.random.default_rng(5)
+    for shape in [(1, 307, 307, 3), (2, 218, 151, 3), (1, 333, 41, 3), (1, 41, 333, 3)]:
+        x = ((rng.integers(0, 256, shape) - 127.5) * 0.0078125).astype(np.float32)
+        whole = m._run_chunks("pnet", x)
+        banded = m._run_pnet(x)
+        for a, b in zip(whole, banded, strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -1,7 +1,7 @@
 """The ``fastface`` command line (also ``python -m fastface``).
 
 One module per command group: :mod:`.index` (build, search, info, index
-add/remove/compact, dedup), :mod:`.gallery`, :mod:`.bench`. The conventions
+add/remove/compact, dedup), :mod:`.embed`, :mod:`.gallery`, :mod:`.bench`. The conventions
 every command follows (exit codes, one-line errors, strict JSON and JSON
 lines, progress bars only on a terminal) are in :mod:`._common`.
 """
@@ -18,12 +18,12 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-    from . import bench, gallery, index
+    from . import bench, embed, gallery, index
 
     parser = argparse.ArgumentParser(
         prog="fastface",
-        description="Face search at scale: sharded IVF-PQ indexes, near-duplicates, a gallery\n"
-        "with data-subject rights, and benchmarks.\n\n"
+        description="Face search at scale: faces of image files to embeddings, sharded IVF-PQ\n"
+        "indexes, near-duplicates, a gallery with data-subject rights, and benchmarks.\n\n"
         "Exit codes: 0 success, 1 runtime error, 2 usage error. Errors are one line on\n"
         "stderr (--debug for a traceback); results are JSON on stdout.",
         formatter_class=Formatter,
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     index.register(sub)
+    embed.register(sub)
     gallery.register(sub)
     bench.register(sub)
     return parser

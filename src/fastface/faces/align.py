@@ -11,12 +11,15 @@ faces with the GIL released.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from .. import _native as _C
+
+if TYPE_CHECKING:
+    from .spec import AlignSpec
 
 __all__ = [
     "ARCFACE_TEMPLATE",
@@ -66,13 +69,19 @@ class AlignResult(NamedTuple):
     """Aligned crops and the 2 x 3 matrices that made them.
 
     ``crops`` is ``(F, size, size, 3)`` uint8 or ``(F, 3, size, size)``
-    float32; ``M[f]`` maps image points of face ``f`` to crop points (the
-    matrix ``cv2.warpAffine`` takes), so ``cv2.invertAffineTransform(M[f])``
-    maps crop points back to the image.
+    float32, a :class:`~fastface.faces.Crops` array that records how it was
+    made (``crops.spec``, also ``result.spec``); ``M[f]`` maps image points
+    of face ``f`` to crop points (the matrix ``cv2.warpAffine`` takes), so
+    ``cv2.invertAffineTransform(M[f])`` maps crop points back to the image.
     """
 
     crops: np.ndarray
     M: np.ndarray
+
+    @property
+    def spec(self) -> AlignSpec | None:
+        """How the crops were made (template, size, output, normalisation)."""
+        return getattr(self.crops, "spec", None)
 
 
 def template(name: str = "arcface", size: int | None = None) -> np.ndarray:
@@ -146,7 +155,7 @@ def estimate_similarity(src: npt.ArrayLike, dst: npt.ArrayLike) -> np.ndarray:
     Examples
     --------
     >>> src = template("arcface")[None] * 2 + 10
-    >>> estimate_similarity(src, template("arcface")).round(6).tolist()
+    >>> (estimate_similarity(src, template("arcface")).round(6) + 0.0).tolist()  # no -0.0
     [[[0.5, 0.0, -5.0], [0.0, 0.5, -5.0]]]
     """
     s = np.asarray(src, dtype=np.float64)
@@ -191,10 +200,7 @@ def _check_images(
         if not isinstance(im, np.ndarray):
             raise TypeError(f"images{where}: expected a numpy uint8 array, got {type(im).__name__}")
         if im.dtype != np.uint8:
-            raise TypeError(
-                f"images{where}: expected uint8 pixels, got {im.dtype}; decode to uint8 "
-                "(e.g. np.clip(x, 0, 255).astype(np.uint8))"
-            )
+            raise TypeError(f"images{where}: expected uint8 pixels, {pixel_hint(im)}")
         if im.ndim == 2 or (im.ndim == 3 and im.shape[2] == 1):
             if not gray_to_rgb:
                 raise ValueError(
@@ -213,10 +219,7 @@ def _check_images(
 
     if isinstance(images, np.ndarray) and images.ndim == 4:
         if images.dtype != np.uint8:
-            raise TypeError(
-                f"images: expected uint8 pixels, got {images.dtype}; decode to uint8 "
-                "(e.g. np.clip(x, 0, 255).astype(np.uint8))"
-            )
+            raise TypeError(f"images: expected uint8 pixels, {pixel_hint(images)}")
         if images.shape[3] == 1 and gray_to_rgb:
             images = np.repeat(images, 3, axis=3)
         if images.shape[3] != 3:
@@ -242,6 +245,47 @@ def _check_images(
     return out, [(im.shape[0], im.shape[1]) for im in out]
 
 
+def pixel_hint(x: np.ndarray) -> str:
+    """``"got <dtype> ...; convert with ..."``: the conversion to uint8 that keeps the picture.
+
+    Float images come in two conventions: scikit-image's [0, 1] and OpenCV's
+    [0, 255]. The advice depends on the values, so that following it never
+    turns an image black (clipping [0, 1] floats to uint8 gives 0 and 1).
+
+    Examples
+    --------
+    >>> pixel_hint(np.full((2, 2, 3), 0.5))
+    'got float64 values in [0.5, 0.5], a [0, 1] image (scikit-image convention); convert with skimage.util.img_as_ubyte(x) or (x * 255).round().astype(np.uint8)'
+    """  # noqa: E501
+    got = f"got {x.dtype}"
+    if x.dtype == np.bool_:
+        return f"{got}; convert with x.astype(np.uint8) * 255"
+    if x.dtype.kind not in "fiu" or x.size == 0:
+        return f"{got}; decode the image to uint8 RGB"
+    finite = x[np.isfinite(x)] if x.dtype.kind == "f" else x
+    if finite.size == 0:
+        return f"{got} with no finite value; not an image"
+    lo, hi = float(finite.min()), float(finite.max())
+    got += f" values in [{lo:g}, {hi:g}]"
+    if x.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+        return (
+            f"{got}, a [0, 1] image (scikit-image convention); convert with "
+            "skimage.util.img_as_ubyte(x) or (x * 255).round().astype(np.uint8)"
+        )
+    if x.dtype.kind == "f" and lo >= -1.0 and hi <= 1.0:
+        return f"{got}, a [-1, 1] image; convert with ((x + 1) * 127.5).round().astype(np.uint8)"
+    if x.dtype == np.uint16 and hi > 255:
+        return f"{got}, a 16-bit image; convert with (x // 257).astype(np.uint8)"
+    if lo >= 0 and hi <= 255:
+        rnd = ".round()" if x.dtype.kind == "f" else ""
+        return f"{got}, a [0, 255] image; convert with x{rnd}.astype(np.uint8)"
+    rnd = ".round()" if x.dtype.kind == "f" else ""
+    return (
+        f"{got}, outside [0, 255]; rescale it to [0, 255] first (np.clip(x, 0, 255){rnd}"
+        ".astype(np.uint8) cuts off what lies outside)"
+    )
+
+
 def _check_landmarks(landmarks: Any, k: int) -> np.ndarray:
     lm = np.asarray(landmarks)
     if lm.dtype.kind not in "fiu":
@@ -264,15 +308,16 @@ def _check_landmarks(landmarks: Any, k: int) -> np.ndarray:
 
 def align(
     images: np.ndarray | Sequence[np.ndarray],
-    landmarks: npt.ArrayLike,
+    landmarks: Any,
     *,
     image_index: npt.ArrayLike | None = None,
-    template: str | npt.ArrayLike = "arcface",
+    for_model: Any = None,
+    template: str | npt.ArrayLike | None = None,
     size: int | None = None,
-    output: Literal["uint8", "float32_nchw"] = "uint8",
-    mean: float | Sequence[float] = 127.5,
-    std: float | Sequence[float] = 127.5,
-    rgb: bool = True,
+    output: Literal["uint8", "float32_nchw"] | None = None,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+    rgb: bool | None = None,
     kernel: Literal["float", "fixed"] = "float",
     gray_to_rgb: bool = False,
     threads: int | None = None,
@@ -285,25 +330,39 @@ def align(
     ----------
     images : (N, H, W, 3) uint8 array, or list of (H, W, 3) uint8 arrays
         Decoded RGB images; a list may mix sizes.
-    landmarks : (F, 5, 2) float
-        Points per face in the template's order (ArcFace: left eye, right eye,
-        nose, left mouth corner, right mouth corner, as seen in the image).
-        Points outside the image are fine: what falls outside reads 0.
+    landmarks : (F, 5, 2) float, or list of Detections (one per image)
+        Points per face in the template's convention. Points from
+        :func:`~fastface.faces.detect` (``"mtcnn5"``) and
+        :func:`~fastface.faces.dlib_landmarks` (``"dlib5"``) carry their
+        convention, and points of the wrong one raise ``ValueError``; a
+        plain array is taken as given. With ``detect``'s output itself
+        (a list of :class:`~fastface.faces.Detections`) ``image_index`` is
+        implied, and for the ``"dlib"`` template dlib's 5 points are found
+        inside the detected boxes. Points outside the image are fine: what
+        falls outside reads 0.
     image_index : (F,) int, optional
         The image each face comes from; by default face ``f`` is in image
         ``f`` (then F must equal N).
+    for_model : embedder or ModelSpec, optional
+        Make the crops this model takes: its template, size, normalisation
+        and channel order (``embedder.spec.alignment``). Excludes
+        ``template``, ``size``, ``mean``, ``std`` and ``rgb``; ``output``
+        may still choose uint8 crops for a model that takes float input
+        (the embedder normalises them itself).
     template : "arcface", "dlib" or (5, 2) array
-        Target points; an array is taken in pixels of the output size.
+        Target points (default "arcface"); an array is taken in pixels of
+        the output size.
     size : int, optional
         Crop side; default 112 for "arcface" and custom templates, 150 for "dlib".
     output : {"uint8", "float32_nchw"}
-        ``"uint8"``: ``(F, size, size, 3)`` crops. ``"float32_nchw"``: the
-        model input ``(F, 3, size, size)`` float32, ``(x - mean) / std`` per
-        channel, fused into the warp (identical to normalising the uint8 crop).
+        ``"uint8"`` (default): ``(F, size, size, 3)`` crops.
+        ``"float32_nchw"``: the model input ``(F, 3, size, size)`` float32,
+        ``(x - mean) / std`` per channel, fused into the warp (identical to
+        normalising the uint8 crop).
     mean, std : float or 3 floats
-        Normalisation for ``"float32_nchw"`` (ArcFace: 127.5, 127.5).
+        Normalisation for ``"float32_nchw"`` (default 127.5, 127.5: ArcFace's).
     rgb : bool
-        Channel order of the ``"float32_nchw"`` output; False gives BGR.
+        Channel order of the ``"float32_nchw"`` output (default True); False gives BGR.
     kernel : {"float", "fixed"}
         Bilinear arithmetic. ``"float"`` matches ``cv2.warpAffine`` of OpenCV
         4.11 and later (float32 coordinates and weights); ``"fixed"`` that of
@@ -324,7 +383,15 @@ def align(
     Returns
     -------
     AlignResult
-        ``(crops, M)`` with ``M`` the ``(F, 2, 3)`` float64 image-to-crop matrices.
+        ``(crops, M)``: ``crops`` a :class:`~fastface.faces.Crops` array
+        stamped with how it was made (``crops.spec``), ``M`` the
+        ``(F, 2, 3)`` float64 image-to-crop matrices.
+
+    Raises
+    ------
+    ValueError
+        Landmarks of another convention than the template's; ``for_model``
+        together with template options; bad shapes.
 
     Examples
     --------
@@ -333,20 +400,34 @@ def align(
     >>> img = np.zeros((1, 250, 250, 3), np.uint8)
     >>> lm = template("arcface")[None] * 1.5 + 20
     >>> crops, M = align(img, lm)
-    >>> crops.shape, M.shape
-    ((1, 112, 112, 3), (1, 2, 3))
+    >>> crops.shape, M.shape, crops.spec.template
+    ((1, 112, 112, 3), (1, 2, 3), 'arcface')
     >>> x, _ = align(img, lm, output="float32_nchw")
     >>> x.shape, float(x[0, 0, 0, 0])
     ((1, 3, 112, 112), -1.0)
     """
-    if device not in (None, "cpu"):
-        if gray_to_rgb:
-            raise ValueError("gray_to_rgb: not supported with device=; pass 3-channel images")
-        from ..gpu import align as gpu_align
+    from .spec import AlignSpec, Crops, template_convention
 
-        return gpu_align(images, landmarks, image_index=image_index, template=template,
-                         size=size, output=output, mean=mean, std=std, rgb=rgb, kernel=kernel,
-                         device=device, stream=stream)  # fmt: skip
+    if for_model is not None:
+        given = {"template": template, "size": size, "mean": mean, "std": std, "rgb": rgb}
+        clash = [k for k, v in given.items() if v is not None]
+        if clash:
+            raise ValueError(
+                f"for_model sets the template, size and normalisation; drop {', '.join(clash)} "
+                "(or drop for_model)"
+            )
+        want = model_alignment(for_model)
+        if output == "float32_nchw" and want.output == "uint8":
+            raise ValueError(
+                "output: this model takes uint8 crops, not float32_nchw; leave output out"
+            )
+        template, size, mean, std, rgb = want.template, want.size, want.mean, want.std, want.rgb
+        output = want.output if output is None else output  # type: ignore[assignment]
+    template = "arcface" if template is None else template
+    output = "uint8" if output is None else output
+    mean = 127.5 if mean is None else mean
+    std = 127.5 if std is None else std
+    rgb = True if rgb is None else bool(rgb)
     if output not in ("uint8", "float32_nchw"):
         raise ValueError(f"output: expected 'uint8' or 'float32_nchw', got {output!r}")
     if kernel not in ("float", "fixed"):
@@ -355,6 +436,7 @@ def align(
         dst = _named_template(template, size)
         size = 112 if size is None and template == "arcface" else size
         size = DLIB_CHIP_SIZE if size is None else size
+        name, convention = template, template_convention(template)
     else:
         dst = np.asarray(template, dtype=np.float64)
         if dst.shape != (5, 2) or not np.isfinite(dst).all():
@@ -362,8 +444,30 @@ def align(
                 f"template: expected a finite (5, 2) array in output pixels, got shape {dst.shape}"
             )
         size = 112 if size is None else size
+        name, convention = "custom", None
     size = _positive_size(size)
     n_threads = 0 if threads is None else _positive_size(threads, "threads")
+    if _is_detection_list(landmarks):
+        if image_index is not None:
+            raise ValueError(
+                "image_index: implied by a list of Detections (one per image); leave it out"
+            )
+        landmarks, image_index = _points_from_detections(images, landmarks, convention, name)
+    _check_convention_matches(landmarks, convention, name)
+    if device not in (None, "cpu"):
+        if gray_to_rgb:
+            raise ValueError("gray_to_rgb: not supported with device=; pass 3-channel images")
+        from ..gpu import align as gpu_align
+
+        res = gpu_align(images, np.asarray(landmarks), image_index=image_index,
+                        template=template, size=size, output=output, mean=mean, std=std,
+                        rgb=rgb, kernel=kernel, device=device, stream=stream)  # fmt: skip
+        if isinstance(res.crops, np.ndarray):  # device arrays carry no stamp
+            m3, s3 = _three(mean, "mean"), _three(std, "std")
+            spec = AlignSpec(name, size, convention, output, (m3[0], m3[1], m3[2]),
+                             (s3[0], s3[1], s3[2]), rgb)  # fmt: skip
+            return AlignResult(Crops.stamp(res.crops, spec), res.M)
+        return res
     imgs, shapes = _check_images(images, gray_to_rgb)
     lm = _check_landmarks(landmarks, dst.shape[0])
     F, N = lm.shape[0], len(shapes)
@@ -387,10 +491,23 @@ def align(
             raise ValueError(
                 f"image_index: face {bad} points to image {int(idx[bad])}, but there are {N}"
             )
+    m3 = _three(mean, "mean")
+    s3 = _three(std, "std")
+    if any(v == 0 for v in s3):
+        raise ValueError(f"std: must be non-zero, got {s3}")
+    spec = AlignSpec(
+        name,
+        size,
+        convention,
+        output,
+        (m3[0], m3[1], m3[2]),
+        (s3[0], s3[1], s3[2]),
+        rgb,
+    )
     if F == 0:
         empty = (0, size, size, 3) if output == "uint8" else (0, 3, size, size)
         dtype = np.uint8 if output == "uint8" else np.float32
-        return AlignResult(np.empty(empty, dtype), np.empty((0, 2, 3)))
+        return AlignResult(Crops.stamp(np.empty(empty, dtype), spec), np.empty((0, 2, 3)))
     if isinstance(template, str) and template == "dlib":
         # dlib fits the chip-to-image transform (template -> landmarks); least
         # squares is not symmetric, so fit that direction too and invert it.
@@ -400,14 +517,64 @@ def align(
     fixed = kernel == "fixed"
     if output == "uint8":
         crops = _C.warp_affine_u8(imgs, idx, M, size, size, fixed, n_threads)
-        return AlignResult(crops, M)
-    m3 = _three(mean, "mean")
-    s3 = _three(std, "std")
-    if any(v == 0 for v in s3):
-        raise ValueError(f"std: must be non-zero, got {s3}")
+        return AlignResult(Crops.stamp(crops, spec), M)
     channel = [0, 1, 2] if rgb else [2, 1, 0]
     crops = _C.warp_affine_f32_nchw(imgs, idx, M, size, size, m3, s3, channel, fixed, n_threads)
-    return AlignResult(crops, M)
+    return AlignResult(Crops.stamp(crops, spec), M)
+
+
+def model_alignment(model: Any) -> AlignSpec:
+    """The :class:`AlignSpec` of an embedder, a ModelSpec or an AlignSpec."""
+    from .spec import AlignSpec, spec_of
+
+    if isinstance(model, AlignSpec):
+        return model
+    return spec_of(model, "for_model").alignment
+
+
+def _is_detection_list(x: Any) -> bool:
+    from .spec import Detections
+
+    return isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], Detections)
+
+
+def _points_from_detections(
+    images: Any, detections: Sequence[Any], convention: str | None, template: str
+) -> tuple[Any, np.ndarray]:
+    """Stacked points for ``template`` from detections: their own points when the
+    conventions agree, dlib's 5 points found in their boxes for the dlib template."""
+    from .spec import Landmarks, stack_landmarks
+
+    lm, image_index = stack_landmarks(detections)
+    if convention is None or lm.convention == convention:
+        return lm, image_index
+    if convention == "dlib5":
+        from .landmarks import dlib_landmarks
+
+        pts = dlib_landmarks(images, [d.boxes for d in detections])
+        return Landmarks(np.concatenate(pts), "dlib5"), image_index
+    _check_convention_matches(lm, convention, template)
+    return lm, image_index  # not reached: the check raises
+
+
+def _check_convention_matches(landmarks: Any, convention: str | None, template: str) -> None:
+    from .spec import CONVENTIONS
+
+    have = getattr(landmarks, "convention", None)
+    if have is None or convention is None or have == convention:
+        return
+    fix = (
+        "find dlib's points inside the boxes with dlib_landmarks(images, detections), or "
+        "pass the detections themselves: align(images, detections, for_model=embedder)"
+        if convention == "dlib5"
+        else "use a detector that gives them (fastface.faces.detect), or the template made "
+        "for these points"
+    )
+    raise ValueError(
+        f"landmarks: {have} points ({CONVENTIONS[have]}) given to the {template!r} template, "
+        f"which takes {convention} points ({CONVENTIONS[convention]}); the crop would be "
+        f"rotated and mirrored. Fix: {fix}"
+    )
 
 
 def _invert_affine(A: np.ndarray) -> np.ndarray:

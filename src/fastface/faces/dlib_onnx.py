@@ -33,7 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from .embed import Embedder, _file_sha256, dlib_face_model_path
+from .embed import (
+    DLIB_THRESHOLD,
+    DLIB_THRESHOLD_SOURCE,
+    Embedder,
+    _file_sha256,
+    dlib_face_model_path,
+)
 
 __all__ = ["dlib_onnx_embedder", "dlib_resnet_to_onnx"]
 
@@ -282,9 +288,10 @@ def dlib_onnx_embedder(path: str | os.PathLike[str] | None = None, **kwargs: Any
     """An :class:`Embedder` running dlib's face ResNet in ONNX Runtime.
 
     Gives the vectors of :class:`DlibEmbedder` (within float rounding; same
-    ``name`` and ``version``) from the same 150 x 150 ``"dlib"`` chips, but
-    batched, multi-threaded and on GPU providers. ``kwargs`` go to
-    :class:`Embedder` (``providers``, ``batch_size``, ``threads``, ...).
+    ``name``, ``version`` and same-person threshold) from the same 150 x 150
+    ``"dlib"`` chips, but batched, multi-threaded and on GPU providers.
+    ``kwargs`` go to :class:`Embedder` (``providers``, ``batch_size``,
+    ``threads``, ``normalize=False`` for dlib's raw descriptors, ...).
 
     Examples
     --------
@@ -294,6 +301,8 @@ def dlib_onnx_embedder(path: str | os.PathLike[str] | None = None, **kwargs: Any
     """
     p = dlib_face_model_path() if path is None else Path(path)
     data, mean = dlib_resnet_to_onnx(p)
+    kwargs.setdefault("threshold", DLIB_THRESHOLD)
+    kwargs.setdefault("threshold_source", DLIB_THRESHOLD_SOURCE)
     emb = Embedder(data, size=150, mean=mean, std=256.0, rgb=True, template="dlib", **kwargs)
     emb.name = "dlib_face_recognition_resnet_model_v1"
     emb.version = "sha256:" + _file_sha256(p)[:16]

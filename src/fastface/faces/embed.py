@@ -2,10 +2,13 @@
 
 Both embedders share one protocol (:class:`FaceEmbedder`): ``d``, ``name``,
 ``version``, ``embed(crops)`` returning float32 ``(F, d)`` rows of unit norm,
-and the alignment they expect (``template``, ``size``, ``input``), so the
-pipeline can align for either. ``name`` and ``version`` identify the model
-that made a vector (``version`` is a digest of the model file), to be stored
-with every vector.
+and ``spec``, a :class:`~fastface.faces.ModelSpec` describing the crops the
+model takes (template, size, landmark convention, normalisation, colour
+order) and its same-person threshold. ``align(..., for_model=embedder)`` and
+the pipeline make crops from it, and ``embed`` refuses crops stamped with
+another alignment. ``name`` and ``version`` identify the model that made a
+vector (``version`` is a digest of the model file), to be stored with every
+vector.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from .align import AlignResult
 from .landmarks import face_recognition_models_file
+from .spec import AlignSpec, ModelSpec, template_convention
 
 __all__ = [
+    "DLIB_THRESHOLD",
     "DlibEmbedder",
     "Embedder",
     "FaceEmbedder",
@@ -54,6 +60,9 @@ class FaceEmbedder(Protocol):
         Crop side in pixels.
     input : {"uint8", "float32_nchw"}
         The ``align(..., output=...)`` the model takes most cheaply.
+    spec : ModelSpec
+        All of the above, the landmark convention, the normalisation and
+        the same-person threshold, in one description.
     """
 
     d: int
@@ -62,6 +71,9 @@ class FaceEmbedder(Protocol):
     template: str
     size: int
     input: str
+
+    @property
+    def spec(self) -> ModelSpec: ...
 
     def embed(self, crops: np.ndarray) -> np.ndarray: ...
 
@@ -166,6 +178,30 @@ def _check_crops(crops: Any, size: int, name: str = "crops") -> str:
     )
 
 
+def _unwrap(crops: Any) -> Any:
+    """The crops array of an AlignResult, or ``crops`` itself."""
+    return crops.crops if isinstance(crops, AlignResult) else crops
+
+
+def check_crops_spec(crops: Any, model: ModelSpec) -> None:
+    """Raise ``ValueError`` when ``crops`` are stamped with another alignment than ``model``'s.
+
+    Crops made by :func:`~fastface.faces.align` record how they were made
+    (``crops.spec``); plain arrays carry no record and pass.
+    """
+    made = getattr(crops, "spec", None)
+    if not isinstance(made, AlignSpec):
+        return
+    why = model.alignment.mismatch(made)
+    if why is not None:
+        raise ValueError(
+            f"crops: made for {made.describe()}, but {model.name} takes "
+            f"{model.alignment.describe()} ({why}); its vectors would look plausible and be "
+            "wrong. Align with align(images, landmarks, for_model=embedder); pass "
+            "np.asarray(crops) only if you know better"
+        )
+
+
 def _model_bytes(model: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
     if isinstance(model, (bytes, bytearray, memoryview)):
         data = bytes(model)
@@ -213,8 +249,16 @@ class Embedder:
         ONNX Runtime intra-op threads on CPU (default: the cores this process
         may use).
     template : {"arcface", "dlib"}
-        The alignment the model was trained with (for :meth:`align_options`
-        and :class:`FacePipeline`).
+        The alignment the model was trained with (for :attr:`spec`,
+        :meth:`align_options` and :class:`FacePipeline`).
+    normalize : bool
+        Scale rows to unit norm (default); False returns the model's raw output.
+    threshold : float, optional
+        The model's same-person threshold, a cosine similarity, if you have
+        calibrated it (stored in :attr:`spec`, used by
+        :func:`~fastface.faces.verify`).
+    threshold_source : str
+        How ``threshold`` was obtained.
 
     Examples
     --------
@@ -250,6 +294,9 @@ class Embedder:
         fp16: bool = False,
         threads: int | None = None,
         template: str = "arcface",
+        normalize: bool = True,
+        threshold: float | None = None,
+        threshold_source: str = "",
     ) -> None:
         import onnxruntime as ort
 
@@ -259,6 +306,9 @@ class Embedder:
         if template not in ("arcface", "dlib"):
             raise ValueError(f"template: expected 'arcface' or 'dlib', got {template!r}")
         self.template = template
+        self.normalize = bool(normalize)
+        self.threshold = None if threshold is None else float(threshold)
+        self.threshold_source = str(threshold_source)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.mean = _three(mean, "mean")
         self.std = _three(std, "std")
@@ -297,6 +347,28 @@ class Embedder:
         self._read_signature(size)
         self.name = _model_name(self._session, stem)
         self.d = self._probe_dim()
+        _ = self.spec  # validates the threshold
+
+    @property
+    def spec(self) -> ModelSpec:
+        """What this model is and the crops it takes (see :class:`~fastface.faces.ModelSpec`)."""
+        return ModelSpec(
+            self.name,
+            self.version,
+            self.d,
+            AlignSpec(
+                self.template,
+                self.size,
+                template_convention(self.template),
+                "float32_nchw",
+                self.mean,
+                self.std,
+                self.rgb,
+            ),
+            self.threshold,
+            self.threshold_source,
+            self.normalize,
+        )
 
     # --- model signature ---------------------------------------------------------------------
     def _read_signature(self, size: int | None) -> None:
@@ -350,15 +422,9 @@ class Embedder:
         return int(y.shape[1])
 
     def align_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``align`` that make this model's input."""
-        return {
-            "template": self.template,
-            "size": self.size,
-            "output": "float32_nchw",
-            "mean": self.mean,
-            "std": self.std,
-            "rgb": self.rgb,
-        }
+        """Keyword arguments for ``align`` that make this model's input
+        (``align(..., for_model=self)`` does the same)."""
+        return self.spec.alignment.align_options()
 
     # --- running -----------------------------------------------------------------------------
     def _prepare(self, crops: np.ndarray, kind: str) -> np.ndarray:
@@ -417,20 +483,28 @@ class Embedder:
 
         Parameters
         ----------
-        crops : (F, size, size, 3) uint8 or (F, 3, size, size) float32
-            ``align(...)`` crops, or its fused model input (``output=
-            "float32_nchw"`` with :meth:`align_options`), taken as is. On a
-            GPU provider a float32 NCHW CUDA array (CuPy, PyTorch) is read
-            in place.
+        crops : (F, size, size, 3) uint8 or (F, 3, size, size) float32, or AlignResult
+            ``align(..., for_model=self)`` crops, or its fused model input
+            (``output="float32_nchw"``), taken as is. On a GPU provider a
+            float32 NCHW CUDA array (CuPy, PyTorch) is read in place.
 
         Returns
         -------
         (F, d) float32
-            Rows of unit norm.
+            Rows of unit norm (raw model output with ``normalize=False``).
+
+        Raises
+        ------
+        ValueError
+            Crops of another size, or stamped with another template or
+            normalisation (``crops.spec``) than this model's.
         """
+        crops = _unwrap(crops)
         if self._bind_device is not None and hasattr(crops, "__cuda_array_interface__"):
             return self._embed_device(crops)
+        check_crops_spec(crops, self.spec)
         kind = _check_crops(crops, self.size)
+        crops = np.asarray(crops)
         F = crops.shape[0]
         out = np.empty((F, self.d), np.float32)
         step = self.fixed_batch or self.batch_size
@@ -442,7 +516,7 @@ class Embedder:
                 pad[:m] = x
                 x = pad
             out[s : s + m] = self._run(x)[:m]
-        return l2_normalize(out)
+        return l2_normalize(out) if self.normalize else out
 
     def _embed_device(self, crops: Any) -> np.ndarray:
         iface = crops.__cuda_array_interface__
@@ -464,7 +538,7 @@ class Embedder:
         for s in range(0, F, self.batch_size):
             part = crops[s : s + self.batch_size]
             out[s : s + part.shape[0]] = self._run_device(part, part.shape[0])
-        return l2_normalize(out)
+        return l2_normalize(out) if self.normalize else out
 
     __call__ = embed
 
@@ -517,11 +591,15 @@ def dlib_face_model_path() -> Path:
 class DlibEmbedder:
     """dlib's ResNet face model (128-d), fed with fastface-aligned 150 x 150 chips.
 
-    Align with ``template="dlib"`` from dlib's 5-point landmarks
-    (:func:`fastface.faces.dlib_landmarks`); :meth:`align_options` gives the
-    arguments. dlib's own descriptors are not of unit norm (about 1.4) and
-    its same-person rule is a Euclidean distance below 0.6 between them:
-    ``normalize=False`` returns them unchanged for that rule.
+    Align with ``align(images, detections, for_model=embedder)`` (dlib's
+    5-point landmarks inside the detected boxes, the ``"dlib"`` template).
+    dlib's own descriptors are not of unit norm (1.23-1.53, median 1.38 on
+    LFW faces) and face_recognition's same-person rule is a Euclidean
+    distance below 0.6 between them; this class returns unit rows, for which
+    the equivalent rule is a cosine similarity of at least
+    :data:`DLIB_THRESHOLD` (``spec.threshold``; :func:`~fastface.faces.verify`
+    applies it). ``normalize=False`` returns dlib's raw descriptors, for code
+    that keeps the 0.6 rule.
 
     dlib runs its network on one core and holds the GIL throughout, so
     threads cannot overlap it with anything; ``processes=n`` runs it in
@@ -577,19 +655,34 @@ class DlibEmbedder:
         self._model = _load_dlib_model(str(path))
         self._pool: Any = None
 
-    def align_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``align`` that make this model's chips."""
-        return {"template": "dlib", "size": self.size, "output": "uint8"}
+    @property
+    def spec(self) -> ModelSpec:
+        """What this model is and the chips it takes (see :class:`~fastface.faces.ModelSpec`)."""
+        return dlib_model_spec(self.version, normalized=self.normalize)
 
-    def embed(self, crops: npt.NDArray[np.uint8]) -> np.ndarray:
+    def align_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``align`` that make this model's chips
+        (``align(..., for_model=self)`` does the same)."""
+        return self.spec.alignment.align_options()
+
+    def embed(self, crops: npt.NDArray[np.uint8] | AlignResult) -> np.ndarray:
         """128-d descriptors of ``(F, 150, 150, 3)`` uint8 RGB chips.
 
         Returns
         -------
         (F, 128) float32
             Unit rows (or dlib's raw descriptors with ``normalize=False``).
+
+        Raises
+        ------
+        ValueError
+            Chips of another size, or stamped with another alignment
+            (``crops.spec``) than dlib's.
         """
+        crops = _unwrap(crops)
+        check_crops_spec(crops, self.spec)
         kind = _check_crops(crops, self.size)
+        crops = np.asarray(crops)
         if kind != "uint8":
             raise TypeError(
                 "crops: dlib's model takes uint8 (F, 150, 150, 3) chips; align with "
@@ -645,6 +738,38 @@ class DlibEmbedder:
 
     def __repr__(self) -> str:
         return f"DlibEmbedder(d=128, version={self.version!r}, processes={self.processes})"
+
+
+#: Cosine similarity of unit dlib descriptors at or above which two faces are
+#: the same person: face_recognition's tolerance (Euclidean distance < 0.6
+#: between raw descriptors) carried over to unit vectors. Measured by
+#: ``python bench/pipeline.py`` (``calibration`` in bench/results/pipeline.json):
+#: the 100 faces of scikit-image's ``lfw_subset`` and 4 altered copies of each
+#: (mirrored, rotated by +-8 degrees, scaled by 0.8), detected, dlib-aligned
+#: and embedded (493 found); among the 121,278 pairs, cosine >= 0.906 agrees
+#: with the raw rule on 97.5% (the best agreement any threshold reaches: the
+#: raw norms vary, 1.23-1.53). The closed form for the median norm 1.378,
+#: 1 - (0.6 / 1.378)**2 / 2 = 0.905, agrees.
+DLIB_THRESHOLD = 0.906
+
+DLIB_THRESHOLD_SOURCE = (
+    "face_recognition's tolerance 0.6 on raw dlib descriptors, carried to unit vectors: the "
+    "cosine threshold agreeing most often with it on pairs of scikit-image lfw_subset faces "
+    "(bench/pipeline.py, bench/results/pipeline.json 'calibration')"
+)
+
+
+def dlib_model_spec(version: str, *, normalized: bool = True) -> ModelSpec:
+    """The :class:`~fastface.faces.ModelSpec` of dlib's face ResNet (either runtime)."""
+    return ModelSpec(
+        "dlib_face_recognition_resnet_model_v1",
+        version,
+        128,
+        AlignSpec("dlib", 150, "dlib5", "uint8", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), True),
+        DLIB_THRESHOLD,
+        DLIB_THRESHOLD_SOURCE,
+        normalized,
+    )
 
 
 def _load_dlib_model(path: str) -> Any:

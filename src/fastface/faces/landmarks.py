@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .align import _check_images
+from .spec import Landmarks
 
 __all__ = ["dlib_landmarks", "dlib_shape_predictor_path"]
 
@@ -69,7 +70,7 @@ def _predictor() -> Any:
 
 def dlib_landmarks(
     images: np.ndarray | Sequence[np.ndarray], boxes: Sequence[Any], *, gray_to_rgb: bool = False
-) -> list[np.ndarray]:
+) -> list[Landmarks]:
     """dlib's 5 landmarks for each face box.
 
     Parameters
@@ -83,18 +84,18 @@ def dlib_landmarks(
 
     Returns
     -------
-    list of (n_i, 5, 2) float32
+    list of (n_i, 5, 2) float32 Landmarks
         Points in dlib's order (outer and inner corner of the eye on the
         image's right, outer and inner corner of the other eye, base of the
-        nose), for ``align(..., template="dlib")``.
+        nose), stamped ``"dlib5"``, for ``align(..., template="dlib")``.
 
     Examples
     --------
     >>> from skimage import data
     >>> import numpy as np
     >>> [pts] = dlib_landmarks([data.astronaut()], [np.array([[180.0, 60, 268, 175]])])
-    >>> pts.shape
-    (1, 5, 2)
+    >>> pts.shape, pts.convention
+    ((1, 5, 2), 'dlib5')
     """
     imgs, shapes = _check_images(images, gray_to_rgb)
     if len(boxes) != len(shapes):
@@ -106,7 +107,7 @@ def dlib_landmarks(
     for i, b in enumerate(boxes):
         arr = np.asarray(getattr(b, "boxes", b), dtype=np.float64)
         if arr.size == 0:
-            out.append(np.zeros((0, 5, 2), np.float32))
+            out.append(Landmarks(np.zeros((0, 5, 2)), "dlib5"))
             continue
         if arr.ndim != 2 or arr.shape[1] != 4 or not np.isfinite(arr).all():
             raise ValueError(
@@ -118,5 +119,5 @@ def dlib_landmarks(
             rect = dlib.rectangle(round(x1), round(y1), round(x2), round(y2))
             shape = predictor(img, rect)
             pts[j] = [(shape.part(k).x, shape.part(k).y) for k in range(5)]
-        out.append(pts)
+        out.append(Landmarks(pts, "dlib5"))
     return out

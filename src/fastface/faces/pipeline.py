@@ -28,10 +28,11 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .align import align
-from .detect import MTCNN, Detections
+from .align import align, pixel_hint
+from .detect import pipeline_model
 from .embed import FaceEmbedder
 from .landmarks import dlib_landmarks
+from .spec import CONVENTIONS, Detections, Landmarks, spec_of
 
 __all__ = ["Face", "FacePipeline", "ImageError", "IndexReport", "decode_image"]
 
@@ -53,10 +54,15 @@ class Face:
         ``x1, y1, x2, y2`` in image pixels.
     score : float
         Detector confidence.
-    landmarks : (5, 2) float32
-        The points the face was aligned with (in the embedder's template order).
+    landmarks : (5, 2) float32 Landmarks
+        The points the face was aligned with, in the convention of the
+        embedder's template (``landmarks.convention``).
     embedding : (d,) float32
-        Unit-norm embedding.
+        Unit-norm embedding (the model's raw output for an embedder made
+        with ``normalize=False``).
+    crop : (size, size, 3) uint8, optional
+        The aligned crop the embedding was computed from, when asked for
+        (``FacePipeline(keep_crops=True)``, ``analyze(crops=True)``).
     """
 
     image: int
@@ -65,6 +71,7 @@ class Face:
     score: float
     landmarks: np.ndarray
     embedding: np.ndarray
+    crop: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,7 @@ def decode_image(item: Any) -> np.ndarray:
 
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8:
-            raise TypeError(f"expected a uint8 image, got {item.dtype}")
+            raise TypeError(f"expected a uint8 image, {pixel_hint(item)}")
         if item.ndim == 2:
             item = np.repeat(item[:, :, None], 3, axis=2)
         if item.ndim != 3 or item.shape[2] not in (3, 4):
@@ -152,7 +159,10 @@ def decode_image(item: Any) -> np.ndarray:
             f"expected a path, encoded bytes or a uint8 array, got {type(item).__name__}"
         )
     buf = np.frombuffer(data, np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    except cv2.error as e:  # e.g. more pixels than OPENCV_IO_MAX_IMAGE_PIXELS allows
+        raise ValueError(f"not a decodable image ({len(data)} bytes): {e}") from None
     if img is None:
         raise ValueError(f"not a decodable image ({len(data)} bytes)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -175,13 +185,16 @@ class FacePipeline:
     ----------
     detector : MTCNN, callable or None
         Finds faces: an object with ``detect(images, min_face_size=...)`` or a
-        callable ``images -> list[Detections]``; None makes the default
-        :class:`~fastface.faces.MTCNN`.
+        callable ``images -> list[Detections]``; None: a shared
+        :class:`~fastface.faces.MTCNN` with one ONNX Runtime thread per
+        network (``detect_threads`` batches run at once instead).
     embedder : Embedder, DlibEmbedder or any FaceEmbedder
-        Its ``align_options()`` decide the crops. For the ``"dlib"``
-        template the landmarks are dlib's 5 points inside the detector's
-        boxes (:func:`~fastface.faces.dlib_landmarks`); otherwise the
-        detector's own 5 points. dlib's model is fastest as
+        Its ``spec`` decides the crops (``align(..., for_model=embedder)``).
+        When its template takes another landmark convention than the
+        detector gives (the ``"dlib"`` template and MTCNN's points), the
+        landmarks are dlib's 5 points inside the detector's boxes
+        (:func:`~fastface.faces.dlib_landmarks`); otherwise the detector's
+        own. dlib's model is fastest as
         :func:`~fastface.faces.dlib_onnx_embedder` (same vectors); a
         ``DlibEmbedder`` holds the GIL, so give it ``processes=1`` or more.
     batch_size : int
@@ -199,6 +212,8 @@ class FacePipeline:
         Keep at most this many faces per image (best first).
     progress : bool
         Show a tqdm progress bar over images.
+    keep_crops : bool
+        Return each face's aligned uint8 crop (``Face.crop``).
 
     Attributes
     ----------
@@ -230,16 +245,17 @@ class FacePipeline:
         min_face_size: float = 20,
         max_faces: int | None = None,
         progress: bool = True,
+        keep_crops: bool = False,
     ) -> None:
         from .._validation import check_positive_int
 
-        for attr in ("embed", "align_options", "d"):
-            if not hasattr(embedder, attr):
-                raise TypeError(
-                    f"embedder: expected an Embedder or DlibEmbedder (needs .{attr}), got "
-                    f"{type(embedder).__name__}"
-                )
-        self.detector = MTCNN() if detector is None else detector
+        if not hasattr(embedder, "embed"):
+            raise TypeError(
+                f"embedder: expected an Embedder or DlibEmbedder (needs .embed), got "
+                f"{type(embedder).__name__}"
+            )
+        self.spec = spec_of(embedder, "embedder")
+        self.detector = pipeline_model() if detector is None else detector
         if not (hasattr(self.detector, "detect") or callable(self.detector)):
             raise TypeError(
                 f"detector: expected an MTCNN or a callable images -> list[Detections], got "
@@ -254,9 +270,11 @@ class FacePipeline:
         self.min_face_size = float(min_face_size)
         self.max_faces = None if max_faces is None else check_positive_int(max_faces, "max_faces")
         self.progress = bool(progress)
+        self.keep_crops = bool(keep_crops)
         self.stats: dict[str, float] = {}
-        self._align_opts = dict(embedder.align_options())
-        self._dlib_points = self._align_opts.get("template") == "dlib"
+        self._convention = self.spec.alignment.landmarks
+        # uint8 crops when they are to be kept (the embedder normalises them)
+        self._output: Literal["uint8"] | None = "uint8" if self.keep_crops else None
 
     # --- stages ------------------------------------------------------------------------------
     def _detect_images(self, images: list[np.ndarray]) -> list[Detections]:
@@ -280,9 +298,7 @@ class FacePipeline:
                     f"({max(MIN_IMAGE_SIDE, int(self.min_face_size))} px)",
                 )
                 live.remove(i)
-        empty = Detections(
-            np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32)
-        )
+        empty = Detections.empty()
         b.dets = [empty] * len(b.images)
         if not live:
             return
@@ -300,23 +316,37 @@ class FacePipeline:
         for i, d in zip(live, found, strict=True):
             if i in b.errors:
                 continue
+            if not isinstance(d, Detections):
+                raise TypeError(
+                    f"detector: expected a list of Detections, got an item of type "
+                    f"{type(d).__name__}"
+                )
             if self.max_faces is not None and len(d) > self.max_faces:
-                k = self.max_faces
-                d = Detections(d.boxes[:k], d.scores[:k], d.landmarks[:k])
+                d = d.head(self.max_faces)
             if len(d) == 0:
                 b.errors[i] = ImageError(b.index[i], b.source[i], "no_face", "no face found")
             b.dets[i] = d
 
     def _stage_landmarks(self, b: _Batch) -> None:
         live = [i for i, d in enumerate(b.dets) if len(d) and i not in b.errors]
-        b.landmarks = [np.zeros((0, 5, 2), np.float32)] * len(b.images)
-        if not self._dlib_points:
-            for i in live:
-                b.landmarks[i] = b.dets[i].landmarks
+        b.landmarks = [Landmarks(np.zeros((0, 5, 2)), self._convention)] * len(b.images)
+        want = self._convention
+        own = [i for i in live if want is None or b.dets[i].convention == want]
+        for i in own:
+            b.landmarks[i] = b.dets[i].landmarks
+        other = [i for i in live if i not in own]
+        if not other:
             return
-        ims = [b.images[i] for i in live]
-        pts = dlib_landmarks(ims, [b.dets[i].boxes for i in live])  # type: ignore[arg-type]
-        for i, p in zip(live, pts, strict=True):
+        if want != "dlib5":
+            have = b.dets[other[0]].convention
+            raise ValueError(
+                f"detector: gives {have} landmarks ({CONVENTIONS[have]}), but the embedder's "
+                f"template takes {want} ({CONVENTIONS.get(str(want))}); use a detector that "
+                "gives them"
+            )
+        ims = [b.images[i] for i in other]
+        pts = dlib_landmarks(ims, [b.dets[i].boxes for i in other])  # type: ignore[arg-type]
+        for i, p in zip(other, pts, strict=True):
             b.landmarks[i] = p
 
     def _stage_align(self, b: _Batch) -> None:
@@ -324,12 +354,18 @@ class FacePipeline:
         if not live:
             return
         try:
-            lm = np.concatenate([b.landmarks[i] for i in live])
+            lm = Landmarks(np.concatenate([b.landmarks[i] for i in live]), self._convention)
             owner = np.concatenate([np.full(len(b.landmarks[i]), i, np.int64) for i in live])
             pos = {i: j for j, i in enumerate(live)}
             ims = [b.images[i] for i in live]
             image_index = np.array([pos[int(o)] for o in owner], np.int64)
-            b.crops, _ = align(ims, lm, image_index=image_index, **self._align_opts)  # type: ignore[arg-type]
+            b.crops, _ = align(
+                ims,  # type: ignore[arg-type]
+                lm,
+                image_index=image_index,
+                for_model=self.spec,
+                output=self._output,
+            )
             b.owner = owner
         except ValueError:
             crops, owners = [], []
@@ -339,7 +375,8 @@ class FacePipeline:
                         [b.images[i]],  # type: ignore[list-item]
                         b.landmarks[i],
                         image_index=np.zeros(len(b.landmarks[i]), np.int64),
-                        **self._align_opts,
+                        for_model=self.spec,
+                        output=self._output,
                     )
                 except ValueError as e:
                     b.errors[i] = ImageError(b.index[i], b.source[i], "failed", f"align: {e}")
@@ -347,7 +384,8 @@ class FacePipeline:
                 crops.append(c)
                 owners.append(np.full(len(c), i, np.int64))
             if crops:
-                b.crops, b.owner = np.concatenate(crops), np.concatenate(owners)
+                b.crops = crops[0] if len(crops) == 1 else _restamp(crops)
+                b.owner = np.concatenate(owners)
 
     def _stage_embed(self, b: _Batch) -> None:
         if b.crops is not None and len(b.crops):
@@ -566,6 +604,7 @@ class FacePipeline:
                     float(d.scores[j]),
                     lm[j],
                     b.embeddings[r],
+                    np.asarray(b.crops[r]) if self.keep_crops and b.crops is not None else None,
                 )
 
     def index_images(
@@ -619,9 +658,9 @@ class FacePipeline:
                     "and read the ids from the report"
                 )
             id_arr = as_ids(ids, n)
-        if getattr(index, "d", self.embedder.d) != self.embedder.d:
+        if getattr(index, "d", self.spec.d) != self.spec.d:
             raise ValueError(
-                f"index: dimension {index.d} does not match the embedder's d={self.embedder.d}"
+                f"index: dimension {index.d} does not match the embedder's d={self.spec.d}"
             )
         if not getattr(index, "is_trained", True):
             raise NotTrainedError("index is not trained; train it before index_images")
@@ -678,10 +717,19 @@ class FacePipeline:
             image=np.asarray(out_img, np.int64),
             boxes=np.asarray(out_box, np.float32).reshape(-1, 4),
             errors=errors,
-            model=str(self.embedder.name),
-            model_version=str(self.embedder.version),
+            model=self.spec.name,
+            model_version=self.spec.version,
             skipped=n - int(todo.size),
         )
+
+
+def _restamp(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenated crops of one spec, stamped again (concatenation drops the stamp)."""
+    from .spec import Crops
+
+    spec = getattr(parts[0], "spec", None)
+    out = np.concatenate(parts)
+    return out if spec is None else Crops.stamp(out, spec)
 
 
 def _area(box: np.ndarray) -> float:
