@@ -32,13 +32,14 @@ logging.getLogger("fastface").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import datasets, errors, eval, faces, io
-    from ._dedup import DedupResult, dedup, dedup_vectors
+    from ._dedup import DedupPlan, DedupResult, dedup, dedup_vectors
     from ._native import build_info
     from .gallery import ErasureReceipt, Gallery, SubjectExport
     from .index import Codec, IVFPQIndex, IVFPQParams, ShardedIndex
 
 __all__ = [
     "Codec",
+    "DedupPlan",
     "DedupResult",
     "ErasureReceipt",
     "Gallery",
@@ -63,6 +64,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "IVFPQIndex": (".index", "IVFPQIndex"),
     "IVFPQParams": (".index", "IVFPQParams"),
     "ShardedIndex": (".index", "ShardedIndex"),
+    "DedupPlan": ("._dedup", "DedupPlan"),
     "DedupResult": ("._dedup", "DedupResult"),
     "dedup": ("._dedup", "dedup"),
     "dedup_vectors": ("._dedup", "dedup_vectors"),
