@@ -19,6 +19,7 @@ from ._common import (
     write_json,
     write_jsonl,
 )
+from ._ray import add_ray_option
 
 __all__ = ["register"]
 
@@ -72,16 +73,23 @@ def _build(args: argparse.Namespace) -> int:
         )
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from e
-    index = ShardedIndex.build(
-        args.source,
-        args.index,
-        params,
-        shard_size=args.shard_size,
-        chunk_size=args.chunk_size,
-        train_size=args.train_size,
-        column=args.column,
-        progress=progress_wanted(args),
-    )
+    kw = {"shard_size": args.shard_size, "chunk_size": args.chunk_size, "column": args.column}
+    if args.ray is not None:  # a Ray Data job: the same files as the local build
+        from ..distributed import build
+        from ._ray import start
+
+        start(args.ray)
+        kw.update(workers=args.workers)
+        index = build(args.source, args.index, params, train_size=args.train_size, **kw)
+    else:
+        index = ShardedIndex.build(
+            args.source,
+            args.index,
+            params,
+            train_size=args.train_size,
+            progress=progress_wanted(args),
+            **kw,
+        )
     with index:
         write_json(summary(index))
     return 0
@@ -274,6 +282,8 @@ def register(sub: Any) -> None:
         "--train-size", type=positive_int, help="training sample (default: max(256 * nlist, 65536))"
     )
     p.add_argument("--column", help="parquet column holding the vectors (default: the first)")
+    add_ray_option(p, "encode and write the shards in parallel")
+    p.add_argument("--workers", type=positive_int, help="with --ray: workers (default: CPUs)")
     add_progress_flags(p)
     p.set_defaults(func=_build)
 

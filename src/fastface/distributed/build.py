@@ -63,20 +63,35 @@ class _ShardWriter:
         number, lo, hi = int(row["number"]), int(row["lo"]), int(row["hi"])
         shard = IVFPQIndex(self.codec)
         c = self.chunk_size
-        # the pieces a local build adds: its chunks [i * c, (i + 1) * c) cut at shard bounds
-        for c_lo in range(lo - lo % c, hi, c):
-            a, b = max(lo, c_lo), min(hi, c_lo + c)
-            shard.add(self.fs.read(a, b), np.arange(a, b, dtype=np.int64), batch_size=65536)
-        rec = ShardedIndex.stage_shard(self.path, number, shard, tag=self.tag)
-        return {"number": number, "record": json.dumps(rec)}
+        a = b = lo
+        try:
+            # the pieces a local build adds: its chunks [i * c, (i + 1) * c) cut at shard bounds
+            for c_lo in range(lo - lo % c, hi, c):
+                a, b = max(lo, c_lo), min(hi, c_lo + c)
+                shard.add(self.fs.read(a, b), np.arange(a, b, dtype=np.int64), batch_size=65536)
+            rec = ShardedIndex.stage_shard(self.path, number, shard, tag=self.tag)
+        except Exception as e:  # reported by the driver once the other shards are staged
+            where = f"shard {number} (rows {lo}..{hi - 1}), reading rows {a}..{b - 1}"
+            return {
+                "number": number,
+                "record": "",
+                "error": type(e).__name__,
+                "why": f"{where}: {e}",
+            }
+        return {"number": number, "record": json.dumps(rec), "error": "", "why": ""}
 
 
-def _params(params: Any) -> Any:
-    from ..index import IVFPQParams
+def _params(params: Any) -> tuple[Any, Any]:
+    """``(IVFPQParams, trained Codec or None)``."""
+    from ..index import Codec, IVFPQParams
 
     if isinstance(params, IVFPQParams):
-        return params
-    raise TypeError(f"params: expected IVFPQParams, got {type(params).__name__}")
+        return params, None
+    if isinstance(params, Codec):
+        return params.params, params
+    raise TypeError(
+        f"params: expected IVFPQParams (or a trained Codec), got {type(params).__name__}"
+    )
 
 
 def build(
@@ -104,8 +119,9 @@ def build(
         across the files in order and get their row numbers as ids.
     path : path
         The index directory (created, or resumed when it holds this build).
-    params : IVFPQParams
-        The codec to train.
+    params : IVFPQParams or Codec
+        The codec to train, or a trained one to encode with (no training;
+        e.g. another index's ``codec``, so that both encode alike).
     shard_size, chunk_size, train_size, seed, column
         As :meth:`ShardedIndex.build <fastface.ShardedIndex.build>`; with
         the same values both write the same shards.
@@ -125,7 +141,7 @@ def build(
     from .._validation import check_positive_int
     from ..index import ShardedIndex
 
-    params = _params(params)
+    params, codec = _params(params)
     shard_size = check_positive_int(shard_size, "shard_size")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     if workers is not None:
@@ -147,6 +163,7 @@ def build(
             or not old.get("distributed")
             or index.params != params
             or index.shard_size != shard_size
+            or (codec is not None and index.is_trained and index.codec != codec)
         ):
             index.close()
             raise FileExistsError(
@@ -154,7 +171,7 @@ def build(
                 "directory or remove this one"
             )
     else:
-        index = ShardedIndex.create(path, params, shard_size=shard_size)
+        index = ShardedIndex.create(path, codec or params, shard_size=shard_size)
         index.set_build_state(state)
     try:
         if not index.is_trained:
@@ -296,10 +313,21 @@ def _run_job(
             num_cpus=num_cpus,
         )
         out = {}
+        failed = []
         for row in ds.iter_rows():
-            out[int(row["number"])] = json.loads(row["record"])
+            if row["error"]:
+                failed.append((int(row["number"]), row["error"], row["why"]))
+            else:
+                out[int(row["number"])] = json.loads(row["record"])
     finally:
         ctx.enable_progress_bars = bars
+    if failed:
+        kind = {"ValueError": ValueError, "TypeError": TypeError, "OSError": OSError}
+        _, name, why = min(failed)
+        raise kind.get(name, RuntimeError)(
+            f"{path}: {len(failed)} shard(s) failed, the {len(out)} others are staged and "
+            f"a run with the same arguments resumes from them; {name}: {why}"
+        )
     missing = sorted(set(todo) - set(out))
     if missing:  # pragma: no cover - Ray Data raises when a block fails
         raise RuntimeError(f"{path}: the job ended without shards {missing}")

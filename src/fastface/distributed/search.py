@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -62,6 +63,7 @@ from ._ray import init, ray_failure_types, require_ray
 __all__ = ["IndexChangedError", "RayShardedIndex", "SearchResult", "ShardUnavailableError"]
 
 log = logging.getLogger("fastface.distributed")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class ShardUnavailableError(FastfaceError, RuntimeError):
@@ -324,19 +326,49 @@ class RayShardedIndex:
             per = num_cpus_per_actor * replicas
             actors = len(numbers) if per == 0 else max(1, int(cpus // per))
         self.groups: list[list[int]] = split_shards(numbers, counts, actors) if numbers else []
+        total = ray.cluster_resources()
+        n_actors = len(self.groups) * replicas
+        for res, per in (("CPU", num_cpus_per_actor), ("GPU", num_gpus_per_actor)):
+            if per * n_actors > total.get(res, 0) + 1e-9:
+                raise ValueError(
+                    f"{n_actors} actors x {per:g} {res}s = {per * n_actors:g} {res}s, the Ray "
+                    f"cluster has {total.get(res, 0):g}; lower actors, replicas or "
+                    f"num_{res.lower()}s_per_actor (fractions are allowed)"
+                )
         self.replicas = replicas
         self.resources = {"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor}
-        remote = ray.remote(ShardServer).options(
-            num_cpus=num_cpus_per_actor,
-            num_gpus=num_gpus_per_actor,
-            max_restarts=max_restarts,
-            max_task_retries=0,
-            scheduling_strategy="SPREAD",
-        )
-        self._actors = [
-            [remote.remote(str(self.path), g, bool(mmap)) for _ in range(replicas)]
-            for g in self.groups
-        ]
+        actor_cls = ray.remote(ShardServer)
+        opts = {
+            "num_cpus": num_cpus_per_actor,
+            "num_gpus": num_gpus_per_actor,
+            "max_restarts": max_restarts,
+            "max_task_retries": 0,
+        }
+        bundle = {k: v for k, v in (("CPU", num_cpus_per_actor), ("GPU", num_gpus_per_actor)) if v}
+        self._groups_pg: list[Any] = []
+        self._actors = []
+        for g in self.groups:
+            if replicas > 1 and bundle:
+                # a group's replicas on different nodes where there are enough of them
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                pg = ray.util.placement_group([bundle] * replicas, strategy="SPREAD")
+                self._groups_pg.append(pg)
+                strategies: list[Any] = [
+                    PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
+                    for r in range(replicas)
+                ]
+            else:
+                strategies = ["SPREAD"] * replicas
+            self._actors.append(
+                [
+                    actor_cls.options(**opts, scheduling_strategy=st).remote(
+                        str(self.path), g, bool(mmap)
+                    )
+                    for st in strategies
+                ]
+            )
+        self._suspect: list[dict[int, float]] = [{} for _ in self.groups]
         self._closed = False
         try:
             self._wait_ready()
@@ -443,13 +475,22 @@ class RayShardedIndex:
         errors: dict[int, str] = {}
         inflight: dict[Any, tuple[int, float]] = {}
 
+        # replicas in turn, those that failed lately last
+        def preference(g: int) -> list[int]:
+            return sorted(range(nrep), key=lambda r: (r in self._suspect[g], (r - first) % nrep))
+
+        order = {g: preference(g) for g in groups}
+
+        def replica(g: int) -> int:
+            return order[g][attempts[g] % nrep]
+
         def submit(g: int) -> None:
-            a = attempts[g]
-            actor = self._actors[g][(first + a) % nrep]
+            actor = self._actors[g][replica(g)]
             method_ref = getattr(actor, method)
             inflight[method_ref.remote(*args, gen)] = (g, time.monotonic() + self.timeout)
 
         def failed(g: int, why: str) -> None:
+            self._suspect[g][replica(g)] = time.monotonic()
             attempts[g] += 1
             errors[g] = why
             if attempts[g] < (self.retries + 1) * nrep:
@@ -491,10 +532,11 @@ class RayShardedIndex:
                 if syncs[g] > 2 * nrep:
                     failed(g, f"stays at generation {ans[1]}, expected {gen}")
                     continue
-                self._sync(g, (first + attempts[g]) % nrep, int(ans[1]))
+                self._sync(g, replica(g), int(ans[1]))
                 submit(g)
                 continue
             results[g] = (ans[1], ans[2], float(ans[3]))
+            self._suspect[g].pop(replica(g), None)
             errors.pop(g, None)
         return results, {g: e for g, e in errors.items() if g not in results}
 
@@ -718,6 +760,10 @@ class RayShardedIndex:
                         with contextlib.suppress(Exception):
                             ray.kill(a, no_restart=True)
             self._actors = []
+        for pg in getattr(self, "_groups_pg", []):
+            with contextlib.suppress(Exception):
+                require_ray().util.remove_placement_group(pg)
+        self._groups_pg = []
         self._closed = True
 
     def __enter__(self) -> RayShardedIndex:
@@ -732,7 +778,11 @@ class RayShardedIndex:
 
 
 def _brief(e: BaseException) -> str:
-    """The first line of an error, with its type."""
-    text = str(e).strip().splitlines()
-    first = next((line for line in text if line.strip()), "")
-    return f"{type(e).__name__}: {first[:300]}"
+    """One line for an error: its type and first line; for an actor that could not start,
+    the error its constructor raised (the last line of Ray's message)."""
+    text = [line.strip() for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
+    if not text:
+        return type(e).__name__
+    if getattr(e, "actor_init_failed", False):
+        return f"the actor could not start: {text[-1][:400]}"
+    return f"{type(e).__name__}: {text[0][:300]}"

@@ -1427,9 +1427,6 @@ class ShardedIndex:
         entries.sort(key=lambda e: e[0])
         if not entries:
             return []
-        stage = _staging_dir(self.path, create=False)
-        if stage is None:
-            raise FileNotFoundError(f"{self.path / STAGING}: nothing is staged")
         p = self.params
         with self._write_lock:
             st = self._state
@@ -1441,6 +1438,9 @@ class ShardedIndex:
                     set(n for n in numbers if numbers.count(n) > 1) | (have & set(numbers))
                 )
                 raise ValueError(f"records: shard {dup[0]} is in the index or staged twice")
+            stage = _staging_dir(self.path, create=False)
+            if stage is None:
+                raise FileNotFoundError(f"{self.path / STAGING}: nothing is staged")
             new_shards: list[_Shard] = []
             for number, count, files in entries:
                 if files.keys() != ({"index", "ids"} | ({"vectors"} if p.store_vectors else set())):

@@ -1,0 +1,427 @@
+"""fastface on Ray against the same work done locally, in one run, on this machine.
+
+Three parts, each timed in interleaved rounds (medians; ratios are medians of
+the per-round ratios):
+
+* search: ``RayShardedIndex`` (actors memory-mapping groups of the shards,
+  coarse assignment on the driver, one merge) against ``ShardedIndex`` on
+  the same index directory (in memory, and memory-mapped), batched queries;
+  the results are checked equal, and the time of a Ray search is split into
+  driver assignment, the actors' own scan time, transfer and scheduling,
+  and the merge;
+* build: the encode-and-write phase of ``fastface.distributed.build`` with
+  1 and 2 workers against ``ShardedIndex`` adding the same chunks locally,
+  all from one trained codec (training is the same code on the driver);
+* embedding: ``fastface.distributed.embed_images`` with 1 and 2 actors
+  against ``FacePipeline`` (``faces.analyze``) on the same JPEG files; the
+  vectors are checked equal; actor start-up (models loaded per actor) is
+  measured apart.
+
+The JSON's ``summary`` has ``search_qps_ratio_ray_vs_local``,
+``build_speedup_2_vs_1_workers`` and ``embed_speedup_2_vs_1_actors``.
+
+    python bench/distributed.py [--n 1000000] [--d 512] [--nlist 1024] [--M 64]
+        [--shards 4] [--actors 2] [--nq 1000] [--repeat 5] [--build-n 1000000]
+        [--build-rounds 2] [--images 192] [--embed-rounds 2] [--skip search,build,embed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastface import IVFPQParams, ShardedIndex
+from fastface._bench.common import bench_meta, print_table, results_dir, write_results
+from fastface.datasets import SyntheticFaces
+
+
+def rounds(
+    methods: dict[str, Callable[[], Any]], repeat: int, warmup: bool = True
+) -> dict[str, list[float]]:
+    """Wall times of each method, taking turns, ``repeat`` rounds (after one warm-up each)."""
+    if warmup:
+        for fn in methods.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(repeat):
+        for k, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[i] / den[i]."""
+    return float(statistics.median(a / b for a, b in zip(num, den, strict=True)))
+
+
+# --- search ---------------------------------------------------------------------------------
+def bench_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from fastface.distributed import RayShardedIndex
+
+    gen = SyntheticFaces(args.n // 10, 10, args.d, seed=0, n_groups=300)
+    data = work / f"synth-{gen.n_identities}x10x{args.d}-g300.npy"
+    if not data.exists():
+        t0 = time.perf_counter()
+        tmp = data.with_suffix(".partial.npy")
+        gen.write_npy(tmp)
+        os.replace(tmp, data)
+        print(f"generated {data} in {time.perf_counter() - t0:.0f} s", flush=True)
+    params = IVFPQParams(args.d, args.nlist, args.M)
+    path = work / f"idx-{args.n}-{args.d}-{args.nlist}-{args.M}-s{args.shards}"
+    state = ShardedIndex.inspect(path)["build"] if (path / "manifest.json").exists() else None
+    if not (state or {}).get("complete"):
+        t0 = time.perf_counter()
+        ShardedIndex.build(
+            data, path, params, shard_size=math.ceil(args.n / args.shards), progress=False
+        ).close()
+        print(f"built {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    xq, _ = gen.queries(args.nq, seed=1)
+    k = 10
+    local = ShardedIndex.open(path)
+    mapped = ShardedIndex.open(path, mmap=True)
+    rx = RayShardedIndex(path, actors=args.actors, num_cpus_per_actor=args.cpus_per_actor)
+    print(f"Ray actors: {rx.groups} (shards per actor)", flush=True)
+    rows = []
+    points = [
+        {"batch": args.nq, "nprobe": 16, "rerank": None},
+        {"batch": args.nq, "nprobe": 16, "rerank": 4},
+        {"batch": args.nq, "nprobe": 64, "rerank": None},
+        {"batch": max(1, args.nq // 10), "nprobe": 16, "rerank": None},
+    ]
+    breakdown = {}
+    for pt in points:
+        b, nprobe, rr = pt["batch"], pt["nprobe"], pt["rerank"]
+        batches = [xq[i : i + b] for i in range(0, args.nq, b)]
+
+        def run(
+            index: Any, batches: list[Any] = batches, nprobe: int = nprobe, rr: Any = rr
+        ) -> Any:
+            return [index.search(q, k, nprobe=nprobe, rerank=rr) for q in batches]
+
+        methods = {
+            "ShardedIndex (in memory)": lambda run=run: run(local),
+            "ShardedIndex (mmap)": lambda run=run: run(mapped),
+            f"RayShardedIndex ({len(rx.groups)} actors, mmap)": lambda run=run: run(rx),
+        }
+        ref = run(local)
+        got = run(rx)
+        same = all(
+            np.array_equal(a[0], g[0]) and np.array_equal(a[1], g[1])
+            for a, g in zip(ref, got, strict=True)
+        )
+        times = rounds(methods, args.repeat)
+        keys = list(methods)
+        stages: dict[str, list[float]] = {}
+        for _ in range(args.repeat):
+            for q in batches:
+                rx.search(q, k, nprobe=nprobe, rerank=rr)
+                for s, v in rx.last_timing.items():
+                    stages.setdefault(s, []).append(v)
+        stage_med = {s: float(statistics.median(v)) for s, v in stages.items()}
+        stage_med["transfer_and_scheduling_s"] = (
+            stage_med["scan_wall_s"]
+            - stage_med["scan_actor_s"]
+            + stage_med.get("rescore_wall_s", 0.0)
+            - stage_med.get("rescore_actor_s", 0.0)
+        )
+        label = f"batch {b}, nprobe {nprobe}" + (f", rerank {rr}" if rr else "")
+        breakdown[label] = stage_med
+        for m in keys:
+            t = statistics.median(times[m])
+            rows.append(
+                {
+                    "point": label,
+                    "method": m,
+                    "QPS": args.nq / t,
+                    "ms_per_batch": 1e3 * t / len(batches),
+                    "ratio_vs_in_memory": ratio(times[keys[0]], times[m]),
+                    "identical_results": same if m == keys[2] else None,
+                }
+            )
+    table = print_table(
+        rows,
+        [
+            ("point", "point", "s"),
+            ("method", "method", "s"),
+            ("QPS", "QPS", ",.0f"),
+            ("ms_per_batch", "ms/batch", ".2f"),
+            ("ratio_vs_in_memory", "vs local", ".3f"),
+        ],
+    )
+    print("per-batch stages of a Ray search (median seconds):", flush=True)
+    for label, st in breakdown.items():
+        print(f"  {label}: " + ", ".join(f"{s} {v * 1e3:.2f} ms" for s, v in st.items()))
+    main_label = f"batch {args.nq}, nprobe 16"
+    main_ray = next(r for r in rows if r["point"] == main_label and r["method"].startswith("Ray"))
+    out = {
+        "index": {
+            "path": str(path),
+            "n": args.n,
+            "params": params.to_dict(),
+            "shards": args.shards,
+        },
+        "actors": rx.groups,
+        "cpus_per_actor": args.cpus_per_actor,
+        "k": k,
+        "nq": args.nq,
+        "rows": rows,
+        "stages": breakdown,
+        "table": table,
+        "qps_ratio_ray_vs_local": main_ray["ratio_vs_in_memory"],
+        "all_identical": all(
+            r["identical_results"] for r in rows if r["identical_results"] is not None
+        ),
+    }
+    rx.close()
+    return out
+
+
+# --- build ----------------------------------------------------------------------------------
+def bench_build(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from fastface.distributed import build
+
+    data = sorted(work.glob(f"synth-*x10x{args.d}-g300.npy"))
+    src = next(p for p in data if np.load(p, mmap_mode="r").shape[0] >= args.build_n)
+    if np.load(src, mmap_mode="r").shape[0] != args.build_n:
+        part = work / f"build-{args.build_n}.npy"
+        if not part.exists():
+            np.save(part, np.load(src, mmap_mode="r")[: args.build_n])
+        src = part
+    params = IVFPQParams(args.d, args.nlist, args.M)
+    shard_size = math.ceil(args.build_n / args.shards)
+    t0 = time.perf_counter()
+    codec_dir = work / "build-codec"
+    shutil.rmtree(codec_dir, ignore_errors=True)
+    with ShardedIndex.create(codec_dir, params, shard_size=shard_size) as c:
+        from fastface.io import open_vectors
+
+        limit = max(256 * params.nlist, 65536)
+        c.train(open_vectors(src).sample(limit, seed=0), max_points=limit, seed=0)
+        codec = c.codec
+    train_s = time.perf_counter() - t0
+    print(f"trained the codec in {train_s:.0f} s", flush=True)
+
+    def local() -> None:
+        path = work / "build-local"
+        shutil.rmtree(path, ignore_errors=True)
+        from fastface.io import open_vectors
+
+        with ShardedIndex.create(path, codec, shard_size=shard_size) as index:
+            for lo, chunk in open_vectors(src).iter_chunks(100_000):
+                index.add(chunk, np.arange(lo, lo + chunk.shape[0]), commit=False)
+            index.flush()
+
+    def ray_build(workers: int) -> Callable[[], None]:
+        def fn() -> None:
+            path = work / f"build-ray{workers}"
+            shutil.rmtree(path, ignore_errors=True)
+            build(src, path, codec, shard_size=shard_size, workers=workers).close()
+
+        return fn
+
+    methods = {"local ShardedIndex": local, "Ray, 1 worker": ray_build(1)}
+    methods["Ray, 2 workers"] = ray_build(2)
+    times = rounds(methods, args.build_rounds, warmup=False)
+    same = _manifest_content(work / "build-ray2") == _manifest_content(work / "build-local")
+    rows = []
+    keys = list(methods)
+    for m in keys:
+        t = statistics.median(times[m])
+        rows.append(
+            {
+                "method": m,
+                "seconds": t,
+                "vectors_per_s": args.build_n / t,
+                "ratio_vs_local": ratio(times[keys[0]], times[m]),
+            }
+        )
+    table = print_table(
+        rows,
+        [
+            ("method", "method", "s"),
+            ("seconds", "s", ".1f"),
+            ("vectors_per_s", "vectors/s", ",.0f"),
+            ("ratio_vs_local", "vs local", ".2f"),
+        ],
+    )
+    return {
+        "n": args.build_n,
+        "shards": args.shards,
+        "params": params.to_dict(),
+        "train_seconds": train_s,
+        "rows": rows,
+        "table": table,
+        "identical_files": same,
+        "speedup_2_vs_1_workers": ratio(times["Ray, 1 worker"], times["Ray, 2 workers"]),
+    }
+
+
+def _manifest_content(path: Path) -> Any:
+    import json
+
+    man = json.loads((path / "manifest.json").read_text())
+    return [
+        (s["number"], s["count"], {k: v["sha256"] for k, v in s["files"].items()})
+        for s in man["shards"]
+    ]
+
+
+# --- embedding ------------------------------------------------------------------------------
+def bench_embed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pipeline import make_folder  # bench/pipeline.py: the same JPEGs
+
+    from fastface import faces
+    from fastface.distributed import embed_images
+
+    folder = work / f"images-{args.images}"
+    if not folder.exists():
+        folder.mkdir()
+        make_folder(folder, args.images)
+    paths = sorted(str(p) for p in folder.glob("*.jpg"))
+    emb = faces.dlib_onnx_embedder()
+    out = {1: work / "embed-1.parquet", 2: work / "embed-2.parquet"}
+    results: dict[str, Any] = {}
+
+    def local() -> None:
+        results["local"] = faces.analyze(paths, embedder=emb, batch_size=8)
+
+    def ray_embed(actors: int) -> Callable[[], None]:
+        def fn() -> None:
+            embed_images(paths, out[actors], batch_size=8, actors=actors, force=True)
+
+        return fn
+
+    methods = {"FacePipeline (local)": local, "Ray, 1 actor": ray_embed(1)}
+    methods["Ray, 2 actors"] = ray_embed(2)
+    times = rounds(methods, args.embed_rounds, warmup=False)
+    # start-up alone: one batch of 8 images (actors made, models loaded, one batch)
+    startup = {
+        a: statistics.median(
+            _timed(lambda a=a: embed_images(paths[:8], out[a], batch_size=8, actors=a, force=True))
+            for _ in range(2)
+        )
+        for a in (1, 2)
+    }
+    got = np.asarray(pq.read_table(out[2]).column("embedding").to_pylist(), np.float32)
+    same = bool(np.array_equal(got, results["local"].embeddings))
+    rows = []
+    keys = list(methods)
+    for m in keys:
+        t = statistics.median(times[m])
+        rows.append(
+            {
+                "method": m,
+                "seconds": t,
+                "images_per_s": len(paths) / t,
+                "ratio_vs_local": ratio(times[keys[0]], times[m]),
+            }
+        )
+    table = print_table(
+        rows,
+        [
+            ("method", "method", "s"),
+            ("seconds", "s", ".1f"),
+            ("images_per_s", "images/s", ".1f"),
+            ("ratio_vs_local", "vs local", ".2f"),
+        ],
+    )
+    return {
+        "images": len(paths),
+        "faces": len(results["local"]),
+        "rows": rows,
+        "table": table,
+        "startup_seconds_8_images": {f"{a} actor(s)": s for a, s in startup.items()},
+        "identical_vectors": same,
+        "speedup_2_vs_1_actors": ratio(times["Ray, 1 actor"], times["Ray, 2 actors"]),
+    }
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="bench/distributed.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--nlist", type=int, default=1024)
+    p.add_argument("--M", type=int, default=64)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--actors", type=int, default=2, help="groups of shards (one actor each)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--nq", type=int, default=1000)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--build-n", type=int, default=1_000_000)
+    p.add_argument("--build-rounds", type=int, default=2)
+    p.add_argument("--images", type=int, default=192)
+    p.add_argument("--embed-rounds", type=int, default=2)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: search,build,embed")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "fastface-bench",
+    )
+    p.add_argument("--out", type=Path, help="JSON path (default bench/results/distributed.json)")
+    args = p.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    import ray
+
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    meta = bench_meta()
+    payload: dict[str, Any] = {"meta": meta, "config": vars(args) | {"work_dir": str(work)}}
+    summary: dict[str, Any] = {}
+    if "search" not in skip:
+        payload["search"] = bench_search(args, work)
+        summary["search_qps_ratio_ray_vs_local"] = payload["search"]["qps_ratio_ray_vs_local"]
+        summary["search_identical_results"] = payload["search"]["all_identical"]
+    if "build" not in skip:
+        payload["build"] = bench_build(args, work)
+        summary["build_speedup_2_vs_1_workers"] = payload["build"]["speedup_2_vs_1_workers"]
+        summary["build_identical_files"] = payload["build"]["identical_files"]
+    if "embed" not in skip:
+        payload["embed"] = bench_embed(args, work)
+        summary["embed_speedup_2_vs_1_actors"] = payload["embed"]["speedup_2_vs_1_actors"]
+        summary["embed_identical_vectors"] = payload["embed"]["identical_vectors"]
+    summary["load_avg_at_end"] = os.getloadavg()
+    payload["summary"] = summary
+    print(summary, flush=True)
+    out = args.out or results_dir() / "distributed.json"
+    write_results(out, payload)
+    print(f"wrote {out}", flush=True)
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
