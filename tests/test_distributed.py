@@ -98,6 +98,37 @@ def _same(a, b) -> bool:
 # --- search ---------------------------------------------------------------------------------
 
 
+def test_parts_of_an_index_merge_to_the_whole(index_dir, data) -> None:
+    from fastface._native import merge_topk
+
+    xq = data[1]
+    info = ShardedIndex.inspect(index_dir)
+    assert [s["number"] for s in info["shards"]] == [0, 1, 2, 3, 4]
+    assert info["ntotal"] == 4996 and info["pending_removals"] == 3
+    whole = ShardedIndex.open(index_dir)
+    head = ShardedIndex.open(index_dir, shards=())
+    assert head.nshards == 0 and head.ntotal == 0 and head.codec == whole.codec
+    parts = [ShardedIndex.open(index_dir, mmap=True, shards=g) for g in ([0, 3], [4, 1, 2])]
+    assert [p.shard_numbers for p in parts] == [[0, 3], [1, 2, 4]]
+    assert sum(p.ntotal for p in parts) == whole.ntotal  # each part keeps its own tombstones
+    a = head.assign(xq, 8)
+    got = [p.scan(xq, 20, a) for p in parts]
+    D, I = merge_topk(
+        np.stack([g[0] for g in got]), np.stack([g[1] for g in got]), 20, larger_is_better=True
+    )
+    assert _same((D, I), whole.search(xq, 20, nprobe=8))
+    view = whole.excluding([int(I[0, 0]), int(I[1, 0]), 10**9])  # an id not held is ignored
+    assert view.ntotal == whole.ntotal - len({int(I[0, 0]), int(I[1, 0])}) and view.read_only
+    assert not np.isin(view.search(xq, 20, nprobe=8)[1], [I[0, 0], I[1, 0]]).any()
+    assert whole.ntotal == 4996  # unchanged
+    with pytest.raises(ValueError, match="no shard 7"):
+        ShardedIndex.open(index_dir, shards=[7])
+    with pytest.raises(ValueError, match="read-only"):
+        ShardedIndex.open(index_dir, mode="a", shards=[0])
+    with pytest.raises(TypeError, match="shard numbers"):
+        ShardedIndex.open(index_dir, shards=["0"])  # type: ignore[list-item]
+
+
 def test_search_equals_sharded_index_bit_for_bit(index_dir, data) -> None:
     xq = data[1]
     local = ShardedIndex.open(index_dir)
