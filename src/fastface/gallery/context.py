@@ -119,7 +119,7 @@ class Context:
         return subj
 
     def subjects_of_gids(self, gids: npt.NDArray[np.int64] | list[int]) -> dict[int, Subject]:
-        """``{gid: Subject}`` for grants that exist (rows verified)."""
+        """``{gid: Subject}`` of records' grants (rows verified; a missing grant is damage)."""
         want = [int(g) for g in np.unique(np.asarray(gids, np.int64))]
         missing = [g for g in want if g not in self._grant_sid]
         if missing:
@@ -134,7 +134,12 @@ class Context:
         for g in want:
             sid = self._grant_sid.get(g)
             if sid is None:
-                continue
+                raise CorruptGalleryError(
+                    f"{self.db.path}: records name grant {g}, which does not exist (damaged or "
+                    "edited)",
+                    self.db.where,
+                    f"grants[gid={g}]",
+                )
             subj = self._subjects.get(sid)
             if subj is None:
                 raise CorruptGalleryError(

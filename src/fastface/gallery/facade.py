@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import sqlite3
 import datetime as dt
 import hmac
 import json
@@ -15,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +44,7 @@ FORMAT = "fastface.gallery"
 FORMAT_VERSION = 2
 CONFIG = "gallery.json"
 _INDEX_DIR = re.compile(r"^index-\d{1,9}$")
+F = TypeVar("F", bound=Any)
 _OWN = {CONFIG, META, META + "-wal", META + "-shm", keys.KEY_FILE, keys.SECRETS_FILE, ".lock"}
 
 
@@ -71,6 +74,26 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not ok:
         raise CorruptGalleryError(f"{path / CONFIG}: fields missing or invalid", str(path / CONFIG))
     return cfg
+
+
+def _guarded(fn: F) -> F:
+    """Damage SQLite reports mid-call becomes :class:`CorruptGalleryError` naming the file."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and not any(
+                w in str(e) for w in ("malformed", "no such", "corrupt", "not a database")
+            ):
+                raise  # locked, busy, full disk, I/O: not damage
+            obj = args[0] if args and isinstance(args[0], Gallery) else None
+            where = obj.path if obj is not None else Path(args[1] if len(args) > 1 else ".")
+            db = Path(where) / META
+            raise CorruptGalleryError(f"{db}: {e}", str(db), "sqlite") from e
+
+    return cast(F, call)
 
 
 def _write_config(path: Path, cfg: dict[str, Any]) -> None:
@@ -237,6 +260,7 @@ class Gallery:
         return cls(ctx, lock)
 
     @classmethod
+    @_guarded
     def open(
         cls,
         path: str | os.PathLike[str],
@@ -308,14 +332,7 @@ class Gallery:
             if writable:
                 with ctx.mutex:
                     ctx.report["replay"] = recovery.replay(ctx)
-                    ctx.report["reconciliation"] = recovery.reconcile(ctx)
-                    if wal.get("discarded_frames"):
-                        log.warning(
-                            "%s: the write-ahead log ended in %d frame(s) that fail their "
-                            "checksum (a write cut short by a crash); they were not replayed",
-                            path / META,
-                            wal["discarded_frames"],
-                        )
+                    ctx.report["reconciliation"] = recovery.reconcile(ctx, wal)
             else:
                 ctx.seen_state = ctx.state()
         except BaseException:
@@ -366,6 +383,7 @@ class Gallery:
             f"kind={self.kind!r}, ntotal={self.ntotal})"
         )
 
+    @_guarded
     def subjects(self) -> list[str]:
         """Ids of the subjects with records, sorted."""
         ctx = self._c
@@ -401,6 +419,7 @@ class Gallery:
                 break
         ctx.seen_state = st
 
+    @_guarded
     def status(self) -> dict[str, Any]:
         """Kind, sizes, pending purges (with why), the open-time reconciliation report."""
         ctx = self._c
@@ -432,6 +451,7 @@ class Gallery:
             }
 
     # --- enrolment ----------------------------------------------------------------------------
+    @_guarded
     def enroll(
         self,
         subject_id: str,
@@ -457,6 +477,7 @@ class Gallery:
         return self._enroll([subject_id] * x.shape[0], x, legal_basis, consent_ref, source,
                             retain_until, requester)  # fmt: skip
 
+    @_guarded
     def enroll_many(
         self,
         subject_ids: Sequence[str],
@@ -503,6 +524,7 @@ class Gallery:
                     ctx.report["reindex_error"] = str(e)
         return ids
 
+    @_guarded
     def train(
         self,
         x: npt.NDArray[np.float32] | None = None,
@@ -596,6 +618,7 @@ class Gallery:
             self.finish_purges()
 
     # --- search and access --------------------------------------------------------------------
+    @_guarded
     def search(
         self,
         queries: npt.NDArray[np.float32],
@@ -633,6 +656,7 @@ class Gallery:
                 nprobe=nprobe, rerank=rerank,
             )  # fmt: skip
 
+    @_guarded
     def export_subject(
         self, subject_id: str, *, requester: str | None = None, dedup_threshold: float = 0.9
     ) -> SubjectExport:
@@ -654,6 +678,7 @@ class Gallery:
             return access.export(ctx, subj, requester=requester, dedup_threshold=t)
 
     # --- erasure ------------------------------------------------------------------------------
+    @_guarded
     def erase_subject(
         self, subject_id: str, *, requester: str | None = None, purge: bool = True
     ) -> ErasureReceipt:
@@ -679,6 +704,7 @@ class Gallery:
             ids = np.array([r for r, _ in ctx.db.records_of_grants(gids)], np.int64)
             return erasure.erase(ctx, ids, [subject_id], "erase_subject", requester, purge=purge)
 
+    @_guarded
     def erase_by_face(
         self,
         embedding: npt.NDArray[np.float32],
@@ -706,6 +732,7 @@ class Gallery:
                 ctx, q, t, whole_subjects=bool(whole_subjects), requester=requester
             )
 
+    @_guarded
     def confirm_erasure(self, plan: ErasurePlan, *, requester: str | None = None) -> ErasureReceipt:
         """Erase what ``plan`` lists: all of it, or nothing if the gallery changed meanwhile."""
         if not isinstance(plan, ErasurePlan):
@@ -727,6 +754,7 @@ class Gallery:
                 ctx, plan.record_ids, sorted(plan.subjects), "erase_by_face", requester
             )
 
+    @_guarded
     def purge_expired(self, *, now: dt.datetime | str | None = None) -> ErasureReceipt | None:
         """Erase every record whose retention date is past (``now``: default the clock)."""
         t = policy.now() if now is None else policy.parse_time(now, "now")
@@ -748,12 +776,23 @@ class Gallery:
             return erasure.erase(ctx, ids, names, "retention", None)
 
     def _erase_ops(self, *, deferred: bool) -> list[tuple[int, dict[str, Any], Any]]:
-        return [
+        """Pending erase ops; with ``deferred``, deferred ones too, marked to be purged now (so
+        that the next open finishes them should this process die)."""
+        ctx = self._c
+        todo = [
             (op_id, p, ids)
-            for op_id, kind, _s, p, ids in journal.ops(self._c.db)
+            for op_id, kind, _s, p, ids in journal.ops(ctx.db)
             if kind == "erase" and (deferred or p.get("purge", True))
         ]
+        later = [(op_id, p) for op_id, p, _ in todo if not p.get("purge", True)]
+        if later:
+            with ctx.db.txn() as conn:
+                for op_id, p in later:
+                    journal.update_op(conn, op_id, "hidden", {"purge": True})
+                    p["purge"] = True
+        return todo
 
+    @_guarded
     def finish_purges(self) -> list[dict[str, Any]]:
         """Complete every erasure whose purge is pending (deferred ones included).
 
@@ -768,6 +807,7 @@ class Gallery:
                 erasure.finish(ctx, todo, time.perf_counter(), purge=True)
             return list(self.status()["pending_purges"])
 
+    @_guarded
     def compact(self) -> dict[str, int]:
         """Finish pending erasures, fold every removal into the shard files, rewrite the
         database (``VACUUM``) and truncate its log."""
@@ -784,7 +824,7 @@ class Gallery:
             journal.step("compact:index")
             ctx.db.vacuum(full=True)
             ctx.db.checkpoint()
-            left = {op_id for op_id, _p, _ids in self._erase_ops(deferred=True)}
+            left = {op_id for op_id, _k, _s, _p, _i in journal.ops(ctx.db, "erase")}
             done = [p for op_id, p, _ids in todo if op_id not in left]
             return {
                 "erasures_completed": len(done),
@@ -792,16 +832,26 @@ class Gallery:
                 "pending_removals_folded": int(pending),
             }
 
+    @_guarded
     def erasure_receipts(self) -> list[dict[str, Any]]:
         """Stored receipts (subjects named by pseudonym), with ``purged_at`` once purged."""
-        rows = self._c.db.conn.execute("SELECT receipt, purged_at FROM receipts ORDER BY id")
-        return [dict(json.loads(r), stored_purged_at=p) for r, p in rows]
+        db = self._c.db
+        out = []
+        for n, (r, p) in enumerate(db.conn.execute("SELECT receipt, purged_at FROM receipts")):
+            try:
+                out.append(dict(json.loads(r), stored_purged_at=p))
+            except (ValueError, TypeError) as e:
+                raise CorruptGalleryError(
+                    f"{db.path}: stored receipt {n} is damaged", db.where, f"receipts[{n}]"
+                ) from e
+        return out
 
     # --- audit --------------------------------------------------------------------------------
     def audit_head(self) -> dict[str, Any]:
         """``{"seq", "mac"}`` of the last audit entry: publish it to detect truncation later."""
         return self._c.audit.head()
 
+    @_guarded
     def audit_log(
         self,
         since: dt.datetime | str | None = None,
@@ -822,6 +872,7 @@ class Gallery:
             stored = [r["audit_head"] for r in self.erasure_receipts()]
             return ctx.audit.verify(since=cutoff, anchors=[*anchors, *stored])
 
+    @_guarded
     def verify_receipt(self, receipt: ErasureReceipt | dict[str, Any]) -> dict[str, Any]:
         """Check that ``receipt`` was issued by this gallery and its audit head is still there.
 
@@ -846,6 +897,7 @@ class Gallery:
             ctx.audit.verify(anchors=[body["audit_head"]])
         return {"valid": True, "purged_at": row[0] or body.get("purged_at")}
 
+    @_guarded
     def verify(self) -> dict[str, Any]:
         """Check everything: SQLite integrity, every row's keyed check, every secret, the audit
         chain with the receipts' anchors, index against records. Raises on damage."""

@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import CorruptGalleryError
 from . import enrolment, erasure, journal
 from .context import Context
+from .records import chunks, marks
 
 __all__ = ["reconcile", "replay"]
 
@@ -59,10 +60,18 @@ def replay(ctx: Context) -> dict[str, int]:
     return {"enrolments_undone": undone, "erasures_finished": finished}
 
 
-def reconcile(ctx: Context) -> dict[str, Any]:
-    """Compare index, records, grants, subjects and secrets; repair what can be, report all."""
+def reconcile(ctx: Context, wal: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compare index, records, grants, subjects and secrets; repair what can be, report all.
+
+    ``wal`` is :func:`~fastface.gallery.records.check_wal`'s report: frames of
+    the log's last transaction that failed their checksum were not replayed
+    (a write cut short by a crash, or damage to the last commit); that is
+    reported too, since the transaction may have been committed.
+    """
     db = ctx.db
     report: dict[str, Any] = {}
+    if wal and wal.get("discarded_frames"):
+        report["wal_frames_discarded"] = int(wal["discarded_frames"])
     live = np.sort(ctx.store.live_ids())
     hidden = np.concatenate(
         [ids for _, kind, _, _, ids in journal.ops(ctx.db) if kind == "erase"]
@@ -72,6 +81,12 @@ def reconcile(ctx: Context) -> dict[str, Any]:
     orphan_vectors = np.setdiff1d(live, records, assume_unique=True)
     orphan_vectors = np.setdiff1d(orphan_vectors, hidden)
     orphan_records = np.setdiff1d(records, live, assume_unique=True)
+    if orphan_records.size:  # a damaged record id shows up here: damage raises, never "repairs"
+        for part in chunks(orphan_records.tolist()):
+            rows = db.conn.execute(
+                f"SELECT id, gid, chk FROM records WHERE id IN ({marks(len(part))})", part
+            ).fetchall()
+            db.verify_records(rows)
     if orphan_vectors.size:
         ctx.store.hide(orphan_vectors)
         ctx.store.purge()
