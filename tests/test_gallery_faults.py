@@ -426,7 +426,7 @@ _READER = textwrap.dedent(
 
 
 def test_a_read_only_process_searches_while_one_writes(base, tmp_path):
-    root, xb = base
+    _root, xb = base
     path = _copy(base, tmp_path)
     np.save(tmp_path / "xb.npy", xb)
     g = Gallery.open(path)
@@ -649,13 +649,13 @@ def test_a_damaged_key_store_or_config_is_named(base, tmp_path):
     data = bytearray((path / "subjects.keys").read_bytes())
     data[64 + 20] ^= 1  # a secret's byte
     (path / "subjects.keys").write_bytes(bytes(data))
-    with pytest.raises(CorruptGalleryError, match="subjects.keys") as e:
+    with pytest.raises(CorruptGalleryError, match=r"subjects\.keys") as e:
         Gallery.open(path)
     assert e.value.path.endswith("subjects.keys")
     path2 = _copy(base, tmp_path, "g2")
     cfg = (path2 / "gallery.json").read_text().replace('"door_access"', '"door_accesS"')
     (path2 / "gallery.json").write_text(cfg)
-    with pytest.raises(CorruptGalleryError, match="gallery.json"):
+    with pytest.raises(CorruptGalleryError, match=r"gallery\.json"):
         Gallery.open(path2)
 
 

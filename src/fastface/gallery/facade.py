@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import sqlite3
 import datetime as dt
+import functools
 import hmac
 import json
 import logging
 import os
 import re
 import shutil
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
