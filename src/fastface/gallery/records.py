@@ -149,6 +149,7 @@ class Database:
         db = cls(path, conn, keys)
         try:
             db.integrity()
+            db.check_schema()
             version = db.meta("schema_version")
             if version != str(SCHEMA_VERSION):
                 raise CorruptGalleryError(
@@ -179,6 +180,24 @@ class Database:
             first = "; ".join(str(r[0]) for r in rows[:3])
             raise CorruptGalleryError(
                 f"{self.path}: fails SQLite's integrity check: {first}", self.where, "quick_check"
+            )
+
+    def check_schema(self) -> None:
+        """The tables and indexes must be exactly the ones this version creates."""
+        want = _schema_rows()
+        try:
+            got = self.conn.execute(_MASTER).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise CorruptGalleryError(
+                f"{self.path}: its schema cannot be read ({e})", self.where, "schema"
+            ) from e
+        if got != want:
+            bad = next((g for g, w in zip(got, want, strict=False) if g != w), None)
+            raise CorruptGalleryError(
+                f"{self.path}: its schema differs from the gallery's (damaged or edited"
+                f"{'' if bad is None else ': ' + str(bad[1])})",
+                self.where,
+                "schema",
             )
 
     @property
@@ -410,6 +429,22 @@ class Database:
     def delete_records(self, conn: sqlite3.Connection, ids: Sequence[int]) -> None:
         for part in chunks(list(ids)):
             conn.execute(f"DELETE FROM records WHERE id IN ({marks(len(part))})", part)
+
+
+_MASTER = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+_SCHEMA_ROWS: list[Any] = []
+
+
+def _schema_rows() -> list[Any]:
+    """``sqlite_master`` as this version's schema makes it (built once, in memory)."""
+    if not _SCHEMA_ROWS:
+        mem = sqlite3.connect(":memory:")
+        for stmt in _SCHEMA.strip().split(";"):
+            if stmt.strip():
+                mem.execute(stmt)
+        _SCHEMA_ROWS.extend(mem.execute(_MASTER).fetchall())
+        mem.close()
+    return _SCHEMA_ROWS
 
 
 def _connect(path: Path, *, new: bool) -> sqlite3.Connection:

@@ -230,8 +230,7 @@ class VectorStore:
     def purge(self) -> int:
         """Rewrite every shard that holds removed vectors without them, delete the old files;
         returns how many sealed shards were rewritten."""
-        stats = self.index.compact()
-        self.index.flush()
+        stats = self.index.compact()  # commits whatever is pending, the open shard included
         return int(stats["shards_rewritten"])
 
     # --- search -------------------------------------------------------------------------------
