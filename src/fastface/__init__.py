@@ -17,12 +17,18 @@ runtimes; set the variable yourself to choose otherwise.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ._version import __version__
+
+# Libraries log, applications decide where it goes: messages of every fastface
+# module go to the "fastface" logger, silent unless the application configures it
+# (the fastface command does, on stderr: warnings, or more with -v).
+logging.getLogger("fastface").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import datasets, errors, eval, faces, io
