@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 
 import fastface.gallery.enrolment as enrolment_mod
+import fastface.gallery.erasure as erasure_mod
 import fastface.gallery.files as files_mod
 from fastface import Gallery, ShardedIndex
 from fastface.datasets import SyntheticFaces
 from fastface.errors import CorruptGalleryError, DiskFullError, ReadOnlyIndexError
+from fastface.gallery.keys import SubjectSecrets
 from fastface.gallery.records import Database
 from fastface.index import storage
 
@@ -355,6 +357,35 @@ def test_erasure_whose_purge_fails_is_complete_logically_and_purged_later(
     g.close()
     assert _found(path, pats) == {}
     _assert_consistent(path).close()
+
+
+@pytest.mark.parametrize("fail", ["shred", "receipt"])
+def test_erasure_past_its_commit_point_never_raises(base, tmp_path, monkeypatch, fail):
+    _root, xb = base
+    path = _copy(base, tmp_path)
+    pats = _patterns(path, xb, 6)
+    g = Gallery.open(path)
+    slots = _used_slots(path)
+
+    def broken(*a, **kw):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as m:
+        if fail == "shred":
+            m.setattr(SubjectSecrets, "shred", broken)
+        else:
+            m.setattr(erasure_mod, "_record", broken)
+        r = g.erase_subject(_subject(6))
+    assert r.records_erased == PER and r.purge_status == "pending"
+    assert ("shredded" if fail == "shred" else "not stored") in r.purge_note
+    assert _subject(6) not in g.subjects()
+    assert _used_slots(path) == slots - (fail == "receipt")  # shredded unless that failed
+    assert g.finish_purges() == []
+    assert _used_slots(path) == slots - 1
+    g.close()
+    assert _found(path, pats) == {}
+    with _assert_consistent(path) as g2:
+        assert len(g2.erasure_receipts()) == 1
 
 
 # --- concurrent readers -----------------------------------------------------------------------

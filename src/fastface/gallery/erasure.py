@@ -29,6 +29,7 @@ at any step is finished the same way by the next open.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -173,13 +174,16 @@ def erase(
             shreds = int(ctx.state().get("shreds", 0)) + 1
             ctx.publish_state(conn, shreds=shreds)
         journal.step("erase:logged")
+        # past the commit point: nothing below raises (finish() turns failures into notes)
         ctx.forget(list(subjects), gids)
-        ctx.store.hide(ids)
+        with contextlib.suppress(Exception):
+            ctx.store.hide(ids)  # finish() retries
         t_hidden = time.perf_counter()
         payload["invisible_at"] = policy.iso(policy.now())
         payload["invisible_ms"] = (t_hidden - t0) * 1e3
         journal.step("erase:hidden")
-        ctx.secrets.shred([(int(a), int(b)) for a, b in shred])
+        with contextlib.suppress(Exception):
+            ctx.secrets.shred([(int(a), int(b)) for a, b in shred])  # finish() retries
         journal.step("erase:shredded")
         out = finish(
             ctx, [(op_id, payload, ids)], t_hidden, purge=purge, names={op_id: subject_ids}
@@ -201,31 +205,73 @@ def finish(
     ``purge`` entry names the receipt and the stored receipt gets its
     ``purged_at``. Returns the receipts issued now.
     """
+    # Past the commit point nothing may raise: whatever fails becomes a note, the receipt says
+    # "pending" and the next finish() (finish_purges, compact, close, the next open) retries.
+    notes: list[str] = []
     every = np.concatenate([ids for _, _, ids in todo]) if todo else np.empty(0, np.int64)
-    live = every[ctx.store.contains(every)] if every.size else every
-    if live.size:
-        ctx.store.hide(live)  # after a crash: hidden again before anything else
-    for _, p, _ in todo:
-        ctx.secrets.shred([(int(a), int(b)) for a, b in p["shred"]])
-    note: str | None = None
+    try:
+        live = every[ctx.store.contains(every)] if every.size else every
+        if live.size:
+            ctx.store.hide(live)  # after a crash: hidden again before anything else
+    except Exception as e:  # the database already hides them from every search
+        notes.append(f"not yet removed from the index in memory ({e})")
+    try:
+        for _, p, _ in todo:
+            ctx.secrets.shred([(int(a), int(b)) for a, b in p["shred"]])
+    except Exception as e:
+        notes.append(f"the subjects' secrets could not be shredded yet ({e})")
     shards = 0
     if not purge:
-        ctx.store.index.flush()  # the tombstones on disk; compact() purges
-        note = DEFERRED
+        try:
+            ctx.store.index.flush()  # the tombstones on disk; compact() purges
+        except Exception as e:
+            log.warning("%s: committing an erasure's tombstones failed (%s)", ctx.path, e)
+        notes.append(DEFERRED)
     else:
         try:
             shards = ctx.store.purge()
             journal.step("erase:index_purged")
         except Exception as e:  # e.g. a full disk: the erasure stands, the purge waits
             log.warning("%s: the index purge of an erasure failed (%s); it is retried", ctx.path, e)
-            note = f"the index files could not be rewritten yet ({e}); retried later"
-        if note is None:
-            ctx.db.vacuum(full=False)
-            journal.step("erase:vacuumed")
-            if not ctx.db.checkpoint():
-                note = READER
+            notes.append(f"the index files could not be rewritten yet ({e}); retried later")
+        if not notes:
+            try:
+                ctx.db.vacuum(full=False)
+                journal.step("erase:vacuumed")
+                if not ctx.db.checkpoint():
+                    notes.append(READER)
+            except Exception as e:
+                notes.append(f"the database's freed pages could not be returned yet ({e})")
+    note = "; ".join(notes) or None
     purge_ms = (time.perf_counter() - t_start) * 1e3
     purged_at = policy.iso(policy.now()) if note is None else None
+    try:
+        return _record(ctx, todo, shards, purged_at, purge_ms, note, purge, names)
+    except Exception as e:  # the database cannot take the receipt now: hand it out anyway
+        log.warning("%s: storing erasure receipts failed (%s); retried later", ctx.path, e)
+        note = f"{note + '; ' if note else ''}the receipt is not stored yet ({e})"
+        head = ctx.audit.head()
+        return {
+            op_id: make_receipt(
+                ctx, p, (names or {}).get(op_id, []), shards=shards, purged_at=None,
+                purge_ms=None, note=note, head=head,
+            )
+            for op_id, p, _ in todo
+            if p.get("receipt") is None
+        }  # fmt: skip
+
+
+def _record(
+    ctx: Context,
+    todo: list[tuple[int, dict[str, Any], npt.NDArray[np.int64]]],
+    shards: int,
+    purged_at: str | None,
+    purge_ms: float | None,
+    note: str | None,
+    purge: bool,
+    names: dict[int, list[str]] | None,
+) -> dict[int, ErasureReceipt]:
+    """One transaction: complete or store each op's receipt; delete the ops purged."""
     issued: dict[int, ErasureReceipt] = {}
     with ctx.db.txn() as conn:
         for op_id, p, _ in todo:
