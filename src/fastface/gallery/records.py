@@ -290,9 +290,11 @@ class Database:
         )
 
     def record_check(self, rid: int, gid: int) -> bytes:
-        return hmac.new(
-            self.keys.rows, struct.pack("<cqq", b"R", rid, gid), hashlib.sha256
-        ).digest()[:8]
+        """Keyed BLAKE2b of ``(id, gid)``, 8 bytes: checked for every search result, so it
+        is the cheaper keyed hash (a quarter of HMAC-SHA256's time in CPython)."""
+        return hashlib.blake2b(
+            struct.pack("<qq", rid, gid), digest_size=8, key=self.keys.rows, person=b"record"
+        ).digest()
 
     def subject_check(self, sid: int, lookup: bytes, slot: int, name: bytes) -> bytes:
         return self.keys.row_check(b"subject", sid, lookup, slot, name)
