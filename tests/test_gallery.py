@@ -698,3 +698,12 @@ def test_the_key_is_not_in_the_database(gallery, tmp_path):
         Gallery.open(tmp_path / "e", key=os.urandom(32))
     with Gallery.open(tmp_path / "e", key_file=ext) as e:
         assert e.subjects() == ["a-q"]
+
+
+def test_the_gallery_docstring_example_runs() -> None:
+    import doctest
+
+    import fastface.gallery.facade as facade
+
+    result = doctest.testmod(facade, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -259,7 +259,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=50_000,
         help="move to IVF-PQ past this many vectors (0: only on `gallery train`)",
     )
-    c.add_argument("--shard-size", type=positive_int, default=100_000, help="vectors per shard")
+    c.add_argument("--shard-size", type=positive_int, default=50_000, help="vectors per shard")
 
     c = cmd("train", _train, "move the gallery to IVF-PQ now (re-encodes the stored vectors)")
     c.add_argument("--train", type=npy, help="training sample (default: the stored vectors)")

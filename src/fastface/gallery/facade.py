@@ -152,7 +152,7 @@ class Gallery:
         params: IVFPQParams | None = None,
         store_vectors: Literal["float16", "float32"] = "float16",
         flat_limit: int | None = DEFAULT_FLAT_LIMIT,
-        shard_size: int = 100_000,
+        shard_size: int = 50_000,
         key: bytes | None = None,
         key_file: str | os.PathLike[str] | None = None,
     ) -> Gallery:
