@@ -132,7 +132,12 @@ class VectorStore:
 
     @classmethod
     def open(cls, root: Path, dirname: str, kind: str, *, writable: bool) -> VectorStore:
-        index = ShardedIndex.open(root / dirname, mode="a" if writable else "r")
+        """The writer loads the index; a reader maps it (fast to reload when the writer
+        commits; files the writer deletes stay readable through the mapping)."""
+        if writable:
+            index = ShardedIndex.open(root / dirname, mode="a")
+        else:
+            index = ShardedIndex.open(root / dirname, mode="r", mmap=True)
         try:
             flat = index.is_trained and is_flat_codec(index.codec)
             if (kind == FLAT) != flat:
