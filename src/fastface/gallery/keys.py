@@ -219,7 +219,7 @@ class SubjectSecrets:
     """``subjects.keys``: one fixed 64-byte slot per subject, zeroed in place at erasure.
 
     Slot ``i`` lives at byte ``64 + 64 * i``: subject number (uint64, 0 =
-    free), secret (32 bytes), check value (8 bytes: HMAC of slot number,
+    free), secret (32 bytes), check value (8 bytes: keyed BLAKE2b of slot number,
     subject number and secret under the row key), zero padding. Slots are
     never moved or copied, so zeroing one destroys the only copy.
     """
