@@ -173,14 +173,16 @@ def erase(
             )
             shreds = int(ctx.state().get("shreds", 0)) + 1
             ctx.publish_state(conn, shreds=shreds)
-        journal.step("erase:logged")
-        # past the commit point: nothing below raises (finish() turns failures into notes)
-        ctx.forget(list(subjects), gids)
-        with contextlib.suppress(Exception):
-            ctx.store.hide(ids)  # finish() retries
+        # The commit point: every search resolves its results through the database, so from
+        # here on none (in any process) returns these records. Past it nothing raises:
+        # finish() turns failures into notes.
         t_hidden = time.perf_counter()
         payload["invisible_at"] = policy.iso(policy.now())
         payload["invisible_ms"] = (t_hidden - t0) * 1e3
+        journal.step("erase:logged")
+        ctx.forget(list(subjects), gids)
+        with contextlib.suppress(Exception):
+            ctx.store.hide(ids)  # tombstones inside the scan: k results still come back
         journal.step("erase:hidden")
         with contextlib.suppress(Exception):
             ctx.secrets.shred([(int(a), int(b)) for a, b in shred])  # finish() retries
