@@ -17,6 +17,12 @@ On a synthetic gallery (``fastface.datasets.SyntheticFaces``) of ``--n`` vectors
 5. optionally (``--tombstones``) search QPS with 10% and 30% of the vectors
    tombstoned, against the same index compacted.
 
+With ``--before REV`` the same run also measures the gallery as it was at git
+revision ``REV`` (its ``src/fastface/gallery.py``, loaded from history; the
+one-file gallery that kept embeddings in SQLite and scored with PQ): built
+the same way (same shards), erasures interleaved with the new gallery's,
+searches in the same rounds, its ``compact()`` timed after the new one's.
+
 The gallery is built once per ``--dir`` (``gallery-base``) and copied for
 each run, so a shared machine builds the 1M gallery once. Prints one table
 and writes ``bench/results/rights.json``::
@@ -28,9 +34,11 @@ and writes ``bench/results/rights.json``::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,9 +60,28 @@ def _name(i: int) -> str:
     return f"subject-{i}"
 
 
-def build(args: argparse.Namespace, path: Path, data: SyntheticFaces) -> dict[str, float]:
+def load_before(rev: str, work: Path) -> Any:
+    """The ``Gallery`` class of ``src/fastface/gallery.py`` at git revision ``rev``."""
+    repo = Path(__file__).resolve().parents[1]
+    src = subprocess.check_output(
+        ["git", "-C", str(repo), "show", f"{rev}:src/fastface/gallery.py"]
+    )
+    path = work / f"gallery_{rev}.py"
+    path.write_bytes(src)
+    name = "fastface._gallery_before"  # a module of the package: its relative imports resolve
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod.Gallery
+
+
+def build(
+    args: argparse.Namespace, path: Path, data: SyntheticFaces, cls: Any = Gallery
+) -> dict[str, float]:
     params = IVFPQParams(args.d, args.nlist, args.M, nbits=8)
-    g = Gallery.create(
+    g = cls.create(
         path,
         d=args.d,
         params=params,
@@ -79,10 +106,12 @@ def build(args: argparse.Namespace, path: Path, data: SyntheticFaces) -> dict[st
     return {"train_s": t_train, "enrol_s": t_enrol}
 
 
-def prepared(args: argparse.Namespace, work: Path, data: SyntheticFaces) -> tuple[Path, dict]:
+def prepared(
+    args: argparse.Namespace, work: Path, data: SyntheticFaces, cls: Any = Gallery, tag: str = ""
+) -> tuple[Path, dict]:
     """A fresh copy of the base gallery (built first if missing or built with other params)."""
-    base = work / "gallery-base"
-    stamp = base.with_name("gallery-base.json")
+    base = work / f"gallery{tag}-base"
+    stamp = base.with_name(f"gallery{tag}-base.json")
     want = {k: getattr(args, k) for k in ("n", "d", "per_identity", "nlist", "M", "shard_size")}
     info: dict[str, Any] = {}
     if base.exists() and stamp.exists() and json.loads(stamp.read_text()).get("params") == want:
@@ -90,9 +119,9 @@ def prepared(args: argparse.Namespace, work: Path, data: SyntheticFaces) -> tupl
         print(f"  reusing {base}", file=sys.stderr)
     else:
         shutil.rmtree(base, ignore_errors=True)
-        info = {"params": want, **build(args, base, data)}
+        info = {"params": want, **build(args, base, data, cls)}
         stamp.write_text(json.dumps(info))
-    path = work / "gallery"
+    path = work / f"gallery{tag}"
     shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(base, path)
     return path, info
@@ -116,70 +145,96 @@ def _timed_purge() -> None:
 
 
 def erasures(
-    g: Gallery, data: SyntheticFaces, args: argparse.Namespace, *, offset: int, purge: bool
+    g: Gallery,
+    data: SyntheticFaces,
+    args: argparse.Namespace,
+    *,
+    offset: int,
+    purge: bool,
+    old: Any = None,
 ) -> list[dict[str, Any]]:
-    """Erase subjects spread over the gallery (sealed shards and the open one)."""
+    """Erase subjects spread over the gallery (sealed shards and the open one); with ``old``
+    (the gallery before), the same subject there right after, timed the same way."""
     n_id = data.n_identities
     picks = (np.linspace(0, n_id - 1, args.erasures).astype(int) + offset) % n_id
     rows = []
     for ident in picks:
+        name = _name(int(ident))
         _INDEX_PURGE_S.clear()
         x, _ = data.rows(int(ident) * data.per_identity, (int(ident) + 1) * data.per_identity)
         t0 = time.perf_counter()
-        r = g.erase_subject(_name(int(ident)), purge=purge)
+        r = g.erase_subject(name, purge=purge)
         call_ms = (time.perf_counter() - t0) * 1e3
         m = g.search(x, args.k, requester="bench", purpose=PURPOSE, nprobe=args.nlist)
-        rows.append(
-            {
-                "subject": _name(int(ident)),
-                "records": r.records_erased,
-                "shards_rewritten": r.shards_rewritten,
-                "invisible_ms": r.invisible_ms,
-                "purge_ms": r.purge_ms,
-                "index_purge_ms": sum(_INDEX_PURGE_S) * 1e3,
-                "purge_status": r.purge_status,
-                "call_ms": call_ms,
-                "deferred": not purge,
-                "returned_after_erasure": sum(_name(int(ident)) in row for row in m.subject_ids),
+        row = {
+            "subject": name,
+            "records": r.records_erased,
+            "shards_rewritten": r.shards_rewritten,
+            "invisible_ms": r.invisible_ms,
+            "purge_ms": r.purge_ms,
+            "index_purge_ms": sum(_INDEX_PURGE_S) * 1e3,
+            "purge_status": r.purge_status,
+            "call_ms": call_ms,
+            "deferred": not purge,
+            "returned_after_erasure": sum(name in row for row in m.subject_ids),
+        }
+        if old is not None:
+            t0 = time.perf_counter()
+            ro = old.erase_subject(name, purge=purge)
+            row["before"] = {
+                "invisible_ms": ro.invisible_ms,
+                "purge_ms": ro.purge_ms,
+                "call_ms": (time.perf_counter() - t0) * 1e3,
             }
-        )
+        rows.append(row)
     return rows
 
 
-def search_rounds(g: Gallery, data: SyntheticFaces, args: argparse.Namespace) -> dict[str, Any]:
-    """Audited search, exact vs PQ-only scores, timed alternately; self-scores of enrolled rows."""
+def search_rounds(
+    g: Gallery, data: SyntheticFaces, args: argparse.Namespace, old: Any = None
+) -> dict[str, Any]:
+    """Audited search, exact vs PQ-only scores (and the gallery before: PQ scores, its
+    default), timed alternately; self-scores of enrolled rows."""
     q, _ = data.queries(args.nq, seed=3)
     rng = np.random.default_rng(5)
     rows = np.sort(rng.choice(data.n, args.nq, replace=False))
     enrolled = np.stack([data.rows(int(r), int(r) + 1)[0][0] for r in rows])
+    kw = {"requester": "bench", "purpose": PURPOSE, "nprobe": args.nprobe}
 
-    def run(exact: bool) -> float:
+    def run(which: str) -> float:
         t0 = time.perf_counter()
-        g.search(q, args.k, requester="bench", purpose=PURPOSE, nprobe=args.nprobe, exact=exact)
+        if which == "before":
+            old.search(q, args.k, **kw)
+        else:
+            g.search(q, args.k, exact=which == "exact", **kw)
         return time.perf_counter() - t0
 
-    run(True), run(False)
-    t_exact, t_pq = [], []
+    kinds = ["exact", "pq_only"] + (["before"] if old is not None else [])
+    for k in kinds:
+        run(k)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.repeat):
-        t_exact.append(run(True))
-        t_pq.append(run(False))
-    self_exact = g.search(enrolled, 1, requester="bench", purpose=PURPOSE, nprobe=args.nprobe)
-    self_pq = g.search(
-        enrolled, 1, requester="bench", purpose=PURPOSE, nprobe=args.nprobe, exact=False
-    )
-    qps_exact = args.nq / statistics.median(t_exact)
-    qps_pq = args.nq / statistics.median(t_pq)
-    return {
-        "qps_exact": qps_exact,
-        "qps_pq_only": qps_pq,
-        "exact_over_pq": qps_exact / qps_pq,
-        "rounds_s": {"exact": t_exact, "pq_only": t_pq},
+        for k in kinds:
+            times[k].append(run(k))
+    self_exact = g.search(enrolled, 1, **kw)
+    self_pq = g.search(enrolled, 1, exact=False, **kw)
+    qps = {k: args.nq / statistics.median(v) for k, v in times.items()}
+    out = {
+        "qps_exact": qps["exact"],
+        "qps_pq_only": qps["pq_only"],
+        "exact_over_pq": qps["exact"] / qps["pq_only"],
+        "rounds_s": times,
         "self_score_exact_min": float(self_exact.scores[:, 0].min()),
         "self_score_exact_median": float(np.median(self_exact.scores[:, 0])),
         "self_score_pq_min": float(self_pq.scores[:, 0].min()),
         "self_score_pq_median": float(np.median(self_pq.scores[:, 0])),
-        "self_top1_exact": float(np.mean(self_exact.record_ids[:, 0] >= 0)),
     }
+    if old is not None:
+        before = old.search(enrolled, 1, **kw)
+        out["qps_before"] = qps["before"]
+        out["self_score_before_min"] = float(before.scores[:, 0].min())
+        out["self_score_before_median"] = float(np.median(before.scores[:, 0]))
+    return out
 
 
 def qps_sweep(index_dir: Path, data: SyntheticFaces, args: argparse.Namespace) -> list[dict]:
@@ -222,6 +277,27 @@ def qps_sweep(index_dir: Path, data: SyntheticFaces, args: argparse.Namespace) -
     return rows
 
 
+def _before_summary(
+    args: argparse.Namespace,
+    before: dict[str, Any],
+    rows: list[dict[str, Any]],
+    search: dict[str, Any],
+    ntotal: int,
+) -> dict[str, Any] | None:
+    if not args.before:
+        return None
+    return {
+        "revision": args.before,
+        "invisible_ms_median": statistics.median(r["before"]["invisible_ms"] for r in rows),
+        "purge_ms_median": statistics.median(r["before"]["purge_ms"] for r in rows),
+        "compact_idle_s": before["compact_idle_s"],
+        "database_bytes_per_vector": before["database_bytes"] / ntotal,
+        "search_qps": search["qps_before"],
+        "self_score_min": search["self_score_before_min"],
+        "build": before["build"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
@@ -242,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3])
     p.add_argument("--quick", action="store_true", help="fewer rounds and erasures")
     p.add_argument("--dir", help="work directory, kept (the base gallery is reused from it)")
+    p.add_argument("--before", metavar="REV", help="also measure the gallery at git revision REV")
     p.add_argument("--out", default=str(RESULTS / "rights.json"))
     args = p.parse_args(argv)
     if args.quick:
@@ -252,8 +329,15 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fastface-rights-"))
     work.mkdir(parents=True, exist_ok=True)
+    before: dict[str, Any] = {}
+    old = None
     try:
         path, build_info = prepared(args, work, data)
+        if args.before:
+            cls = load_before(args.before, work)
+            old_path, before["build"] = prepared(args, work, data, cls, "-before")
+            old = cls.open(old_path)
+            before["database_bytes"] = (old_path / "meta.sqlite").stat().st_size
         t0 = time.perf_counter()
         g = Gallery.open(path)
         open_s = time.perf_counter() - t0
@@ -261,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             ntotal = g.ntotal
             index_dir = Path(g.index.path)
             db_bytes = (path / "meta.sqlite").stat().st_size
-            search = search_rounds(g, data, args)
-            now_rows = erasures(g, data, args, offset=0, purge=True)
+            search = search_rounds(g, data, args, old)
+            now_rows = erasures(g, data, args, offset=0, purge=True, old=old)
             half = data.n_identities // (2 * max(args.erasures, 1))
             later = argparse.Namespace(**{**vars(args), "erasures": args.deferred})
             deferred_rows = erasures(g, data, later, offset=half, purge=False)
@@ -272,10 +356,16 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             g.compact()  # nothing pending: the full VACUUM and the log truncation
             compact_idle_s = time.perf_counter() - t0
+            if old is not None:
+                t0 = time.perf_counter()
+                old.compact()  # nothing pending there either: its full VACUUM
+                before["compact_idle_s"] = time.perf_counter() - t0
             db_bytes_after = (path / "meta.sqlite").stat().st_size
             verified = g.verify()
         finally:
             g.close()
+            if old is not None:
+                old.close()
         qps_rows = qps_sweep(index_dir, data, args) if args.tombstones else []
     finally:
         if not args.dir:
@@ -304,6 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{'compact() with nothing pending':<40}{compact_idle_s * 1e3:>10.1f}ms{'< 10 s':>12}")
     print(f"erased subjects returned by a search with nprobe=nlist: {leaks}")
+    if old is not None:
+        bs = _before_summary(args, before, now_rows, search, ntotal)
+        print(
+            f"before ({args.before}, same run, same shards): invisible "
+            f"{bs['invisible_ms_median']:.1f} ms, purge {bs['purge_ms_median']:.1f} ms, "
+            f"compact {bs['compact_idle_s']:.1f} s, "
+            f"database {bs['database_bytes_per_vector']:.0f} bytes/vector, search (PQ scores) "
+            f"{bs['search_qps']:,.0f} QPS, self-score min {bs['self_score_min']:.4f}"
+        )
     print(
         f"audited search: exact {search['qps_exact']:,.0f} QPS, PQ-only "
         f"{search['qps_pq_only']:,.0f} QPS ({search['exact_over_pq']:.2f}x); self-score min "
@@ -340,14 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             "search_qps_exact": search["qps_exact"],
             "search_qps_pq_only": search["qps_pq_only"],
             "erased_records_returned": leaks,
-            "before_this_version": {
-                "note": "bench/results/rights.json of the previous gallery (same machine, "
-                "another day): embeddings in SQLite, PQ scores by default",
-                "purge_ms_median": 1163.6,
-                "compact_full_vacuum_s": 55.9,
-                "database_bytes_per_vector": 4167.6,
-                "search_qps_pq": 3109.7,
-            },
+            "before": _before_summary(args, before, now_rows, search, ntotal),
         },
         "tombstone_qps": qps_rows,
     }
