@@ -403,8 +403,8 @@ coarse_hnsw=None, opq=None)
     >>> parse_spec("IVF1024,PQ30", 128)
     Traceback (most recent call last):
     ...
-    fastface.index.params.SpecError: index spec 'IVF1024,PQ30': token 2 'PQ30' M=30 must \
-divide d=128; pick one of 1, 2, 4, 8, 16, 32, 64, 128
+    fastface.index.params.SpecError: index spec 'IVF1024,PQ30': token 2 'PQ30' names 30 \
+sub-quantizers, which must divide the dimension 128; pick one of 1, 2, 4, 8, 16, 32, 64, 128
     """
     if not isinstance(spec, str):
         raise TypeError(
@@ -443,7 +443,10 @@ divide d=128; pick one of 1, 2, 4, 8, 16, 32, 64, 128
     if m:
         opq = int(m.group(1))
         if opq < 1 or d % opq:
-            raise fail(f"OPQ M={opq} must divide d={d}; pick one of {_divisors(d)}")
+            raise fail(
+                f"names {opq} sub-quantizers, which must divide the dimension {d}; "
+                f"pick one of {_divisors(d)}"
+            )
         pos = 1
     elif tokens[0].startswith("OPQ"):
         raise fail(
@@ -462,7 +465,7 @@ divide d=128; pick one of 1, 2, 4, 8, 16, 32, 64, 128
     nlist = int(m.group(1))
     hnsw = None if m.group(2) is None else int(m.group(2))
     if not 1 <= nlist <= MAX_NLIST:
-        raise fail(f"nlist={nlist} must be in 1..{MAX_NLIST}")
+        raise fail(f"names {nlist} lists; the number must be in 1..{MAX_NLIST}")
     if hnsw is not None and not HNSW_M_RANGE[0] <= hnsw <= HNSW_M_RANGE[1]:
         raise fail(
             f"HNSW links per node must be in {HNSW_M_RANGE[0]}..{HNSW_M_RANGE[1]}, got {hnsw}"
@@ -477,7 +480,10 @@ divide d=128; pick one of 1, 2, 4, 8, 16, 32, 64, 128
     nbits = 8 if m.group(2) is None else int(m.group(2))
     fs = m.group(3) is not None
     if M < 1 or d % M:
-        raise fail(f"M={M} must divide d={d}; pick one of {_divisors(d)}")
+        raise fail(
+            f"names {M} sub-quantizers, which must divide the dimension {d}; "
+            f"pick one of {_divisors(d)}"
+        )
     if nbits not in (4, 8):
         raise fail(f"{nbits} bits per code: fastface supports 8 (PQ<M>) and 4 (PQ<M>x4fs)")
     if nbits == 4 and not fs:
