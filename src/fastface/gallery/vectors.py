@@ -10,11 +10,10 @@ place that knows which kind of index a gallery has:
     thousands of training vectors and only approximates), so a new gallery
     searches exactly: every stored vector is scored (:mod:`fastface.kernels.exact`,
     BLAS blocks) and the best ``k`` kept under the library's tie rule. No
-    training. The vectors sit in a sharded index whose codec is a fixed
-    one-list, one-byte codec built without data (its codes are never
-    scanned), so shards, tombstones, compaction, crash safety and file
-    checks are the index's own. When the index layer offers a flat codec,
-    :func:`flat_codec` is the one function to replace.
+    training. The vectors sit in a sharded index with the index layer's flat
+    codec (:class:`~fastface.index.FlatParams`: ids and stored vectors, no
+    codes), so shards, tombstones, compaction, crash safety and file checks
+    are the index's own.
 ``ivfpq``
     IVF-PQ candidates (``nprobe`` lists) re-scored exactly from the stored
     vectors (``rerank``), or PQ estimates when the caller asks for them.
@@ -34,18 +33,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import faiss
 import numpy as np
 import numpy.typing as npt
 
 from .._native import merge_topk
 from ..errors import CorruptIndexError, EmptyIndexError
-from ..index import Codec, IVFPQParams, ShardedIndex
+from ..index import FlatParams, IVFPQParams, ShardedIndex
 from ..index.ivfpq import MAX_CANDIDATES
 from ..kernels.exact import scores as exact_scores
 from ..kernels.exact import topk
 
-__all__ = ["DEFAULT_FLAT_LIMIT", "FLAT", "IVFPQ", "VectorStore", "default_params", "flat_codec"]
+__all__ = ["DEFAULT_FLAT_LIMIT", "FLAT", "IVFPQ", "VectorStore", "default_params", "flat_params"]
 
 FLAT = "flat"
 IVFPQ = "ivfpq"
@@ -56,24 +54,14 @@ MIN_CANDIDATES = 100
 _BLOCK = 32_768  # vectors scored per BLAS block
 
 
-def flat_codec(d: int, store_vectors: Literal["float16", "float32"]) -> Codec:
-    """A trained one-list, one-byte codec made without data, for exact (flat) galleries.
-
-    Its coarse centroid is the origin and its 256 PQ centroids are zero, so
-    every vector gets the same code: the codes carry nothing and are never
-    scanned; the raw vectors do the work.
-    """
-    params = IVFPQParams(d, 1, 1, nbits=8, metric="ip", store_vectors=store_vectors)
-    index = params.new_faiss_index()
-    faiss.downcast_index(index.quantizer).add(np.zeros((1, d), np.float32))
-    faiss.copy_array_to_vector(np.zeros(256 * d, np.float32), index.pq.centroids)
-    index.is_trained = True
-    return Codec(params, index)
+def flat_params(d: int, store_vectors: Literal["float16", "float32"]) -> FlatParams:
+    """The index layer's flat (exact, untrained) codec parameters for a gallery's vectors."""
+    return FlatParams(d, metric="ip", store_vectors=store_vectors)
 
 
-def is_flat_codec(codec: Codec) -> bool:
-    p = codec.params
-    return p.nlist == 1 and p.M == 1 and not codec.centroids.any() and not codec.pq_centroids.any()
+def is_flat(index: ShardedIndex) -> bool:
+    """Whether ``index`` is flat (ids and stored vectors, no codes)."""
+    return isinstance(index.params, FlatParams)
 
 
 def default_params(n: int, d: int, store_vectors: str | None) -> IVFPQParams:
@@ -126,7 +114,7 @@ class VectorStore:
         shard_size: int,
     ) -> VectorStore:
         index = ShardedIndex.create(
-            root / dirname, flat_codec(d, store_vectors), shard_size=shard_size
+            root / dirname, flat_params(d, store_vectors), shard_size=shard_size
         )
         return cls(index, FLAT, dirname)
 
@@ -139,7 +127,7 @@ class VectorStore:
         else:
             index = ShardedIndex.open(root / dirname, mode="r", mmap=True)
         try:
-            flat = index.is_trained and is_flat_codec(index.codec)
+            flat = is_flat(index)
             if (kind == FLAT) != flat:
                 raise CorruptIndexError(
                     f"{root / dirname}: the gallery records a {kind} index, the directory holds "
