@@ -27,7 +27,8 @@ The gallery is built once per ``--dir`` (``gallery-base``) and copied for
 each run, so a shared machine builds the 1M gallery once. Prints one table
 and writes ``bench/results/rights.json``::
 
-    python bench/rights.py --n 1000000 --dir /var/tmp/rights   # the full size
+    python bench/rights.py --n 1000000 --dir /var/tmp/rights --build-only   # no lock needed
+    flock /work/bench.lock python bench/rights.py --n 1000000 --dir /var/tmp/rights
     python bench/rights.py --n 100000 --quick                  # a smoke run
 """
 
@@ -121,6 +122,8 @@ def prepared(
         shutil.rmtree(base, ignore_errors=True)
         info = {"params": want, **build(args, base, data, cls)}
         stamp.write_text(json.dumps(info))
+    if args.build_only:
+        return base, info
     path = work / f"gallery{tag}"
     shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(base, path)
@@ -319,8 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer rounds and erasures")
     p.add_argument("--dir", help="work directory, kept (the base gallery is reused from it)")
     p.add_argument("--before", metavar="REV", help="also measure the gallery at git revision REV")
+    p.add_argument(
+        "--build-only",
+        action="store_true",
+        help="build the base galleries in --dir and stop (run the timed part later, under the "
+        "machine's benchmark lock)",
+    )
     p.add_argument("--out", default=str(RESULTS / "rights.json"))
     args = p.parse_args(argv)
+    if args.build_only and not args.dir:
+        p.error("--build-only needs --dir (where the base galleries are kept)")
     if args.quick:
         args.repeat, args.erasures, args.deferred, args.nq = 3, 3, 5, 200
     meta = bench_meta([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
@@ -336,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.before:
             cls = load_before(args.before, work)
             old_path, before["build"] = prepared(args, work, data, cls, "-before")
+        if args.build_only:
+            print(f"built the base galleries in {work}", file=sys.stderr)
+            return 0
+        if args.before:
             old = cls.open(old_path)
             before["database_bytes"] = (old_path / "meta.sqlite").stat().st_size
         t0 = time.perf_counter()
