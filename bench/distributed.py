@@ -28,6 +28,7 @@ The JSON's ``summary`` has ``search_qps_ratio_ray_vs_local``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,8 @@ def ratio(num: list[float], den: list[float]) -> float:
 
 
 # --- search ---------------------------------------------------------------------------------
-def bench_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from fastface.distributed import RayShardedIndex
-
+def prepare_search(args: argparse.Namespace, work: Path) -> tuple[Any, Path, IVFPQParams]:
+    """The vectors and the index searched (made once, kept in the work directory)."""
     gen = SyntheticFaces(args.n // 10, 10, args.d, seed=0, n_groups=300)
     data = work / f"synth-{gen.n_identities}x10x{args.d}-g300.npy"
     if not data.exists():
@@ -90,6 +90,13 @@ def bench_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             data, path, params, shard_size=math.ceil(args.n / args.shards), progress=False
         ).close()
         print(f"built {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return gen, path, params
+
+
+def bench_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from fastface.distributed import RayShardedIndex
+
+    gen, path, params = prepare_search(args, work)
     xq, _ = gen.queries(args.nq, seed=1)
     k = 10
     local = ShardedIndex.open(path)
@@ -217,8 +224,9 @@ def bench_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 # --- build ----------------------------------------------------------------------------------
-def bench_build(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from fastface.distributed import build
+def prepare_build(args: argparse.Namespace, work: Path) -> tuple[Path, Any, float]:
+    """The rows built and the codec they are encoded with (trained once, kept)."""
+    from fastface.index.train import default_train_size
 
     data = sorted(work.glob(f"synth-*x10x{args.d}-g300.npy"))
     src = next(p for p in data if np.load(p, mmap_mode="r").shape[0] >= args.build_n)
@@ -229,17 +237,31 @@ def bench_build(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         src = part
     params = IVFPQParams(args.d, args.nlist, args.M)
     shard_size = math.ceil(args.build_n / args.shards)
-    t0 = time.perf_counter()
-    codec_dir = work / "build-codec"
+    codec_dir = work / f"build-codec-{args.build_n}-{args.d}-{args.nlist}-{args.M}"
+    if (codec_dir / "manifest.json").exists():
+        with ShardedIndex.open(codec_dir) as c:
+            if c.is_trained:
+                return src, c.codec, float((c.build_state or {}).get("train_seconds", 0.0))
     shutil.rmtree(codec_dir, ignore_errors=True)
+    t0 = time.perf_counter()
     with ShardedIndex.create(codec_dir, params, shard_size=shard_size) as c:
         from fastface.io import open_vectors
 
-        limit = max(256 * params.nlist, 65536)
+        limit = default_train_size(params)
         c.train(open_vectors(src).sample(limit, seed=0), max_points=limit, seed=0)
+        train_s = time.perf_counter() - t0
+        c.set_build_state({"train_seconds": train_s})
         codec = c.codec
-    train_s = time.perf_counter() - t0
     print(f"trained the codec in {train_s:.0f} s", flush=True)
+    return src, codec, train_s
+
+
+def bench_build(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from fastface.distributed import build
+
+    src, codec, train_s = prepare_build(args, work)
+    params = codec.params
+    shard_size = math.ceil(args.build_n / args.shards)
 
     def local() -> None:
         path = work / "build-local"
@@ -307,19 +329,28 @@ def _manifest_content(path: Path) -> Any:
 
 
 # --- embedding ------------------------------------------------------------------------------
+def prepare_embed(args: argparse.Namespace, work: Path) -> Path:
+    """The folder of JPEG files embedded (bench/pipeline.py's, made once)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pipeline import make_folder
+
+    folder = work / f"images-{args.images}"
+    if not folder.exists():
+        tmp = work / f"images-{args.images}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        make_folder(tmp, args.images)
+        os.replace(tmp, folder)
+    return folder
+
+
 def bench_embed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from pipeline import make_folder  # bench/pipeline.py: the same JPEGs
 
     from fastface import faces
     from fastface.distributed import embed_images
 
-    folder = work / f"images-{args.images}"
-    if not folder.exists():
-        folder.mkdir()
-        make_folder(folder, args.images)
+    folder = prepare_embed(args, work)
     paths = sorted(str(p) for p in folder.glob("*.jpg"))
     emb = faces.dlib_onnx_embedder()
     out = {1: work / "embed-1.parquet", 2: work / "embed-2.parquet"}
@@ -383,6 +414,27 @@ def bench_embed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def bench_lock(path: Path | None) -> Iterator[None]:
+    """Hold ``flock(path)`` (no-op without a path); records the load when taken."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        t0 = time.perf_counter()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        print(
+            f"took {path} after {time.perf_counter() - t0:.0f} s, load {os.getloadavg()}",
+            flush=True,
+        )
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -415,10 +467,28 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "fastface-bench",
     )
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/distributed.json)")
+    p.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only make the vectors, the index, the codec and the images (no timing, no lock)",
+    )
+    p.add_argument(
+        "--lock",
+        type=Path,
+        help="a file locked (flock) around each timed part, so that benchmarks never time at once",
+    )
     args = p.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
+    if args.prepare:
+        if not {"search", "build"} <= skip:
+            prepare_search(args, work)
+        if "build" not in skip:
+            prepare_build(args, work)
+        if "embed" not in skip:
+            prepare_embed(args, work)
+        return 0
     import ray
 
     ray.init(
@@ -433,21 +503,25 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {"meta": meta, "config": config}
     summary: dict[str, Any] = {}
     if "search" not in skip:
-        payload["search"] = bench_search(args, work)
+        with bench_lock(args.lock):
+            payload["search"] = bench_search(args, work)
         summary["search_qps_ratio_ray_vs_local"] = payload["search"]["qps_ratio_ray_vs_local"]
         summary["search_qps_ratio_ray_mmap_vs_local_mmap"] = payload["search"][
             "qps_ratio_ray_mmap_vs_local_mmap"
         ]
         summary["search_identical_results"] = payload["search"]["all_identical"]
     if "build" not in skip:
-        payload["build"] = bench_build(args, work)
+        with bench_lock(args.lock):
+            payload["build"] = bench_build(args, work)
         summary["build_speedup_2_vs_1_workers"] = payload["build"]["speedup_2_vs_1_workers"]
         summary["build_identical_files"] = payload["build"]["identical_files"]
     if "embed" not in skip:
-        payload["embed"] = bench_embed(args, work)
+        with bench_lock(args.lock):
+            payload["embed"] = bench_embed(args, work)
         summary["embed_speedup_2_vs_1_actors"] = payload["embed"]["speedup_2_vs_1_actors"]
         summary["embed_identical_vectors"] = payload["embed"]["identical_vectors"]
     summary["load_avg_at_end"] = os.getloadavg()
+    summary["command"] = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
     payload["summary"] = summary
     print(summary, flush=True)
     out = args.out or results_dir() / "distributed.json"

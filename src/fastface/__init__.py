@@ -35,19 +35,31 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._dedup import DedupPlan, DedupResult, dedup, dedup_vectors
     from ._native import build_info
     from .gallery import ErasureReceipt, Gallery, SubjectExport
-    from .index import Codec, IVFPQIndex, IVFPQParams, ShardedIndex
+    from .index import (
+        AutoSpec,
+        Codec,
+        FlatParams,
+        IVFPQIndex,
+        IVFPQParams,
+        ShardedIndex,
+        auto_spec,
+        parse_spec,
+    )
 
 __all__ = [
+    "AutoSpec",
     "Codec",
     "DedupPlan",
     "DedupResult",
     "ErasureReceipt",
+    "FlatParams",
     "Gallery",
     "IVFPQIndex",
     "IVFPQParams",
     "ShardedIndex",
     "SubjectExport",
     "__version__",
+    "auto_spec",
     "build_info",
     "datasets",
     "dedup",
@@ -56,11 +68,16 @@ __all__ = [
     "eval",
     "faces",
     "io",
+    "parse_spec",
 ]
 
 # name -> (module, attribute); attribute None: the module itself
 _LAZY: dict[str, tuple[str, str | None]] = {
+    "AutoSpec": (".index", "AutoSpec"),
     "Codec": (".index", "Codec"),
+    "FlatParams": (".index", "FlatParams"),
+    "auto_spec": (".index", "auto_spec"),
+    "parse_spec": (".index", "parse_spec"),
     "IVFPQIndex": (".index", "IVFPQIndex"),
     "IVFPQParams": (".index", "IVFPQParams"),
     "ShardedIndex": (".index", "ShardedIndex"),

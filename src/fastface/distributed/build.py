@@ -81,16 +81,20 @@ class _ShardWriter:
         return {"number": number, "record": json.dumps(rec), "error": "", "why": ""}
 
 
-def _params(params: Any) -> tuple[Any, Any]:
-    """``(IVFPQParams, trained Codec or None)``."""
-    from ..index import Codec, IVFPQParams
+def _params(params: Any, d: int) -> tuple[Any, Any]:
+    """``(IVFPQParams, trained Codec or None)`` from params, a spec string or a codec."""
+    from ..index import Codec, IVFPQParams, parse_spec
 
+    if isinstance(params, str):
+        params = parse_spec(params, d)
     if isinstance(params, IVFPQParams):
         return params, None
-    if isinstance(params, Codec):
+    if isinstance(params, Codec) and isinstance(params.params, IVFPQParams):
         return params.params, params
     raise TypeError(
-        f"params: expected IVFPQParams (or a trained Codec), got {type(params).__name__}"
+        f"params: expected IVFPQParams, an IVF-PQ spec string or a trained IVF-PQ Codec, got "
+        f"{type(params).__name__} (a flat index needs no parallel encoding: build it with "
+        "ShardedIndex.build)"
     )
 
 
@@ -119,9 +123,11 @@ def build(
         across the files in order and get their row numbers as ids.
     path : path
         The index directory (created, or resumed when it holds this build).
-    params : IVFPQParams or Codec
-        The codec to train, or a trained one to encode with (no training;
-        e.g. another index's ``codec``, so that both encode alike).
+    params : IVFPQParams, str or Codec
+        The codec to train (params or an IVF-PQ spec string such as
+        ``"IVF1024,PQ64"``), or a trained one to encode with (no training;
+        e.g. another index's ``codec``, so that both encode alike). Flat
+        codecs are refused: build those with ``ShardedIndex.build``.
     shard_size, chunk_size, train_size, seed, column
         As :meth:`ShardedIndex.build <fastface.ShardedIndex.build>`; with
         the same values both write the same shards.
@@ -140,8 +146,8 @@ def build(
     """
     from .._validation import check_positive_int
     from ..index import ShardedIndex
+    from ..index.train import default_train_size
 
-    params, codec = _params(params)
     shard_size = check_positive_int(shard_size, "shard_size")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     if workers is not None:
@@ -150,6 +156,7 @@ def build(
         train_size = check_positive_int(train_size, "train_size")
     files = vector_files(source)
     fs = FileSet(files, column)
+    params, codec = _params(params, fs.d)
     if fs.d != params.d:
         raise ValueError(f"source has d={fs.d}, params.d={params.d}; they must match")
     path = Path(path).absolute()
@@ -175,7 +182,7 @@ def build(
         index.set_build_state(state)
     try:
         if not index.is_trained:
-            limit = train_size or max(256 * params.nlist, 65536)
+            limit = train_size or default_train_size(params)
             index.train(fs.sample(limit, seed=seed), max_points=limit, seed=seed)
         if not (index.build_state or {}).get("complete"):
             _encode_and_commit(

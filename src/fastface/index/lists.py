@@ -236,12 +236,13 @@ def scan(
     """Top-``k`` of the codes of ``runs`` in each query's assigned lists (validated inputs).
 
     ``exclude``: sorted int64 ids never returned. Exact under (better score,
-    lower id), so the runs' split and order never change the result.
+    lower id), so the runs' split and order never change the result. With an
+    OPQ codec the queries are rotated first (the lists hold rotated codes).
     """
     Dq, Iq = assignment
     ex = _EMPTY_IDS if exclude is None else exclude
     return _native.ivfpq8_search(
-        q,
+        codec.rotate(q),
         codec.pq_transposed,
         codec.centroids,
         codec.params.larger_is_better,
