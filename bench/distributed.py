@@ -75,21 +75,22 @@ def prepare_search(args: argparse.Namespace, work: Path) -> tuple[Any, Path, IVF
     """The vectors and the index searched (made once, kept in the work directory)."""
     gen = SyntheticFaces(args.n // 10, 10, args.d, seed=0, n_groups=300)
     data = work / f"synth-{gen.n_identities}x10x{args.d}-g300.npy"
+    params = IVFPQParams(args.d, args.nlist, args.M)
+    path = work / f"idx-{args.n}-{args.d}-{args.nlist}-{args.M}-s{args.shards}"
+    state = ShardedIndex.inspect(path)["build"] if (path / "manifest.json").exists() else None
+    if (state or {}).get("complete"):  # the queries come from the generator, not the file
+        return gen, path, params
     if not data.exists():
         t0 = time.perf_counter()
         tmp = data.with_suffix(".partial.npy")
         gen.write_npy(tmp)
         os.replace(tmp, data)
         print(f"generated {data} in {time.perf_counter() - t0:.0f} s", flush=True)
-    params = IVFPQParams(args.d, args.nlist, args.M)
-    path = work / f"idx-{args.n}-{args.d}-{args.nlist}-{args.M}-s{args.shards}"
-    state = ShardedIndex.inspect(path)["build"] if (path / "manifest.json").exists() else None
-    if not (state or {}).get("complete"):
-        t0 = time.perf_counter()
-        ShardedIndex.build(
-            data, path, params, shard_size=math.ceil(args.n / args.shards), progress=False
-        ).close()
-        print(f"built {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    ShardedIndex.build(
+        data, path, params, shard_size=math.ceil(args.n / args.shards), progress=False
+    ).close()
+    print(f"built {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
     return gen, path, params
 
 
@@ -228,13 +229,11 @@ def prepare_build(args: argparse.Namespace, work: Path) -> tuple[Path, Any, floa
     """The rows built and the codec they are encoded with (trained once, kept)."""
     from fastface.index.train import default_train_size
 
-    data = sorted(work.glob(f"synth-*x10x{args.d}-g300.npy"))
-    src = next(p for p in data if np.load(p, mmap_mode="r").shape[0] >= args.build_n)
-    if np.load(src, mmap_mode="r").shape[0] != args.build_n:
-        part = work / f"build-{args.build_n}.npy"
-        if not part.exists():
-            np.save(part, np.load(src, mmap_mode="r")[: args.build_n])
-        src = part
+    src = work / f"build-{args.build_n}.npy"  # the first rows of the searched vectors
+    if not src.exists():
+        data = sorted(work.glob(f"synth-*x10x{args.d}-g300.npy"))
+        whole = next(p for p in data if np.load(p, mmap_mode="r").shape[0] >= args.build_n)
+        np.save(src, np.load(whole, mmap_mode="r")[: args.build_n])
     params = IVFPQParams(args.d, args.nlist, args.M)
     shard_size = math.ceil(args.build_n / args.shards)
     codec_dir = work / f"build-codec-{args.build_n}-{args.d}-{args.nlist}-{args.M}"
