@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import ray  # the test extra installs it (fastface[distributed])
 
-from fastface import IVFPQParams, ShardedIndex, dedup
+from fastface import FlatParams, IVFPQParams, ShardedIndex, dedup
 from fastface.datasets import SyntheticFaces, plant_duplicates
 from fastface.distributed import (
     IndexChangedError,
@@ -319,9 +319,13 @@ def test_build_writes_the_files_of_a_local_build(tmp_path, vec_file, data) -> No
         parts / "c.parquet",
         row_group_size=450,
     )
-    with build(parts, tmp_path / "ray2", params, shard_size=SHARD, chunk_size=700, workers=2):
+    # the codec named by its spec string: the same index
+    with build(parts, tmp_path / "ray2", params.spec, shard_size=SHARD, chunk_size=700, workers=2):
         pass
     assert _shard_files(tmp_path / "ray2") == _shard_files(local)
+    with pytest.raises(TypeError, match="flat index"):
+        build(vec_file, tmp_path / "flat", FlatParams(32))
+    assert not (tmp_path / "flat").exists()
     with pytest.raises(FileExistsError, match="another source"):
         build(parts / "a.npy", tmp_path / "ray2", params, shard_size=SHARD, chunk_size=700)
 

@@ -480,9 +480,10 @@ class ShardedIndex:
 
         The manifest's seal and every field are checked as :meth:`open`
         checks them; the files themselves are not read. Returns a dict:
-        ``generation``, ``params`` (:class:`IVFPQParams`), ``shard_size``,
-        ``ntotal`` (searchable vectors), ``pending_removals``, ``next_id``,
-        ``build`` and ``shards``, one dict per shard in number order with
+        ``generation``, ``params`` (:class:`IVFPQParams` or
+        :class:`FlatParams`), ``shard_size``, ``ntotal`` (searchable
+        vectors), ``pending_removals``, ``next_id``, ``build`` and
+        ``shards``, one dict per shard in number order with
         ``number``, ``sealed``, ``count`` (vectors in its files) and ``bytes``
         (its files' sizes on disk).
         """
