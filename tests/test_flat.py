@@ -125,3 +125,20 @@ def test_flat_truth_on_ground_truth_helper(small_data) -> None:
     index = IVFPQIndex("Flat", d=32)
     index.add(xb)
     assert_results_agree(index.search(xq, 10), ground_truth(xb, xq, 10), atol=1e-5)
+
+
+def test_flat_train_is_a_checked_no_op(tmp_path, small_data) -> None:
+    """As FAISS's IndexFlat.train: code written for any index may call train on a flat one."""
+    xb, _, xq, _ = small_data
+    with ShardedIndex.create(tmp_path / "f", "Flat", d=32) as index:
+        index.train(xb)
+        index.add(xb)
+        with pytest.raises(ValueError, match="d=32"):
+            index.train(xb[:, :16])
+        assert index.ntotal == len(xb)
+    one = IVFPQIndex(FlatParams(32))
+    one.train(xb)
+    with pytest.raises(TypeError):
+        one.train(xb.astype(np.int32))
+    one.add(xb)
+    assert one.search(xq, 1)[1][:, 0].min() >= 0

@@ -613,9 +613,13 @@ class IVFPQIndex:
         ``256 * nlist``, fewer per list for large ``nlist``) are used, sampled
         without replacement with ``seed``; ``x`` may be a memory map. Stages
         are logged; ``progress=True`` shows a bar. A flat index needs no
-        training (it is trained from the start).
+        training: for one, ``train`` checks ``x`` and does nothing (as FAISS's
+        ``IndexFlat.train``), so code written for any index works.
         """
         self._check_writable()
+        if isinstance(self.params, FlatParams):
+            as_vectors(x[:1024] if isinstance(x, np.ndarray) else x, "x", d=self.params.d)
+            return
         with self._write_lock:
             if self.is_trained:
                 raise RuntimeError("index is already trained; create a new IVFPQIndex to retrain")
@@ -873,6 +877,31 @@ class IVFPQIndex:
         if p.nbits == 4:
             return [bytes(faiss.serialize_index(st.faiss))]
         return shard_file_chunks(codec, st.runs)
+
+    def to_gpu(
+        self,
+        *,
+        device: str = "cuda",
+        vectors: bool = True,
+        vectors_on: str = "device",
+        memory_budget: int | None = None,
+    ) -> Any:
+        """This index on a GPU: a ``fastface.gpu.GpuIVFPQ`` over the same codec, codes, ids
+        and stored vectors (no retraining), searched with the same verbs.
+
+        ``device="emulate"`` runs the same kernels on the CPU. ``vectors=False``
+        leaves the stored vectors behind (no re-ranking); ``vectors_on="host"``
+        streams them from pinned host memory. See ``fastface.gpu.from_cpu``.
+        """
+        from ..gpu import from_cpu
+
+        return from_cpu(
+            self,
+            device=device,
+            vectors=vectors,
+            vectors_on=vectors_on,
+            memory_budget=memory_budget,
+        )
 
     def to_faiss(self) -> Any:
         """A FAISS index holding a copy of this index's codes and ids (the whole codec:

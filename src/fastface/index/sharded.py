@@ -702,15 +702,15 @@ class ShardedIndex:
         ``progress=True`` shows a bar.
         """
         self._check_writable()
+        if self.params.kind == "flat":  # nothing to learn: check x and accept, as FAISS does
+            as_vectors(x[:1024] if isinstance(x, np.ndarray) else x, "x", d=self.params.d)
+            return
         with self._write_lock:
             st = self._state
             if st.codec is not None:
-                why = (
-                    "a flat index needs no training"
-                    if self.params.kind == "flat"
-                    else "create a new index to retrain (or reencode())"
+                raise RuntimeError(
+                    f"{self.path}: already trained; create a new index to retrain (or reencode())"
                 )
-                raise RuntimeError(f"{self.path}: already trained; {why}")
             codec = train_codec(self.params, x, max_points=max_points, seed=seed, progress=progress)
             self._commit_state(replace(st, codec=codec, codec_rec=None, dirty=True))
 
@@ -942,6 +942,32 @@ class ShardedIndex:
             np.stack([p[1] for p in parts]),
             k,
             larger_is_better=self.params.larger_is_better,
+        )
+
+    def to_gpu(
+        self,
+        *,
+        device: str = "cuda",
+        vectors: bool = True,
+        vectors_on: str = "device",
+        memory_budget: int | None = None,
+    ) -> Any:
+        """Every shard of this index on a GPU: one ``fastface.gpu.GpuIVFPQ`` over the shared
+        codec, all shards' codes, ids and stored vectors (no retraining); removed vectors
+        stay skipped. The GPU index is a snapshot: later changes here are not seen.
+
+        ``device="emulate"`` runs the same kernels on the CPU. ``vectors=False``
+        leaves the stored vectors behind (no re-ranking); ``vectors_on="host"``
+        streams them from pinned host memory. See ``fastface.gpu.from_cpu``.
+        """
+        from ..gpu import from_cpu
+
+        return from_cpu(
+            self,
+            device=device,
+            vectors=vectors,
+            vectors_on=vectors_on,
+            memory_budget=memory_budget,
         )
 
     def search(
