@@ -230,15 +230,16 @@ def faiss_with_codes(index: Any, refine: np.ndarray | None) -> Any:
 
     full = index.codec.faiss_index()
     ivf = faiss.extract_index_ivf(full)
+    # IndexRefine wants base and refine index equally full when it is made: make it empty
+    ref = faiss.IndexRefineFlat(full) if refine is not None else None
     for s in index.shards():
         # a shard file is a plain IndexIVFPQ (flat quantizer): FAISS reads it as it is
         part = faiss.deserialize_index(np.frombuffer(b"".join(s.serialize()), np.uint8))
         ivf.merge_from(part, 0)
         del part
     full.ntotal = ivf.ntotal
-    if refine is None:
+    if ref is None:
         return full
-    ref = faiss.IndexRefineFlat(full)
     flat = faiss.downcast_index(ref.refine_index)
     flat.add(refine)
     ref.ntotal = full.ntotal
@@ -250,9 +251,13 @@ def faiss_search(fidx: Any, xq: np.ndarray, nprobe: int, rerank: int | None) -> 
 
     from fastface.index.params import hnsw_ef
 
-    qp = faiss.SearchParametersHNSW()
-    qp.efSearch = hnsw_ef(nprobe)
-    ivfp = faiss.SearchParametersIVF(nprobe=nprobe, quantizer_params=qp)
+    ivfp = faiss.SearchParametersIVF(nprobe=nprobe)
+    base = fidx.base_index if rerank is not None else fidx
+    quantizer = faiss.extract_index_ivf(base).quantizer
+    if isinstance(faiss.downcast_index(quantizer), faiss.IndexHNSW):
+        qp = faiss.SearchParametersHNSW()
+        qp.efSearch = hnsw_ef(nprobe)  # the same beam as fastface's coarse pass
+        ivfp.quantizer_params = qp
     if rerank is None:
         return fidx.search(xq, K, params=ivfp)
     rp = faiss.IndexRefineSearchParameters(k_factor=rerank, base_index_params=ivfp)
@@ -285,11 +290,19 @@ def cmd_search(args: argparse.Namespace) -> None:
         log.info("search %s: opened %s in %.1f s", label(n), res["spec"], res["open_s"])
         with PeakRSS(interval=0.2) as mem:
             for cache in args.cache:
-                for nprobe, rerank in points(n):
+                pts = points(n)
+                if cache == "cold":
+                    pts = [(p, r) for p, r in pts if p in args.cold_nprobe and r == 4]
+                for nprobe, rerank in pts:
                     times = []
                     out = None
-                    for _ in range(args.repeat):
+                    for _ in range(args.repeat if cache == "warm" else args.cold_repeat):
                         if cache == "cold":
+                            # pages this process has mapped are not evicted by fadvise: close,
+                            # evict, reopen (open reads every file to verify it), evict again
+                            index.close()
+                            drop_cache(path)
+                            index = ShardedIndex.open(path, mmap=True)
                             drop_cache(path)
                         elif out is None:
                             index.search(xq, K, nprobe=nprobe, rerank=rerank)  # warm up
@@ -590,9 +603,13 @@ def cmd_report(args: argparse.Namespace) -> None:
                     "qps": b["qps"],
                     "nprobe": b["nprobe"],
                     "rerank": b["rerank"],
-                    "peak_anon_gib": fa.get(
-                        "fastface_anon_gib" if method == "fastface" else "faiss_anon_gib"
-                    ),
+                    # fastface: the search run's peak (mmap: the files' pages are page cache)
+                    "peak_anon_gib": search.get("search_peak_anon_gib")
+                    if method == "fastface"
+                    else fa.get("faiss_anon_gib"),
+                    "peak_rss_gib": search.get("search_peak_rss_gib")
+                    if method == "fastface"
+                    else fa.get("faiss_anon_gib"),
                     "build_s": build_s if method == "fastface" else None,
                     "disk_bytes_per_vector": search.get("disk_bytes_per_vector")
                     if method == "fastface"
@@ -742,6 +759,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--n", nargs="+", default=["1M"])
     s.add_argument("--cache", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
     s.add_argument("--repeat", type=int, default=3)
+    s.add_argument("--cold-repeat", type=int, default=1)
+    s.add_argument(
+        "--cold-nprobe",
+        type=int,
+        nargs="+",
+        default=[8, 16, 32, 64],
+        help="cold cache: only these nprobe, at rerank=4 (each run reopens the index)",
+    )
     s.set_defaults(func=cmd_search)
     f = sub.add_parser("faiss", help="FAISS with the same codec and codes, interleaved")
     f.add_argument("--n", nargs="+", default=["1M"])
