@@ -354,6 +354,17 @@ def cmd_search(args: argparse.Namespace) -> None:
         res["search_peak_anon_gib"] = (mem.peak_anon) / 2**30
         res["search_peak_rss_gib"] = mem.peak / 2**30
         index.close()
+        # runs of other caches made before (e.g. a cold run alone) are kept beside these
+        old = load_json(w / "search.json")
+        keep = [r for r in old.get("rows", []) if r["cache"] not in args.cache]
+        res["rows"] = keep + res["rows"]
+        res["runs"] = [*old.get("runs", []), {"cache": args.cache, "meta": res["meta"]}]
+        if (w / "search-ids.npz").exists():
+            prev = dict(np.load(w / "search-ids.npz"))
+            found = {
+                **{k: v for k, v in prev.items() if k.split("-")[0] not in args.cache},
+                **found,
+            }
         np.savez(w / "search-ids.npz", **found)
         save_json(w / "search.json", res)
 
