@@ -585,6 +585,28 @@ def cmd_bounds(args: argparse.Namespace) -> None:
 
 
 # --- report --------------------------------------------------------------------------------------
+def build_log_summary(path: Path) -> dict[str, Any]:
+    """Sessions of a build from its log: start, last commit, training time."""
+    import datetime as dt
+
+    def stamp(line: str) -> float:
+        return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    sessions: list[dict[str, Any]] = []
+    train_s = None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if "scale build: n=" in line:
+                sessions.append({"start": stamp(line), "useful_s": 0.0, "rows": 0})
+            elif sessions and ("rows committed" in line or "build: complete" in line):
+                sessions[-1]["useful_s"] = stamp(line) - sessions[-1]["start"]
+                if "rows committed" in line:
+                    sessions[-1]["rows"] = int(line.split("build: ")[1].split()[0])
+            elif "codec trained in" in line:
+                train_s = float(line.rsplit("in ", 1)[1].split()[0])
+    return {"sessions": sessions, "train_s": train_s}
+
+
 def best_point(rows: list[dict[str, Any]], target: float = 0.95) -> dict[str, Any] | None:
     """The fastest operating point reaching ``target`` R@10, else the most accurate one."""
     rows = [r for r in rows if r["recall_at_10"] is not None]
@@ -611,6 +633,10 @@ def cmd_report(args: argparse.Namespace) -> None:
         truth = w / "truth.npz"
         sessions = build.get("sessions", [])
         build_s = sum(x.get("wall_s", 0.0) for x in sessions) or None
+        from_log = build_log_summary(w / "build.log")
+        if sessions and any("wall_s" not in x for x in sessions) and from_log["sessions"]:
+            # an interrupted session has no wall_s: count it up to its last commit (the log)
+            build_s = sum(x["useful_s"] for x in from_log["sessions"])
         build_anon = max((x.get("peak_anon_gib", 0.0) for x in sessions), default=None)
         entry: dict[str, Any] = {
             "n": n,
@@ -619,6 +645,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             "build_sessions": len(sessions),
             "build_complete": all("wall_s" in x for x in sessions) and bool(sessions),
             "build_peak_anon_gib": build_anon,
+            "build_log": from_log,
             "truth_s": float(np.load(truth)["seconds"]) if truth.exists() else None,
             "search": search,
             "faiss": fa,
