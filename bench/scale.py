@@ -324,7 +324,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         log.info("search %s: opened %s in %.1f s", label(n), res["spec"], res["open_s"])
         with PeakRSS(interval=0.2) as mem:
             for cache in args.cache:
-                pts = points(n)
+                pts = [(p, r) for p, r in points(n) if p in args.nprobe and r in args.rerank]
                 if cache == "cold":
                     pts = [(p, r) for p, r in pts if p in args.cold_nprobe and r == 4]
                 for nprobe, rerank in pts:
@@ -858,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cache", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
     s.add_argument("--repeat", type=int, default=3)
     s.add_argument("--cold-repeat", type=int, default=1)
+    s.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    s.add_argument("--rerank", type=int, nargs="+", default=[2, 4, 8])
     s.add_argument(
         "--cold-nprobe",
         type=int,
