@@ -627,9 +627,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     root = Path(args.work_dir)
     per_n: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
-    for w in sorted(root.iterdir(), key=lambda p: parse_n(p.name) if p.name[0].isdigit() else 0):
-        if not (w.is_dir() and w.name[0].isdigit()):
-            continue
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name[0].isdigit()]
+    for w in sorted(dirs, key=lambda p: parse_n(p.name)):
         n = parse_n(w.name)
         build = load_json(w / "build-stats.json")
         search = load_json(w / "search.json")
