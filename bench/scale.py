@@ -22,6 +22,8 @@ machine's load at the time (``fastface._bench.common.bench_meta``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import gc
 import json
 import logging
@@ -218,6 +220,22 @@ def cmd_truth(args: argparse.Namespace) -> None:
 
 
 # --- search ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def bench_lock(path: str | None) -> Any:
+    """Hold the machine-wide benchmark lock (flock) around a timed phase only."""
+    if not path:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        log.info("waiting for %s", path)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        log.info("holding %s", path)
+        yield
+    finally:
+        os.close(fd)
+
+
 def index_files(path: Path) -> list[Path]:
     return [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
 
@@ -322,7 +340,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         res["nshards"] = index.nshards
         res["spec"] = index.params.spec
         log.info("search %s: opened %s in %.1f s", label(n), res["spec"], res["open_s"])
-        with PeakRSS(interval=0.2) as mem:
+        with bench_lock(args.lock), PeakRSS(interval=0.2) as mem:
             for cache in args.cache:
                 pts = [(p, r) for p, r in points(n) if p in args.nprobe and r in args.rerank]
                 if cache == "cold":
@@ -444,6 +462,8 @@ def cmd_faiss(args: argparse.Namespace) -> None:
             res["faiss_anon_gib"],
             res["fastface_anon_gib"],
         )
+        timed = bench_lock(args.lock)
+        timed.__enter__()
         for nprobe, rerank in points(n):
             rr = rerank if refine else None
             if not refine and rerank != points(n)[0][1]:
@@ -471,6 +491,7 @@ def cmd_faiss(args: argparse.Namespace) -> None:
                 }
                 res["rows"].append(row)
                 log.info("faiss %s: %s", label(n), json.dumps(row))
+        timed.__exit__(None, None, None)
         index.close()
         save_json(w / "faiss.json", res)
 
@@ -869,6 +890,9 @@ def _pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--lock", help="flock this file around timed phases only (e.g. /work/bench.lock)"
     )
     p.add_argument(
         "--work-dir",
