@@ -603,6 +603,54 @@ def cmd_dedup(args: argparse.Namespace) -> None:
     save_json(w / "dedup.json", res)
 
 
+# --- coarse stage diagnostic ----------------------------------------------------------------------
+def cmd_coarse(args: argparse.Namespace) -> None:
+    """Where the true neighbours' lists are: HNSW against exact coarse assignment (untimed)."""
+    import faiss
+
+    from fastface import ShardedIndex
+
+    for n in map(parse_n, args.n):
+        w = work(args, n)
+        setup_logging(w / "coarse.log")
+        m = args.queries
+        gt = np.load(w / "truth.npz")["I"][:m, :K]
+        xq = queries(n)[0][:m]
+        gen = dataset(n)
+        ids = np.unique(gt.ravel())
+        rows = np.stack([gen.rows(int(i), int(i) + 1)[0][0] for i in ids])
+        pos = {int(i): j for j, i in enumerate(ids)}
+        with ShardedIndex.open(w / "index", mmap=True) as index:
+            codec = index.codec
+            q = faiss.downcast_index(codec.coarse_quantizer())
+            cent = (q.storage if hasattr(q, "storage") else q).reconstruct_n(0, q.ntotal)
+            at_add = codec.encode(rows)[0]
+            exact = np.argmax(codec.rotate(rows) @ cent.T, axis=1)
+            res: dict[str, Any] = {
+                "n": n,
+                "queries": m,
+                "nlist": int(q.ntotal),
+                "add_assignment_exact_share": float((at_add == exact).mean()),
+                "probes": [],
+            }
+            for nprobe in args.nprobe:
+                _, Ih = codec.assign(xq, nprobe)
+                Ie = np.argsort(-(codec.rotate(xq) @ cent.T), axis=1)[:, :nprobe]
+                hit_h = [[at_add[pos[int(t)]] in set(Ih[i]) for t in gt[i]] for i in range(m)]
+                hit_e = [[exact[pos[int(t)]] in set(Ie[i]) for t in gt[i]] for i in range(m)]
+                same = [len(set(Ih[i]) & set(Ie[i])) / nprobe for i in range(m)]
+                res["probes"].append(
+                    {
+                        "nprobe": nprobe,
+                        "true_top10_in_probed_lists_hnsw": float(np.mean(hit_h)),
+                        "true_top10_in_probed_lists_exact": float(np.mean(hit_e)),
+                        "hnsw_probes_that_are_exact_probes": float(np.mean(same)),
+                    }
+                )
+        log.info("coarse %s: %s", label(n), json.dumps(res))
+        save_json(w / "coarse.json", res)
+
+
 # --- bounds --------------------------------------------------------------------------------------
 def cmd_bounds(args: argparse.Namespace) -> None:
     """Memory bandwidth (a large copy) and random 4 KiB read IOPS of the disk (O_DIRECT)."""
@@ -717,6 +765,8 @@ def cmd_report(args: argparse.Namespace) -> None:
             "search": search,
             "faiss": fa,
             "dedup": dd,
+            "dedup_existing": load_json(w / "dedup-existing.json"),
+            "coarse": load_json(w / "coarse.json"),
         }
         per_n.append(entry)
         common = {
@@ -974,6 +1024,11 @@ def main(argv: list[str] | None = None) -> int:
     dd.add_argument("--threshold", type=float, default=0.9)
     dd.add_argument("--nprobe", type=int, nargs="+", default=[2])
     dd.set_defaults(func=cmd_dedup)
+    co = sub.add_parser("coarse", help="true neighbours' lists: HNSW against exact assignment")
+    co.add_argument("--n", nargs="+", default=["10M"])
+    co.add_argument("--queries", type=int, default=100)
+    co.add_argument("--nprobe", type=int, nargs="+", default=[16, 64, 512])
+    co.set_defaults(func=cmd_coarse)
     bo = sub.add_parser("bounds", help="memory bandwidth and disk IOPS of this machine")
     bo.set_defaults(func=cmd_bounds)
     r = sub.add_parser("report", help="JSON summary and plot from what was measured")
