@@ -5,9 +5,15 @@ to ``bench/results/scale.json`` and ``scale.png``)::
 
     python bench/scale.py build --n 100M          # streaming build (hours; resumes when rerun)
     python bench/scale.py truth --n 100M          # exact top-100 of 1,000 queries, chunked
-    python bench/scale.py search --n 1M 10M 100M  # R@10 vs QPS, warm and cold, FAISS beside
+    python bench/scale.py --lock /work/bench.lock search --n 1M 10M 100M  # R@10 vs QPS
+    python bench/scale.py --lock /work/bench.lock faiss --n 10M           # FAISS beside
+    python bench/scale.py recall --n 100M         # R@10 of a search run made before its truth
+    python bench/scale.py coarse --n 10M          # HNSW against exact coarse assignment
     python bench/scale.py dedup --n 10M           # dedup time and pair recall (planted pairs)
+    python bench/scale.py bounds                  # memory copy rate, disk IOPS
     python bench/scale.py report                  # JSON summary + plot from what was measured
+
+The measured figures and what they mean: docs/scaling.md.
 
 Data: :class:`fastface.datasets.SyntheticFaces` with ``n / 10`` identities of
 10 samples, 1,000 population groups, d = 128, seed 0 (the 1M and 10M sets are
