@@ -69,6 +69,7 @@ from ..errors import CorruptIndexError, EmptyIndexError, NotTrainedError, ReadOn
 from . import faiss_format, lists, storage
 from .lists import ListRun
 from .params import STORE_DTYPES, Codec, IVFPQParams
+from .soar import spill_lists
 from .vectors import Rows, check_storable
 
 __all__ = ["IVFPQIndex", "IVFPQParams", "IdSet", "check_nprobe", "check_rerank", "sorted_unique"]
@@ -190,7 +191,7 @@ def _exclusion(exclude: Any) -> IdSet | None:
 class _State:
     """One immutable state of a shard: rows (ids, vectors) and inverted lists."""
 
-    __slots__ = ("faiss", "ids", "lookup", "runs", "vectors")
+    __slots__ = ("faiss", "ids", "lookup", "rmap", "runs", "vectors")
 
     def __init__(
         self,
@@ -204,15 +205,15 @@ class _State:
         self.runs = runs
         self.faiss = faiss_index  # 4-bit: a FAISS index holding the lists (never mutated)
         self.lookup: tuple[Any, ...] | None = None
+        self.rmap: Any = False  # row_map(), once known
 
     @property
     def n(self) -> int:
         return self.ids.n
 
-    def rows_of(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        """Row of each id, ``-1`` for unknown ids. Dense table when ids are compact."""
-        if self.n == 0:
-            return np.full(ids.shape, -1, np.int64)
+    def _lookup(self) -> tuple[Any, ...]:
+        """``(srt, order, lo, span, table)``: sorted ids, their rows, and a dense table
+        ``table[id - lo] = row`` when the ids are compact (``None`` otherwise); built once."""
         if self.lookup is None:
             arr = self.ids.array
             order = np.argsort(arr, kind="stable").astype(np.int64)
@@ -223,7 +224,27 @@ class _State:
                 table = np.full(span, -1, np.int64)
                 table[srt - lo] = order
             self.lookup = (srt, order, lo, span, table)
-        srt, order, lo, span, table = self.lookup
+        return self.lookup
+
+    def row_map(self) -> tuple[int, int, npt.NDArray[np.int64] | None] | None:
+        """How the re-ranking kernel finds a candidate's row from its id: ``(lo, span,
+        table)`` (``table`` ``None`` when ids ``lo, lo + 1, ...`` are in row order), or
+        ``None`` when the ids are too sparse for a table (rows are then looked up first)."""
+        if self.rmap is False:
+            self.rmap = None
+            if self.n:
+                _, order, lo, span, table = self._lookup()
+                if table is not None:
+                    identity = span == self.n and bool((order == np.arange(self.n)).all())
+                    self.rmap = (lo, span, None if identity else table)
+        rmap: tuple[int, int, npt.NDArray[np.int64] | None] | None = self.rmap
+        return rmap
+
+    def rows_of(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Row of each id, ``-1`` for unknown ids. Dense table when ids are compact."""
+        if self.n == 0:
+            return np.full(ids.shape, -1, np.int64)
+        srt, order, lo, span, table = self._lookup()
         if table is not None:
             off = ids - lo
             inside = (off >= 0) & (off < span)
@@ -309,8 +330,9 @@ class IVFPQIndex:
         8-bit codecs take ``runs`` (:class:`~fastface.index.lists.ListRun`,
         e.g. a shard's share of lists packed with other shards); 4-bit codecs
         take a filled FAISS fast-scan index, which must not be changed after.
-        The lists must hold exactly ``ids``; ``vectors`` (row order) is
-        required when the codec's params store vectors. Nothing is copied.
+        The lists must hold exactly ``ids`` (each twice with spilled
+        assignment); ``vectors`` (row order) is required when the codec's
+        params store vectors. Nothing is copied.
         """
         obj = cls(codec)
         p = obj.params
@@ -325,8 +347,11 @@ class IVFPQIndex:
                 raise ValueError("from_parts: a 4-bit codec takes a FAISS index, not runs")
             run_t = ()
             held = int(faiss_index.ntotal)
-        if held != ids.size:
-            raise CorruptIndexError(f"the lists hold {held} vectors, the ids {ids.size}")
+        if held != ids.size * p.max_copies:
+            raise CorruptIndexError(
+                f"the lists hold {held} entries, the ids {ids.size} vectors"
+                + (" (each in two lists)" if p.max_copies > 1 else "")
+            )
         vec_rows = None
         if p.store_vectors is not None:
             if vectors is None:
@@ -358,12 +383,14 @@ class IVFPQIndex:
         """Wrap a trained (and possibly filled) FAISS ``IndexIVFPQ`` / ``IndexIVFPQFastScan``.
 
         The lists are copied; ``index`` stays the caller's. ``ids`` gives the
-        row order of the vectors (default: the lists' order) and ``vectors``
-        their raw values in that order (required when ``params`` store
-        vectors and the index is not empty).
+        row order of the vectors (default: the lists' order, each id where it
+        first appears) and ``vectors`` their raw values in that order
+        (required when ``params`` store vectors and the index is not empty).
+        With ``params.soar_lambda`` set every id must be in exactly two lists.
         """
         want = faiss.IndexIVFPQFastScan if params.nbits == 4 else faiss.IndexIVFPQ
-        index = faiss.downcast_index(index)
+        caller_ref = index  # the caller's object may be the only owner: keep it alive
+        index = faiss.downcast_index(caller_ref)
         if not isinstance(index, want) or type(index) not in (
             faiss.IndexIVFPQ,
             faiss.IndexIVFPQFastScan,
@@ -387,12 +414,16 @@ class IVFPQIndex:
             fidx = faiss.clone_index(index)
             list_ids = _fastscan_ids(data, layout)
             runs = None
+        try:
+            first = row_order_ids(list_ids, params.max_copies)
+        except ValueError as e:
+            raise ValueError(f"index: {e}") from None
         if ids is None:
-            row_ids = list_ids
+            row_ids = first
         else:
             row_ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
-            row_ids = as_ids(row_ids, list_ids.size)
-            if not np.array_equal(np.sort(row_ids), np.sort(list_ids)):
+            row_ids = as_ids(row_ids, first.size)
+            if not np.array_equal(np.sort(row_ids), np.sort(first)):
                 raise ValueError("ids: must be the ids stored in the index, in row order")
         if params.store_vectors is not None and vectors is None and row_ids.size == 0:
             vectors = np.empty((0, params.d), STORE_DTYPES[params.store_vectors])
@@ -595,8 +626,14 @@ class IVFPQIndex:
         if p.nbits == 8:
             new_runs = list(runs)
             for s in range(0, x.shape[0], batch_size):
-                lst, codes = codec.encode(x[s : s + batch_size])
-                new_runs.append(lists.from_encoded(lst, codes, ids[s : s + batch_size], p.nlist))
+                xs, ids_s = x[s : s + batch_size], ids[s : s + batch_size]
+                lst, codes = codec.encode(xs)
+                if p.soar_lambda is not None:  # a second entry in the spilled list
+                    lst2, codes2 = codec.encode(xs, spill_lists(codec, xs, lst, p.soar_lambda))
+                    lst = np.concatenate([lst, lst2])
+                    codes = np.concatenate([codes, codes2])
+                    ids_s = np.concatenate([ids_s, ids_s])
+                new_runs.append(lists.from_encoded(lst, codes, ids_s, p.nlist))
             runs = _settle_runs(new_runs, p.nlist, p.code_size)
         else:
             fidx = faiss.clone_index(st.faiss)  # fast-scan lists change in place: copy first
@@ -659,19 +696,24 @@ class IVFPQIndex:
         assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
         *,
         exclude: IdSet | npt.ArrayLike | None = None,
+        ordered: bool = True,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """PQ top-``k`` of each query over its assigned lists, never returning ``exclude`` ids.
 
         ``assignment`` is :meth:`assign`'s result (of this codec) for the
         same queries. Scores are PQ estimates (exact for the codes), ordered
         better first, equal scores by lower id; padded with ``-1``. An empty
-        index returns padding.
+        index returns padding. With spilled assignment each id comes once,
+        with the better score of its entries in the assigned lists.
+        ``ordered=False`` may leave each row's ``k`` results in any order
+        (padding last), which is cheaper for 4-bit codes: enough for
+        candidates that are re-scored (:meth:`rescore`).
         """
         codec = self._check_searchable()
         k = check_k(k)
         q = as_queries(q, "q", d=self.d)
         a = check_assignment(assignment, q.shape[0], self.params.nlist)
-        return self._scan(self._state, codec, q, k, a, _exclusion(exclude))
+        return self._scan(self._state, codec, q, k, a, _exclusion(exclude), ordered=ordered)
 
     def _scan(
         self,
@@ -681,11 +723,13 @@ class IVFPQIndex:
         k: int,
         assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
         exclude: IdSet | None,
+        *,
+        ordered: bool = True,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         if self.params.nbits == 8:
             ex = None if exclude is None else exclude.array
             return lists.scan(codec, q, k, assignment, st.runs, ex)
-        return fastscan_scan(self.params, st.faiss, q, k, assignment, exclude)
+        return fastscan_scan(self.params, st.faiss, q, k, assignment, exclude, ordered=ordered)
 
     def rescore(
         self, q: npt.NDArray[np.float32], ids: npt.ArrayLike, k: int
@@ -722,11 +766,17 @@ class IVFPQIndex:
     def _rescore(
         self, st: _State, q: npt.NDArray[np.float32], cand: npt.NDArray[np.int64], k: int
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        from ..kernels.exact import rescore
+        from ..kernels.exact import rescore, rescore_ids
 
         assert st.vectors is not None
+        metric = self.params.metric
+        base = st.vectors.array
+        rmap = st.row_map()
+        if rmap is not None:  # ids -> rows inside the kernel
+            lo, span, table = rmap
+            return rescore_ids(q, base, cand, k, lo=lo, span=span, table=table, metric=metric)
         rows = np.ascontiguousarray(st.rows_of(cand))
-        return rescore(q, st.vectors.array, rows, cand, k, metric=self.params.metric)
+        return rescore(q, base, rows, cand, k, metric=metric)
 
     def search(
         self,
@@ -761,7 +811,7 @@ class IVFPQIndex:
         assignment = codec.assign(q, nprobe)
         if factor is None:
             return self._scan(st, codec, q, k, assignment, None)
-        _, cand = self._scan(st, codec, q, k * factor, assignment, None)
+        _, cand = self._scan(st, codec, q, k * factor, assignment, None, ordered=False)
         return self._rescore(st, q, cand, k)
 
     # --- persistence ---------------------------------------------------------------------------
@@ -926,10 +976,47 @@ def codec_prefix(codec: Codec) -> tuple[bytes, int]:
 
 
 def _list_order_ids(params: IVFPQParams, st: _State) -> npt.NDArray[np.int64]:
+    """The ids in the order :meth:`IVFPQIndex.load` takes them: list order, each id where
+    it first appears."""
     if params.nbits == 8:
-        return lists.list_ids(st.runs, params.nlist)
-    data = np.frombuffer(bytes(faiss.serialize_index(st.faiss)), np.uint8)
-    return _fastscan_ids(data, faiss_format.parse(data, "index"))
+        ids = lists.list_ids(st.runs, params.nlist)
+    else:
+        data = np.frombuffer(bytes(faiss.serialize_index(st.faiss)), np.uint8)
+        ids = _fastscan_ids(data, faiss_format.parse(data, "index"))
+    return ids if params.max_copies == 1 else row_order_ids(ids, params.max_copies)
+
+
+def row_order_ids(list_ids: npt.NDArray[np.int64], copies: int) -> npt.NDArray[np.int64]:
+    """The vectors' ids from their list entries: each id where it first appears.
+
+    Raises ``ValueError`` unless every id is non-negative and appears exactly
+    ``copies`` times.
+    """
+    return _row_order_ids(list_ids, copies)[0]
+
+
+def _row_order_ids(
+    list_ids: npt.NDArray[np.int64], copies: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """:func:`row_order_ids` and the ids sorted (one sort for both)."""
+    if copies == 1:
+        srt = np.sort(list_ids)
+        if srt.size and (int(srt[0]) < 0 or bool((srt[1:] == srt[:-1]).any())):
+            raise ValueError("duplicate or negative ids")
+        return list_ids, srt
+    order = np.argsort(list_ids, kind="stable")
+    srt = list_ids[order]
+    if srt.size % copies:
+        raise ValueError(f"{srt.size} list entries for ids each stored {copies} times")
+    groups = srt.reshape(-1, copies)
+    if groups.size and (
+        int(srt[0]) < 0
+        or bool((groups != groups[:, :1]).any())
+        or bool((groups[1:, 0] == groups[:-1, 0]).any())
+    ):
+        raise ValueError(f"ids must each be stored exactly {copies} times, none negative")
+    first = np.sort(order.reshape(-1, copies)[:, 0])  # first entry of each id, in list order
+    return list_ids[first], groups[:, 0]
 
 
 def _fastscan_ids(
@@ -950,8 +1037,11 @@ def fastscan_scan(
     k: int,
     assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
     exclude: IdSet | None,
+    *,
+    ordered: bool = True,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """FAISS fast-scan over the assigned lists; rows re-sorted by (score, lower id)."""
+    """FAISS fast-scan over the assigned lists; rows re-sorted by (score, lower id) unless
+    ``ordered`` is false (FAISS's order: equal scores in scan order)."""
     from .._native import merge_topk
 
     nq = q.shape[0]
@@ -978,6 +1068,8 @@ def fastscan_scan(
         False,
         sp,
     )
+    if not ordered:
+        return D, I
     # FAISS keeps equal scores in scan order: the one merge puts the lower id first
     return merge_topk(D[None], I[None], k, larger_is_better=params.larger_is_better)
 
@@ -1004,7 +1096,8 @@ def load_shard(
     """
     buf = data.array()
     layout = faiss_format.parse(buf, data.name)
-    layout.check(params, ntotal=ntotal, buf=buf if codec is None else None)
+    # the file counts list entries: two per vector with spilled assignment
+    layout.check(params, ntotal=ntotal * params.max_copies, buf=buf if codec is None else None)
     if codec is None:
         codec = Codec(params, faiss.deserialize_index(_codec_bytes(buf, layout, params)))
     else:  # a shard file embeds its codec: it must be the index's
@@ -1025,16 +1118,16 @@ def load_shard(
         fidx = faiss.deserialize_index(np.asarray(buf))
         list_ids = _fastscan_ids(buf, layout)
         runs = None
-    srt = np.sort(list_ids)
-    if srt.size and (int(srt[0]) < 0 or bool((srt[1:] == srt[:-1]).any())):
-        raise CorruptIndexError(f"{data.path}: duplicate or negative ids", data.path, "ids")
+    try:
+        first, srt = _row_order_ids(list_ids, params.max_copies)
+    except ValueError as e:
+        raise CorruptIndexError(f"{data.path}: {e}", data.path, "ids") from None
     if ids is None:
-        ids = list_ids
+        ids = first
     elif ids.size != srt.size or not np.array_equal(np.sort(ids), srt):
         raise CorruptIndexError(
             f"{data.path}: its lists hold other ids than its ids file", data.path, "ids"
         )
-    del srt
     return IVFPQIndex.from_parts(
         codec, ids, runs=runs, faiss_index=fidx, vectors=vectors, read_only=read_only
     )

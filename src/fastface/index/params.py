@@ -10,6 +10,7 @@ object is shared, read-only, by every shard and every thread.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
 
@@ -46,6 +47,19 @@ class IVFPQParams:
         re-ranking (``search(..., rerank=f)``) and :func:`fastface.dedup`.
         ``None`` keeps only the PQ codes, like a plain FAISS ``IndexIVFPQ``.
         A record written before this option existed reads as ``None``.
+    soar_lambda : float or None
+        Spilled assignment (SOAR): every vector is also stored in a second
+        list, chosen among its nearest lists to minimise
+        ``|r'|^2 + soar_lambda * <r', r / |r|>^2`` (``r``, ``r'``: its
+        residuals to the first and the second list's centroid), so that the
+        second residual is nearly orthogonal to the first: a query whose
+        nearest lists miss a neighbour's first list tends to find its second.
+        Fewer lists are probed for the same recall, at the cost of twice the
+        list entries (codes and ids); raw vectors are stored once. A search
+        returns each id once, with the better score of its two entries.
+        ``None`` (default): one list per vector, as FAISS. Needs ``nlist >= 2``
+        and 8-bit codes (fastface's own scan; FAISS's fast-scan lists cannot
+        hold a vector twice).
 
     Examples
     --------
@@ -64,6 +78,7 @@ class IVFPQParams:
     nbits: int = 8
     metric: Literal["ip", "l2"] = "ip"
     store_vectors: Literal["float16", "float32"] | None = "float16"
+    soar_lambda: float | None = None
 
     def __post_init__(self) -> None:
         check_positive_int(self.d, "d")
@@ -80,6 +95,25 @@ class IVFPQParams:
             raise ValueError(
                 f"store_vectors must be 'float16', 'float32' or None, got {self.store_vectors!r}"
             )
+        if self.soar_lambda is not None:
+            lam = self.soar_lambda
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+                raise TypeError(
+                    f"soar_lambda: expected a float >= 0 or None, got {type(lam).__name__}"
+                )
+            if not math.isfinite(lam) or lam < 0:
+                raise ValueError(f"soar_lambda: expected a finite float >= 0, got {lam!r}")
+            if self.nbits != 8:
+                raise ValueError(
+                    "soar_lambda: spilled assignment needs 8-bit codes (nbits=8); FAISS's "
+                    "fast-scan lists (nbits=4) cannot hold a vector in two lists"
+                )
+            if self.nlist < 2:
+                raise ValueError(
+                    "soar_lambda: spilled assignment needs a second list (nlist >= 2), got "
+                    f"nlist={self.nlist}"
+                )
+            object.__setattr__(self, "soar_lambda", float(lam))
 
     @property
     def larger_is_better(self) -> bool:
@@ -96,12 +130,20 @@ class IVFPQParams:
         return (self.M * self.nbits + 7) // 8
 
     @property
+    def max_copies(self) -> int:
+        """List entries per vector: 2 with spilled assignment (``soar_lambda``), else 1."""
+        return 1 if self.soar_lambda is None else 2
+
+    @property
     def pad_score(self) -> float:
         """Score of a missing result: ``-inf`` for the inner product, ``+inf`` for L2."""
         return float("-inf") if self.larger_is_better else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["soar_lambda"] is None:  # records of indexes without spilling stay as they were
+            del out["soar_lambda"]
+        return out
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> IVFPQParams:
@@ -120,6 +162,9 @@ class IVFPQParams:
         for name in ("nbits", "metric", "store_vectors"):
             if name in kw and kw[name] is not None and not isinstance(kw[name], (int, str)):
                 raise TypeError(f"params: {name} has type {type(kw[name]).__name__}")
+        lam = kw.get("soar_lambda")
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))):
+            raise TypeError(f"params: soar_lambda has type {type(lam).__name__}")
         if not isinstance(kw.get("metric", "ip"), str):
             raise TypeError("params: metric must be a string")
         return cls(**kw)
@@ -201,7 +246,17 @@ class Codec:
 
     def with_storage(self, store_vectors: Literal["float16", "float32"] | None) -> Codec:
         """This codec with another raw-vector storage option (the codec itself is shared)."""
-        params = dataclasses.replace(self.params, store_vectors=store_vectors)
+        return self._with_params(dataclasses.replace(self.params, store_vectors=store_vectors))
+
+    def with_soar(self, soar_lambda: float | None) -> Codec:
+        """This codec with spilled assignment on (``soar_lambda``) or off (``None``).
+
+        Spilling changes how vectors are added, not the codec: the centroids
+        and codebooks are shared.
+        """
+        return self._with_params(dataclasses.replace(self.params, soar_lambda=soar_lambda))
+
+    def _with_params(self, params: IVFPQParams) -> Codec:
         out = Codec.__new__(Codec)
         for name in Codec.__slots__:
             setattr(out, name, getattr(self, name))
@@ -227,15 +282,23 @@ class Codec:
         return np.ascontiguousarray(Dq, np.float32), np.ascontiguousarray(Iq, np.int64)
 
     def encode(
-        self, x: npt.NDArray[np.float32]
+        self, x: npt.NDArray[np.float32], lists: npt.NDArray[np.int64] | None = None
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
-        """List number and PQ code of each row, exactly as FAISS's ``add`` computes them."""
+        """List number and PQ code of each row, exactly as FAISS's ``add`` computes them.
+
+        ``lists`` (int64, one per row, in ``0..nlist-1``) encodes each row for
+        the given list instead of its nearest one (e.g. its spilled list).
+        """
         n = x.shape[0]
+        given = lists
         lists = np.empty(n, np.int64)
         codes = np.empty((n, self.code_size), np.uint8)
-        if n:
+        if n and given is not None:
+            lists[:] = given
+        elif n:
             _, assigned = self._faiss.quantizer.search(x, 1)
             lists[:] = assigned[:, 0]
+        if n:
             self._faiss.encode_vectors(
                 n, faiss.swig_ptr(x), faiss.swig_ptr(lists), faiss.swig_ptr(codes), False
             )
@@ -255,8 +318,8 @@ class Codec:
         if not isinstance(other, Codec):
             return NotImplemented
         return (
-            dataclasses.replace(self.params, store_vectors=None)
-            == dataclasses.replace(other.params, store_vectors=None)
+            dataclasses.replace(self.params, store_vectors=None, soar_lambda=None)
+            == dataclasses.replace(other.params, store_vectors=None, soar_lambda=None)
             and np.array_equal(self.centroids, other.centroids)
             and np.array_equal(self.pq_centroids, other.pq_centroids)
         )

@@ -836,13 +836,17 @@ class ShardedIndex:
         k: int,
         assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
         strategy: str,
+        *,
+        ordered: bool = True,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         exclude = st.tombstones if len(st.tombstones) else None
         if strategy == "stacked":
             ex = None if exclude is None else exclude.array
             return lists.scan(codec, q, k, assignment, st.runs, ex)
         parts = [
-            s.index.scan(q, k, assignment, exclude=exclude) for s in st.shards if s.index.ntotal
+            s.index.scan(q, k, assignment, exclude=exclude, ordered=ordered)
+            for s in st.shards
+            if s.index.ntotal
         ]
         if not parts:
             return (
@@ -893,7 +897,8 @@ class ShardedIndex:
         assignment = st.codec.assign(q, nprobe)
         if factor is None:
             return self._scan(st, st.codec, q, k, assignment, strategy)
-        _, cand = self._scan(st, st.codec, q, k * factor, assignment, strategy)
+        # candidates in any order: re-scoring orders them
+        _, cand = self._scan(st, st.codec, q, k * factor, assignment, strategy, ordered=False)
         return self._rescore(st, q, cand, k)
 
     # --- remove / compact ---------------------------------------------------------------------
