@@ -68,13 +68,15 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -396,9 +398,39 @@ ALL_METHODS = [
 ]
 
 
+@contextlib.contextmanager
+def bench_lock(path: Path | None) -> Iterator[float]:
+    """Hold the machine-wide benchmark lock (``flock``) while timing; yields the wait in s."""
+    if path is None:
+        yield 0.0
+        return
+    t = time.perf_counter()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield time.perf_counter() - t
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def run_shape(shape: Shape, methods: list[str], args: argparse.Namespace, work: Path) -> dict:
-    configs, held = configs_for(shape, methods, args, work)
+    configs, held = configs_for(shape, methods, args, work)  # builds happen here, unlocked
+    if args.build_only:
+        return {}
+    with bench_lock(args.lock) as waited:
+        t_lock = time.perf_counter()
+        out = _time_shape(shape, configs, methods, args)
+        out["lock"] = {"waited_s": waited, "held_s": time.perf_counter() - t_lock}
+    del held
+    return out
+
+
+def _time_shape(
+    shape: Shape, configs: list[Config], methods: list[str], args: argparse.Namespace
+) -> dict:
     nq = shape.xq.shape[0]
+    load_before = os.getloadavg()
     for c in configs:  # recall (and warm-up) once, with a first, rough time
         t = time.perf_counter()
         _, ids = c.fn()
@@ -438,8 +470,11 @@ def run_shape(shape: Shape, methods: list[str], args: argparse.Namespace, work: 
             row.update(qps=nq / secs, ms_per_query=1e3 * secs / nq, times_s=c.times)
         rows.append(row)
     summary = summarise(rows, methods)
-    del held
-    return {"rows": rows, "summary": summary}
+    return {
+        "rows": rows,
+        "summary": summary,
+        "load_avg": {"before": load_before, "after": os.getloadavg()},
+    }
 
 
 def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
@@ -543,6 +578,15 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/fastface-shapes"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/shapes.json"))
+    ap.add_argument(
+        "--lock",
+        type=Path,
+        default=None,
+        help="flock this file around each shape's timing phase (e.g. /work/bench.lock)",
+    )
+    ap.add_argument(
+        "--build-only", action="store_true", help="build data, ground truth and indexes; no timing"
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.n = args.n or 100_000
@@ -558,8 +602,9 @@ def main(argv: list[str]) -> None:
             f"M_fs={shape.M_fs} (data and ground truth {time.perf_counter() - t:.0f} s)",
             flush=True,
         )
-        load_before = os.getloadavg()
         res = run_shape(shape, args.methods, args, args.work)
+        if args.build_only:
+            continue
         res["shape"] = {
             "name": name,
             "n": n,
@@ -572,7 +617,6 @@ def main(argv: list[str]) -> None:
             "code_bytes_per_vector": shape.M_fs // 2,
             **shape.desc,
         }
-        res["load_avg"] = {"before": load_before, "after": os.getloadavg()}
         results[name] = res
         print_summary(name, res["summary"], args.methods)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -582,6 +626,9 @@ def main(argv: list[str]) -> None:
             "results": results,
         }
         args.out.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    if args.build_only:
+        print("built; run again without --build-only to time")
+        return
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

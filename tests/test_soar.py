@@ -363,3 +363,35 @@ def test_removed_then_compacted_vector_leaves_no_copy(data, codecs, tmp_path: Pa
     reopened = ShardedIndex.open(tmp_path / "idx")
     assert reopened.params.soar_lambda == 1.0
     assert reopened.ntotal == keep.size
+
+
+def test_spilling_over_an_opq_hnsw_codec(data) -> None:
+    """With an OPQ rotation (and an HNSW coarse quantizer) residuals are taken in the rotated
+    space, where the centroids live; every list probed still gives the exact answer."""
+    xb, xq = data
+    params = IVFPQParams(
+        D_DIM, NLIST, M, metric="l2", store_vectors="float32", opq=M, coarse_hnsw=16
+    )
+    codec = Codec.train(params, xb, seed=1).with_soar(1.0)
+    assert codec.rotation is not None
+    x = xb[:200]
+    first, _ = codec.encode(x)
+    got = spill_lists(codec, x, first, 1.0)
+    assert (got != first).all()
+    # NumPy twin in float64, in the rotated space
+    xr = (x @ codec.rotation.T).astype(np.float64)
+    C = codec.centroids.astype(np.float64)
+    _, cand = codec.assign(x, min(NLIST, SPILL_CANDIDATES + 1))
+    for i in range(x.shape[0]):
+        c = cand[i][cand[i] >= 0]
+        r = xr[i] - C[first[i]]
+        rp = xr[i] - C[c]
+        loss = (rp**2).sum(1) + (rp @ r) ** 2 / (r @ r)
+        loss[c == first[i]] = np.inf
+        assert loss[c == got[i]][0] <= loss.min() + 1e-5 * max(1.0, abs(loss.min()))
+    index = _soar_index(codec, xb)
+    assert index.list_sizes().sum() == 2 * xb.shape[0]
+    gD, gI = ground_truth(xb, xq, 10, metric="l2")
+    D, I = index.search(xq, 10, nprobe=NLIST, rerank=xb.shape[0] // 10)
+    np.testing.assert_array_equal(I, gI)
+    np.testing.assert_allclose(D, gD, rtol=1e-5, atol=1e-5)
