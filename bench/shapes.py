@@ -43,6 +43,8 @@ PQ codes per vector, ``B = M_fs / 2`` for FAISS's fast-scan ``M_fs``):
 - ``fastface pq8+soar``: 8-bit codes (``M_fs / 4``) with spilled assignment
   (each vector in two lists, so twice the entries: the same code bytes),
   re-ranked from disk;
+- ``fastface pq8+soar (same M)``: ``fastface pq8`` (``M_fs / 2``) with spilled
+  assignment: twice the code bytes of the others, to isolate what SOAR buys;
 - ``fastface fs (numba rerank)``: ``fastface fs`` re-ranked by the earlier
   Numba kernel (what the native kernel replaced), for the attribution.
 
@@ -275,7 +277,19 @@ def build_fastface(
 ) -> tuple[ShardedIndex, dict[str, Any]]:
     path = work / f"ff-{shape.name}-{shape.n}-{key}"
     info: dict[str, Any] = {"params": params.to_dict()}
-    if not (path / "manifest.json").exists() or ShardedIndex.open(path).params != params:
+
+    def complete() -> bool:  # a build that stopped half-way is started again
+        if not (path / "manifest.json").exists():
+            return False
+        try:
+            old = ShardedIndex.open(path)
+        except Exception:  # anything unreadable is rebuilt
+            return False
+        done = old.params == params and old.ntotal == shape.n
+        old.close()
+        return done
+
+    if not complete():
         if path.exists():
             shutil.rmtree(path)
         with PeakRSS() as mem:
@@ -367,6 +381,7 @@ def configs_for(
                 "fastface fs (numba rerank)": ("fs", M_fs, fs),
                 "fastface pq8": ("pq8", M_fs // 2, pq8),
                 "fastface pq8+soar": ("pq8soar", M_fs // 4, {**pq8, **soar}),
+                "fastface pq8+soar (same M)": ("pq8soarM", M_fs // 2, {**pq8, **soar}),
             }
             if name not in variants:
                 raise SystemExit(f"unknown method {name!r}; pick from {ALL_METHODS}")
@@ -394,6 +409,7 @@ ALL_METHODS = [
     "fastface fs",
     "fastface pq8",
     "fastface pq8+soar",
+    "fastface pq8+soar (same M)",
     "fastface fs (numba rerank)",
 ]
 
@@ -563,11 +579,33 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def merge_runs(paths: list[Path], out: Path) -> None:
+    """One JSON (each shape with the meta and config of the run that timed it) and one plot."""
+    results: dict[str, Any] = {}
+    runs = []
+    for p in paths:
+        run = json.loads(p.read_text())
+        runs.append({"file": str(p), "meta": run["meta"], "config": run["config"]})
+        for name, res in run["results"].items():
+            results[name] = {**res, "run": str(p)}
+    payload = {"runs": runs, "results": results}
+    out.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
     ap.add_argument("--n", type=int, help="vectors per shape (default: 500k, 1M, 500k)")
     ap.add_argument("--quick", action="store_true", help="100k vectors per shape, 300 queries")
+    ap.add_argument(
+        "--sizes",
+        nargs="+",
+        default=[],
+        metavar="SHAPE=N",
+        help="vectors for some shapes (e.g. faces512=100000); overrides --n for them",
+    )
     ap.add_argument("--nq", type=int, default=1000)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--methods", nargs="+", default=ALL_METHODS)
@@ -587,14 +625,25 @@ def main(argv: list[str]) -> None:
     ap.add_argument(
         "--build-only", action="store_true", help="build data, ground truth and indexes; no timing"
     )
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="combine the results of earlier runs (one per shape) into --out and its plot",
+    )
     args = ap.parse_args(argv)
+    if args.merge:
+        merge_runs(args.merge, args.out)
+        return
     if args.quick:
         args.n = args.n or 100_000
         args.nq = min(args.nq, 300)
     results: dict[str, Any] = {}
     meta = bench_meta(["bench/shapes.py", *argv])
     for name in args.shapes:
-        n = args.n or DEFAULT_N[name]
+        sizes = dict(kv.split("=", 1) for kv in args.sizes)
+        n = int(sizes[name]) if name in sizes else (args.n or DEFAULT_N[name])
         t = time.perf_counter()
         shape = make_shape(name, n, args.nq, args.k, args.work)
         print(

@@ -450,7 +450,7 @@ def parse_spec(
     --------
     >>> parse_spec("IVF1024,PQ32x4fs,F16", 128)
     IVFPQParams(d=128, nlist=1024, M=32, nbits=4, metric='ip', store_vectors='float16', \
-coarse_hnsw=None, opq=None)
+coarse_hnsw=None, opq=None, soar_lambda=None)
     >>> parse_spec("Flat,F16", 64, metric="l2")
     FlatParams(d=64, metric='l2', store_vectors='float16')
     >>> parse_spec("IVF1024,PQ30", 128)

@@ -1697,8 +1697,9 @@ def _mapped_shard(
         buf = np.frombuffer(_mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ), np.uint8)
     layout = faiss_format.parse(buf, rec["file"])
     run = ListRun.from_layout(buf, layout)
-    if run.n != index.ntotal:  # pragma: no cover - we wrote it
-        raise CorruptIndexError(f"{rec['file']}: holds {run.n} codes, expected {index.ntotal}")
+    want = index.ntotal * index.params.max_copies  # two entries per vector when spilled
+    if run.n != want:  # pragma: no cover - we wrote it
+        raise CorruptIndexError(f"{rec['file']}: holds {run.n} codes, expected {want}")
     return IVFPQIndex.from_parts(
         codec, index.ids, runs=(run,), vectors=index.vectors, read_only=True
     )
