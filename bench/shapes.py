@@ -434,6 +434,13 @@ def run_shape(shape: Shape, methods: list[str], args: argparse.Namespace, work: 
     configs, held = configs_for(shape, methods, args, work)  # builds happen here, unlocked
     if args.build_only:
         return {}
+    if args.recall_only:  # no timing: needs no lock
+        rows = []
+        for c in configs:
+            _, ids = c.fn()
+            rows.append({"method": c.method, **c.knobs, "R@10": recall_at_k(ids, shape.gt, args.k)})
+        del held
+        return {"rows": rows, "load_avg": {"after": os.getloadavg()}}
     with bench_lock(args.lock) as waited:
         t_lock = time.perf_counter()
         out = _time_shape(shape, configs, methods, args)
@@ -623,6 +630,11 @@ def main(argv: list[str]) -> None:
         help="flock this file around each shape's timing phase (e.g. /work/bench.lock)",
     )
     ap.add_argument(
+        "--recall-only",
+        action="store_true",
+        help="recall of every configuration, untimed (no lock needed)",
+    )
+    ap.add_argument(
         "--build-only", action="store_true", help="build data, ground truth and indexes; no timing"
     )
     ap.add_argument(
@@ -667,7 +679,8 @@ def main(argv: list[str]) -> None:
             **shape.desc,
         }
         results[name] = res
-        print_summary(name, res["summary"], args.methods)
+        if not args.recall_only:
+            print_summary(name, res["summary"], args.methods)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "meta": meta,
@@ -675,8 +688,8 @@ def main(argv: list[str]) -> None:
             "results": results,
         }
         args.out.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    if args.build_only:
-        print("built; run again without --build-only to time")
+    if args.build_only or args.recall_only:
+        print(f"done ({'built' if args.build_only else 'recall only, no timing'})")
         return
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
