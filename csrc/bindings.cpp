@@ -14,6 +14,7 @@
 #include "build_info.h"
 #include "ivfpq.h"
 #include "merge.h"
+#include "rerank.h"
 
 namespace py = pybind11;
 
@@ -85,7 +86,7 @@ class ListRunHandle {
 py::tuple ivfpq8_search(const f32c& q, const f32c& pq, const f32c& coarse, bool inner_product,
                         const f32c& assign_D, const i64c& assign_I,
                         const std::vector<const ListRunHandle*>& runs, const i64c& exclude,
-                        int64_t k) {
+                        int64_t k, int64_t max_copies) {
   require(q.ndim() == 2 && pq.ndim() == 3 && pq.shape(2) == 256 && coarse.ndim() == 2,
           "ivfpq8_search: bad codec or query shapes");
   const int64_t nq = q.shape(0), d = q.shape(1), M = pq.shape(0), dsub = pq.shape(1);
@@ -95,6 +96,7 @@ py::tuple ivfpq8_search(const f32c& q, const f32c& pq, const f32c& coarse, bool 
               assign_D.shape(0) == nq && assign_D.shape(1) == assign_I.shape(1),
           "ivfpq8_search: assignment must be (nq, nprobe)");
   require(exclude.ndim() == 1 && k > 0, "ivfpq8_search: bad exclude or k");
+  require(max_copies == 1 || max_copies == 2, "ivfpq8_search: max_copies must be 1 or 2");
   const int64_t nprobe = assign_I.shape(1);
   std::vector<fastface::ListRun> views;
   views.reserve(runs.size());
@@ -119,7 +121,41 @@ py::tuple ivfpq8_search(const f32c& q, const f32c& pq, const f32c& coarse, bool 
   {
     py::gil_scoped_release release;
     fastface::ivfpq8_search(codec, qp, nq, ad, ai, nprobe, views.data(),
-                            static_cast<int64_t>(views.size()), ex, n_ex, k, od, oi);
+                            static_cast<int64_t>(views.size()), ex, n_ex, k, max_copies, od, oi);
+  }
+  return py::make_tuple(out_D, out_I);
+}
+
+// base: (n, d) float32, or float16 passed as its uint16 bits. Rows of candidates come
+// from rows (nq, m) when it is not empty, else from the map (lo, table): see rerank.h.
+py::tuple rerank(const f32c& q, const py::array& base, const i64c& cand, const i64c& rows,
+                 int64_t lo, int64_t span, const i64c& table, bool l2, int64_t k) {
+  require(q.ndim() == 2 && base.ndim() == 2 && cand.ndim() == 2, "rerank: bad shapes");
+  require((base.flags() & py::array::c_style) != 0, "rerank: base must be C-contiguous");
+  const bool f16 = py::dtype::of<uint16_t>().is(base.dtype());
+  require(f16 || py::dtype::of<float>().is(base.dtype()),
+          "rerank: base must be float32 or float16 bits (uint16)");
+  const int64_t nq = q.shape(0), d = q.shape(1), m = cand.shape(1);
+  require(base.shape(1) == d && cand.shape(0) == nq, "rerank: dimensions disagree");
+  require(k > 0, "rerank: k must be positive");
+  const bool have_rows = rows.size() > 0;
+  require(!have_rows || (rows.ndim() == 2 && rows.shape(0) == nq && rows.shape(1) == m),
+          "rerank: rows must be shaped like the candidates");
+  const bool have_table = table.size() > 0;
+  require(span >= 0 && (!have_table || (table.ndim() == 1 && table.shape(0) == span)),
+          "rerank: the table must have span entries");
+  const fastface::VectorTable vt{base.data(), base.shape(0), d, f16};
+  const fastface::RowMap map{have_rows ? rows.data() : nullptr, lo, span,
+                             have_table ? table.data() : nullptr};
+  f32c out_D({nq, k});
+  i64c out_I({nq, k});
+  const float* qp = q.data();
+  const int64_t* cp = cand.data();
+  float* od = out_D.mutable_data();
+  int64_t* oi = out_I.mutable_data();
+  {
+    py::gil_scoped_release release;
+    fastface::rerank(qp, nq, vt, cp, m, map, l2, k, od, oi);
   }
   return py::make_tuple(out_D, out_I);
 }
@@ -233,9 +269,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("ivfpq8_search", &ivfpq8_search, py::arg("q").noconvert(), py::arg("pq").noconvert(),
         py::arg("coarse").noconvert(), py::arg("inner_product"), py::arg("assign_D").noconvert(),
         py::arg("assign_I").noconvert(), py::arg("runs"), py::arg("exclude").noconvert(),
-        py::arg("k"),
+        py::arg("k"), py::arg("max_copies") = 1,
         "Exact top-k (better score, then lower id) of 8-bit PQ codes in the probed lists of "
-        "every run; see ivfpq.h. Inputs checked in Python.");
+        "every run, each id once; see ivfpq.h. Inputs checked in Python.");
+  m.def("rerank", &rerank, py::arg("q").noconvert(), py::arg("base"), py::arg("cand").noconvert(),
+        py::arg("rows").noconvert(), py::arg("lo"), py::arg("span"), py::arg("table").noconvert(),
+        py::arg("l2"), py::arg("k"),
+        "Exact top-k of each query's candidates against stored vectors; see rerank.h. "
+        "Inputs checked in Python.");
   m.def("copy_segments", &copy_segments, py::arg("src").noconvert(), py::arg("dst").noconvert(),
         py::arg("src_off").noconvert(), py::arg("dst_off").noconvert(),
         py::arg("nbytes").noconvert(), "Copy byte ranges between two uint8 buffers.");

@@ -1,4 +1,4 @@
-// Run-time choice among the SIMD kernels (alignment, the IVF-PQ scan)
+// Run-time choice among the SIMD kernels (alignment, the IVF-PQ scan, re-ranking)
 // compiled for several x86-64 levels (see CMakeLists.txt). A portable build carries v2 (the baseline
 // every x86-64 CPU since 2009 has), v3 (AVX2 + FMA) and v4 (AVX-512); the
 // first call picks the highest level the CPU supports, or a lower one named
@@ -10,8 +10,9 @@
 #include <cstring>
 
 #include "align.h"
-#include "ivfpq.h"
 #include "dispatch.h"
+#include "ivfpq.h"
+#include "rerank.h"
 
 #define FASTFACE_DECLARE_ALIGN(NS)                                                               \
   namespace NS {                                                                                 \
@@ -27,7 +28,9 @@
   void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float* assign_D,    \
                      const int64_t* assign_I, int64_t nprobe, const ListRun* runs,               \
                      int64_t nruns, const int64_t* exclude, int64_t n_exclude, int64_t k,        \
-                     float* D, int64_t* I);                                                      \
+                     int64_t max_copies, float* D, int64_t* I);                                  \
+  void rerank(const float* q, int64_t nq, const VectorTable& base, const int64_t* cand,          \
+              int64_t m, const RowMap& map, bool l2, int64_t k, float* D, int64_t* I);           \
   void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off,                   \
                      const int64_t* dst_off, const int64_t* nbytes, int64_t nseg);               \
   }
@@ -47,16 +50,20 @@ namespace {
 using WarpU8 = decltype(&warp_affine_u8);
 using WarpF32 = decltype(&warp_affine_f32_nchw);
 using Search8 = decltype(&ivfpq8_search);
+using Rerank = decltype(&rerank);
 
 struct Variant {
   const char* name;
   WarpU8 u8;
   WarpF32 f32;
   Search8 search8;
+  Rerank rerank;
 };
 
-#define FASTFACE_VARIANT(NAME, NS) \
-  Variant { NAME, &NS::warp_affine_u8, &NS::warp_affine_f32_nchw, &NS::ivfpq8_search }
+#define FASTFACE_VARIANT(NAME, NS)                                                        \
+  Variant {                                                                               \
+    NAME, &NS::warp_affine_u8, &NS::warp_affine_f32_nchw, &NS::ivfpq8_search, &NS::rerank \
+  }
 
 #if FASTFACE_DISPATCH
 int cpu_level() {
@@ -117,9 +124,15 @@ void warp_affine_f32_nchw(const ImageView* images, const int64_t* image_index, c
 
 void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float* assign_D,
                    const int64_t* assign_I, int64_t nprobe, const ListRun* runs, int64_t nruns,
-                   const int64_t* exclude, int64_t n_exclude, int64_t k, float* D, int64_t* I) {
+                   const int64_t* exclude, int64_t n_exclude, int64_t k, int64_t max_copies,
+                   float* D, int64_t* I) {
   selected().search8(codec, q, nq, assign_D, assign_I, nprobe, runs, nruns, exclude, n_exclude, k,
-                     D, I);
+                     max_copies, D, I);
+}
+
+void rerank(const float* q, int64_t nq, const VectorTable& base, const int64_t* cand, int64_t m,
+            const RowMap& map, bool l2, int64_t k, float* D, int64_t* I) {
+  selected().rerank(q, nq, base, cand, m, map, l2, k, D, I);
 }
 
 // No SIMD in these two: the baseline variant serves every CPU.

@@ -1,9 +1,10 @@
 #include "ivfpq.h"
 
+#include "topk.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -22,72 +23,6 @@ namespace FASTFACE_ISA_NS {
 namespace {
 
 constexpr int64_t kKsub = 256;
-
-// The total order of results: better score first, equal scores by lower id.
-template <bool kIP>
-inline bool better(float a, int64_t ia, float b, int64_t ib) {
-  if (kIP) return a > b || (a == b && ia < ib);
-  return a < b || (a == b && ia < ib);
-}
-
-// A bounded heap of the k best (score, id) pairs seen; the root is the worst.
-template <bool kIP>
-class TopK {
- public:
-  TopK(float* D, int64_t* I, int64_t k) : D_(D), I_(I), k_(k) {}
-
-  // True when (s, id) would enter: the heap has room or it beats the root.
-  bool admits(float s, int64_t id) const { return n_ < k_ || better<kIP>(s, id, D_[0], I_[0]); }
-
-  void push(float s, int64_t id) {
-    if (n_ < k_) {
-      int64_t i = n_++;
-      while (i > 0) {
-        const int64_t p = (i - 1) / 2;
-        if (!better<kIP>(D_[p], I_[p], s, id)) break;
-        D_[i] = D_[p];
-        I_[i] = I_[p];
-        i = p;
-      }
-      D_[i] = s;
-      I_[i] = id;
-      return;
-    }
-    int64_t i = 0;
-    for (;;) {
-      const int64_t l = 2 * i + 1;
-      if (l >= n_) break;
-      int64_t w = l;  // the worse child moves up
-      if (l + 1 < n_ && better<kIP>(D_[l], I_[l], D_[l + 1], I_[l + 1])) w = l + 1;
-      if (!better<kIP>(s, id, D_[w], I_[w])) break;
-      D_[i] = D_[w];
-      I_[i] = I_[w];
-      i = w;
-    }
-    D_[i] = s;
-    I_[i] = id;
-  }
-
-  // Writes the entries best first into out_D / out_I (k slots, padded).
-  void sorted(float* out_D, int64_t* out_I) const {
-    std::vector<int64_t> order(static_cast<size_t>(n_));
-    for (int64_t t = 0; t < n_; ++t) order[t] = t;
-    std::sort(order.begin(), order.end(),
-              [this](int64_t a, int64_t b) { return better<kIP>(D_[a], I_[a], D_[b], I_[b]); });
-    const float pad = kIP ? -std::numeric_limits<float>::infinity()
-                          : std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < k_; ++t) {
-      out_D[t] = t < n_ ? D_[order[t]] : pad;
-      out_I[t] = t < n_ ? I_[order[t]] : -1;
-    }
-  }
-
- private:
-  float* D_;
-  int64_t* I_;
-  int64_t k_;
-  int64_t n_ = 0;
-};
 
 // Look-up table of one query (inner product) or one residual (L2) against
 // every PQ centroid: lut[m * 256 + j] = sum over t of x[t] * C[t][j] (inner
@@ -260,17 +195,22 @@ void scan_segment(const float* lut, int64_t M, const uint8_t* codes, const uint8
 template <bool kIP>
 void search_impl(const PQCodec& c, const float* q, int64_t nq, const float* assign_D,
                  const int64_t* assign_I, int64_t nprobe, const ListRun* runs, int64_t nruns,
-                 const int64_t* exclude, int64_t n_exclude, int64_t k, float* D, int64_t* I) {
+                 const int64_t* exclude, int64_t n_exclude, int64_t k, int64_t max_copies,
+                 float* D, int64_t* I) {
+  // an id held max_copies times: the best entry of each of the k best ids is among
+  // the max_copies * (k - 1) + 1 best entries
+  const int64_t kh = max_copies * (k - 1) + 1;
 #pragma omp parallel if (nq > 1)
   {
     std::vector<float> lut(static_cast<size_t>(c.M * kKsub));
     std::vector<float> residual(static_cast<size_t>(c.d));
-    std::vector<float> heap_D(static_cast<size_t>(k));
-    std::vector<int64_t> heap_I(static_cast<size_t>(k));
+    std::vector<float> heap_D(static_cast<size_t>(kh));
+    std::vector<int64_t> heap_I(static_cast<size_t>(kh));
+    SortScratch scratch;
 #pragma omp for schedule(dynamic, 2)
     for (int64_t i = 0; i < nq; ++i) {
       const float* qi = q + i * c.d;
-      TopK<kIP> heap(heap_D.data(), heap_I.data(), k);
+      TopK<kIP> heap(heap_D.data(), heap_I.data(), kh);
       if (kIP) make_lut<false>(c, qi, lut.data());
       for (int64_t p = 0; p < nprobe; ++p) {
         const int64_t l = assign_I[i * nprobe + p];
@@ -291,7 +231,7 @@ void search_impl(const PQCodec& c, const float* q, int64_t nq, const float* assi
                             n, base, exclude, n_exclude, heap);
         }
       }
-      heap.sorted(D + i * k, I + i * k);
+      heap.sorted(D + i * k, I + i * k, k, max_copies > 1, scratch);
     }
   }
 }
@@ -314,13 +254,14 @@ std::string check_list_run(const ListRun& run, int64_t nlist, int64_t code_size,
 
 void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float* assign_D,
                    const int64_t* assign_I, int64_t nprobe, const ListRun* runs, int64_t nruns,
-                   const int64_t* exclude, int64_t n_exclude, int64_t k, float* D, int64_t* I) {
+                   const int64_t* exclude, int64_t n_exclude, int64_t k, int64_t max_copies,
+                   float* D, int64_t* I) {
   if (codec.inner_product) {
     search_impl<true>(codec, q, nq, assign_D, assign_I, nprobe, runs, nruns, exclude, n_exclude,
-                      k, D, I);
+                      k, max_copies, D, I);
   } else {
     search_impl<false>(codec, q, nq, assign_D, assign_I, nprobe, runs, nruns, exclude,
-                       n_exclude, k, D, I);
+                       n_exclude, k, max_copies, D, I);
   }
 }
 

@@ -44,6 +44,9 @@ struct PQCodec {
 // never returned. Results D / I: (nq, k), best first under one total order:
 // better score first, equal scores by lower id; fewer than k results are
 // padded with id -1 and score -inf (inner product) or +inf (L2).
+// max_copies: the most entries one id has over all runs (2 with spilled
+// assignment: a vector in two lists). Each id is returned once, with the best
+// score of its entries in the probed lists.
 //
 // Scores are computed one way on every build: each look-up table entry is a
 // float32 chain of fused multiply-adds over the sub-vector's components in
@@ -56,7 +59,8 @@ struct PQCodec {
 // caller must not hold the GIL. Arguments are checked by the caller.
 void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float* assign_D,
                    const int64_t* assign_I, int64_t nprobe, const ListRun* runs, int64_t nruns,
-                   const int64_t* exclude, int64_t n_exclude, int64_t k, float* D, int64_t* I);
+                   const int64_t* exclude, int64_t n_exclude, int64_t k, int64_t max_copies,
+                   float* D, int64_t* I);
 
 // Copies nseg byte ranges: nbytes[i] bytes from src + src_off[i] to
 // dst + dst_off[i]. Ranges must lie inside both buffers (checked by the

@@ -30,8 +30,26 @@ void merge_one(const float* D, const int64_t* I, int64_t nparts, int64_t nq, int
       if (I[base + r] >= 0) buf.emplace_back(D[base + r], I[base + r]);
     }
   }
-  const int64_t n = std::min<int64_t>(k_out, static_cast<int64_t>(buf.size()));
-  std::partial_sort(buf.begin(), buf.begin() + n, buf.end(), better<kLarger>);
+  const int64_t size = static_cast<int64_t>(buf.size());
+  const int64_t n = std::min<int64_t>(k_out, size);
+  // One part sorted by score, ties in any order (FAISS's fast-scan rows, whose 4-bit
+  // scores tie often): only each run of equal scores needs sorting, by id.
+  const auto by_score = [](const Entry& a, const Entry& b) {
+    return kLarger ? a.first > b.first : a.first < b.first;
+  };
+  if (std::is_sorted(buf.begin(), buf.end(), by_score)) {
+    for (int64_t lo = 0; lo < n;) {
+      int64_t hi = lo + 1;
+      while (hi < size && buf[hi].first == buf[lo].first) ++hi;
+      if (hi - lo > 1) std::sort(buf.begin() + lo, buf.begin() + hi, better<kLarger>);
+      lo = hi;
+    }
+  } else if (4 * n >= size) {
+    // partial_sort is a heap sort: slow and branchy when most of the input is kept
+    std::sort(buf.begin(), buf.end(), better<kLarger>);
+  } else {
+    std::partial_sort(buf.begin(), buf.begin() + n, buf.end(), better<kLarger>);
+  }
   const float pad = kLarger ? -std::numeric_limits<float>::infinity()
                             : std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < k_out; ++t) {

@@ -1,8 +1,10 @@
 """Prints the SIMD variant in use and a hash of what its kernels return (run by test_portable.py).
 
-The hash covers the align crops (both kernels, both outputs) and, given a saved
-index directory as argv[1], an 8-bit IVF-PQ scan of its saved queries with its
-saved coarse assignment (so that nothing FAISS computes on this CPU enters).
+The hash covers the align crops (both kernels, both outputs), exact re-ranking
+(float32 and float16 vectors with subnormals, every specialised dimension and
+others) and, given a saved index directory as argv[1], 8-bit IVF-PQ scans (one
+list per vector, and spilled: two) of its saved queries with its saved coarse
+assignment (so that nothing FAISS computes on this CPU enters).
 Kept as a script so that it can run in a child process with another
 ``FASTFACE_ISA`` or under ``qemu-x86_64 -cpu <older model>``.
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import fastface
+import fastface._native
 from fastface import faces
 
 rng = np.random.default_rng(0)
@@ -33,15 +36,26 @@ for kernel in ("float", "fixed"):
     for output in ("uint8", "float32_nchw"):
         res = faces.align(images, landmarks, image_index=which, output=output, kernel=kernel)
         digest.update(np.ascontiguousarray(res.crops).tobytes())
+for d in (8, 32, 50, 64, 96, 128, 200, 256, 512):
+    base = rng.standard_normal((200, d)).astype(np.float32)
+    base *= rng.choice(np.array([1.0, 1e-6], np.float32), base.shape)
+    q = rng.standard_normal((16, d)).astype(np.float32)
+    cand = np.stack([rng.permutation(200)[:60] for _ in range(16)]).astype(np.int64)
+    for dtype in (np.float32, np.float16):
+        for l2 in (False, True):
+            D, I = fastface._native.rerank(q, base.astype(dtype), cand, 9, l2=l2, lo=0, span=200)
+            digest.update(D.tobytes())
+            digest.update(I.tobytes())
 if len(sys.argv) > 1:
     from fastface import IVFPQIndex
 
     where = Path(sys.argv[1])
-    index = IVFPQIndex.load(where / "shard.faiss")
     q = np.load(where / "q.npy")
     assignment = (np.load(where / "Dq.npy"), np.load(where / "Iq.npy"))
-    for k in (1, 10, 100):
-        D, I = index.scan(q, k, assignment)
-        digest.update(D.tobytes())
-        digest.update(I.tobytes())
+    for name in ("shard.faiss", "soar.faiss"):
+        index = IVFPQIndex.load(where / name)
+        for k in (1, 10, 100):
+            D, I = index.scan(q, k, assignment)
+            digest.update(D.tobytes())
+            digest.update(I.tobytes())
 print(fastface.build_info()["simd_selected"], digest.hexdigest())

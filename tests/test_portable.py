@@ -33,6 +33,9 @@ def saved_index(tmp_path_factory) -> Path:
     index.train(xb)
     index.add(xb)
     index.save(where / "shard.faiss")
+    spilled = IVFPQIndex(index.codec.with_soar(1.0))  # every vector in two lists
+    spilled.add(xb)
+    spilled.save(where / "soar.faiss")
     Dq, Iq = index.assign(q, 8)
     np.save(where / "q.npy", q)
     np.save(where / "Dq.npy", Dq)

@@ -11,11 +11,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from fastface import Codec, IVFPQIndex, IVFPQParams, ShardedIndex
+from fastface import Codec, IVFPQIndex, IVFPQParams, ShardedIndex, _native
 from fastface.datasets import SyntheticFaces
 from fastface.errors import CorruptIndexError, EmptyIndexError
 from fastface.eval import ground_truth, recall_at_k
-from fastface.kernels.exact import rescore, scores
+from fastface.kernels.exact import lane_score, rescore, rescore_ids, scores
 from fastface.kernels.rerank import F16_SCALE, rerank_f16, rerank_f32, widen_f16
 
 D_DIM = 32
@@ -93,6 +93,89 @@ def test_kernel_matches_numpy(metric: str, dtype: type) -> None:
     assert both.any()
     for row in np.flatnonzero(both):
         assert np.flatnonzero(I[row] == 3)[0] < np.flatnonzero(I[row] == 7)[0]
+
+
+def _lane_twin(q, base, cand, k, metric):
+    """Top-k by the native kernel's exact sum order (lane_score), ties by lower id."""
+    larger = metric == "ip"
+    D = np.full((q.shape[0], k), -np.inf if larger else np.inf, np.float32)
+    I = np.full((q.shape[0], k), -1, np.int64)
+    for i in range(q.shape[0]):
+        c = cand[i][(cand[i] >= 0) & (cand[i] < base.shape[0])]
+        s = np.array([lane_score(q[i], base[j], metric) for j in c], np.float32)
+        order = np.lexsort((c, -s if larger else s))[:k]
+        D[i, : order.size] = s[order]
+        I[i, : order.size] = c[order]
+    return D, I
+
+
+# 32, 64, 96, 128, 256 and 512 have kernels with the loop count fixed; the others take
+# the general one (partial last block of 32 through a zero-padded buffer)
+@pytest.mark.parametrize("d", [8, 32, 48, 50, 64, 96, 128, 200, 256, 512])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_native_kernel_equals_lane_twin_bit_for_bit(d: int, dtype: type) -> None:
+    rng = np.random.default_rng(d)
+    n, nq, m, k = 120, 6, 40, 7
+    base = rng.standard_normal((n, d)).astype(np.float32)
+    base *= rng.choice(np.array([1.0, 1e-6], np.float32), (n, d))  # float16 subnormals too
+    base[7] = base[3]  # equal scores: id 3 must come before id 7
+    base = base.astype(dtype)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    cand = np.stack([rng.permutation(n)[:m] for _ in range(nq)]).astype(np.int64)
+    cand[:, 0], cand[:, 1] = 7, 3
+    cand[::2, 5:9] = -1  # padding is skipped
+    cand[1, 10] = n + 5  # no such row: skipped
+    for metric in ("ip", "l2"):
+        D, I = _native.rerank(q, base, cand, k, l2=metric == "l2", lo=0, span=n)
+        D_ref, I_ref = _lane_twin(q, base, cand, k, metric)
+        np.testing.assert_array_equal(I, I_ref)
+        np.testing.assert_array_equal(D.view(np.uint32), D_ref.view(np.uint32))
+        both = (I == 3).any(1) & (I == 7).any(1)
+        for row in np.flatnonzero(both):
+            assert np.flatnonzero(I[row] == 3)[0] < np.flatnonzero(I[row] == 7)[0]
+
+
+def test_native_kernel_row_maps_agree() -> None:
+    """Rows given, rows from a table, rows = id - lo: the same answers."""
+    rng = np.random.default_rng(1)
+    n, d = 300, 40
+    base = rng.standard_normal((n, d)).astype(np.float16)
+    q = rng.standard_normal((9, d)).astype(np.float32)
+    perm = rng.permutation(n)
+    ids_of_row = 1000 + perm  # row r holds id 1000 + perm[r]
+    table = np.full(n, -1, np.int64)
+    table[perm] = np.arange(n)
+    cand_rows = np.stack([rng.permutation(n)[:50] for _ in range(9)]).astype(np.int64)
+    cand = ids_of_row[cand_rows]
+    cand[0, :3] = [5, 999, 1300]  # outside the table: skipped
+    cand_rows[0, :3] = -1
+    ref = rescore(q, base, cand_rows, cand, 6)
+    got = rescore_ids(q, base, cand, 6, lo=1000, span=n, table=table)
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(got[0], ref[0])
+    # identity: id x at row x - lo
+    ident = rescore_ids(q, base, cand_rows + 50, 6, lo=50, span=n)
+    want = rescore(q, base, cand_rows, cand_rows + 50, 6)
+    np.testing.assert_array_equal(ident[1], want[1])
+
+
+@pytest.mark.parametrize("ids_kind", ["consecutive", "shuffled", "sparse"])
+def test_index_rescore_through_each_row_map(data, ids_kind: str) -> None:
+    xb, xq = data
+    n = xb.shape[0]
+    ids = {
+        "consecutive": np.arange(n) + 40,
+        "shuffled": np.random.default_rng(0).permutation(n) + 40,
+        "sparse": np.arange(n) * 1_000_003 + 7,
+    }[ids_kind]
+    index = _index(IVFPQParams(D_DIM, 16, 8, store_vectors="float32"), xb)
+    index.add(xb, ids)
+    cand = np.random.default_rng(1).choice(ids, (len(xq), 64))
+    cand[:, 0] = -5  # unknown
+    D, I = index.rescore(xq, cand, 5)
+    ref = rescore(xq, index.vectors, index.rows_of(cand), cand, 5)
+    np.testing.assert_array_equal(I, ref[1])
+    np.testing.assert_array_equal(D, ref[0])
 
 
 def test_widen_f16_is_exact_for_every_finite_float16() -> None:

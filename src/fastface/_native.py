@@ -27,6 +27,7 @@ __all__ = [
     "copy_segments",
     "ivfpq8_search",
     "merge_topk",
+    "rerank",
     "warp_affine_f32_nchw",
     "warp_affine_u8",
 ]
@@ -126,11 +127,14 @@ def ivfpq8_search(
     runs: Sequence[Any],
     exclude: npt.NDArray[np.int64],
     k: int,
+    max_copies: int = 1,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Exact top-``k`` of 8-bit PQ codes over the probed lists of ``runs`` (``csrc/ivfpq.h``).
 
     ``pq_t`` is the PQ codebook transposed to ``(M, dsub, 256)``; ``coarse`` the
-    ``(nlist, d)`` centroids; ``exclude`` sorted ids never returned. The caller
+    ``(nlist, d)`` centroids; ``exclude`` sorted ids never returned;
+    ``max_copies`` (1 or 2) the most entries one id has (2: spilled
+    assignment); each id is returned once, with its best score. The caller
     (:mod:`fastface.index`) has validated everything.
     """
     out: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] = _C.ivfpq8_search(
@@ -142,6 +146,48 @@ def ivfpq8_search(
         assign_I,
         list(runs),
         exclude,
+        int(k),
+        int(max_copies),
+    )
+    return out
+
+
+_NO_ROWS = np.empty((0, 0), np.int64)
+_NO_TABLE = np.empty(0, np.int64)
+
+
+def rerank(
+    q: npt.NDArray[np.float32],
+    base: npt.NDArray[Any],
+    cand: npt.NDArray[np.int64],
+    k: int,
+    *,
+    l2: bool,
+    rows: npt.NDArray[np.int64] | None = None,
+    lo: int = 0,
+    span: int = 0,
+    table: npt.NDArray[np.int64] | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Exact top-``k`` of each query's candidates ``cand`` (``(nq, m)``; ``csrc/rerank.h``).
+
+    ``base``: ``(n, d)`` float32 or float16 (C-contiguous; may be a memory
+    map, read only at the rows named). A candidate's row is ``rows[i, c]``
+    when ``rows`` is given, else ``table[id - lo]`` (or ``id - lo`` without a
+    table) for ids in ``lo .. lo + span - 1``; candidates without a row are
+    skipped. Results best first, equal scores by lower id, padded. The caller
+    (:mod:`fastface.kernels.exact`) has validated everything.
+    """
+    if base.dtype == np.float16:
+        base = base.view(np.uint16)
+    out: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] = _C.rerank(
+        q,
+        base,
+        cand,
+        _NO_ROWS if rows is None else rows,
+        int(lo),
+        int(span),
+        _NO_TABLE if table is None else table,
+        bool(l2),
         int(k),
     )
     return out

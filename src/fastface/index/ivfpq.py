@@ -70,6 +70,7 @@ from ..errors import CorruptIndexError, EmptyIndexError, NotTrainedError, ReadOn
 from . import faiss_format, lists, storage
 from .lists import ListRun
 from .params import METRICS, STORE_DTYPES, Codec, CodecParams, FlatParams, IVFPQParams
+from .soar import spill_lists
 from .vectors import Rows, check_storable
 
 __all__ = ["IVFPQIndex", "IVFPQParams", "IdSet", "check_nprobe", "check_rerank", "sorted_unique"]
@@ -191,7 +192,7 @@ def _exclusion(exclude: Any) -> IdSet | None:
 class _State:
     """One immutable state of a shard: rows (ids, vectors) and inverted lists."""
 
-    __slots__ = ("faiss", "ids", "lookup", "runs", "sizes", "vectors")
+    __slots__ = ("faiss", "ids", "lookup", "rmap", "runs", "sizes", "vectors")
 
     def __init__(
         self,
@@ -205,6 +206,7 @@ class _State:
         self.runs = runs
         self.faiss = faiss_index  # 4-bit: a FAISS index holding the lists (never mutated)
         self.lookup: tuple[Any, ...] | None = None
+        self.rmap: Any = False  # row_map(), once known
         self.sizes: npt.NDArray[np.int64] | None = None  # entries per list, computed once
 
     @property
@@ -212,6 +214,9 @@ class _State:
         return self.ids.n
 
     def _make_lookup(self) -> tuple[Any, ...]:
+        """``(srt, order, lo, span, table)``: sorted ids, their rows, and a dense table
+        ``table[id - lo] = row`` when the ids are compact (``None`` otherwise);
+        ``(None, None, lo, n, None)`` when the ids are ``lo, lo + 1, ...`` in row order."""
         arr = self.ids.array
         lo = int(arr[0])
         # consecutive ids in row order (what a build writes) need no table at all
@@ -225,6 +230,23 @@ class _State:
             table = np.full(span, -1, np.int64)
             table[srt - lo] = order
         return (srt, order, lo, span, table)
+
+    def row_map(self) -> tuple[int, int, npt.NDArray[np.int64] | None] | None:
+        """How the re-ranking kernel finds a candidate's row from its id: ``(lo, span,
+        table)`` (``table`` ``None`` when ids ``lo, lo + 1, ...`` are in row order), or
+        ``None`` when the ids are too sparse for a table (rows are then looked up first)."""
+        if self.rmap is False:
+            self.rmap = None
+            if self.n:
+                if self.lookup is None:
+                    self.lookup = self._make_lookup()
+                srt, _, lo, span, table = self.lookup
+                if srt is None:
+                    self.rmap = (lo, span, None)
+                elif table is not None:
+                    self.rmap = (lo, span, table)
+        rmap: tuple[int, int, npt.NDArray[np.int64] | None] | None = self.rmap
+        return rmap
 
     def id_bounds(self) -> tuple[int, int] | None:
         """Smallest and largest id held (``None`` when empty)."""
@@ -347,8 +369,9 @@ class IVFPQIndex:
         8-bit codecs take ``runs`` (:class:`~fastface.index.lists.ListRun`,
         e.g. a shard's share of lists packed with other shards); 4-bit codecs
         take a filled FAISS fast-scan index, which must not be changed after.
-        The lists must hold exactly ``ids``; ``vectors`` (row order) is
-        required when the codec's params store vectors. Nothing is copied.
+        The lists must hold exactly ``ids`` (each twice with spilled
+        assignment); ``vectors`` (row order) is required when the codec's
+        params store vectors. Nothing is copied.
         """
         obj = cls(codec)
         p = obj.params
@@ -368,8 +391,11 @@ class IVFPQIndex:
                 raise ValueError("from_parts: a 4-bit codec takes a FAISS index, not runs")
             run_t = ()
             held = int(faiss_index.ntotal)
-        if held != ids.size:
-            raise CorruptIndexError(f"the lists hold {held} vectors, the ids {ids.size}")
+        if held != ids.size * p.max_copies:
+            raise CorruptIndexError(
+                f"the lists hold {held} entries, the ids {ids.size} vectors"
+                + (" (each in two lists)" if p.max_copies > 1 else "")
+            )
         vec_rows = None
         if p.store_vectors is not None:
             if vectors is None:
@@ -404,13 +430,15 @@ class IVFPQIndex:
         ``params.opq`` it is wrapped in an ``IndexPreTransform`` of one
         rotation (as ``faiss.index_factory(d, params.spec)`` builds it, without
         the storage token). The lists are copied; ``index`` stays the caller's. ``ids`` gives the
-        row order of the vectors (default: the lists' order) and ``vectors``
-        their raw values in that order (required when ``params`` store
-        vectors and the index is not empty).
+        row order of the vectors (default: the lists' order, each id where it
+        first appears) and ``vectors`` their raw values in that order
+        (required when ``params`` store vectors and the index is not empty).
+        With ``params.soar_lambda`` set every id must be in exactly two lists.
         """
         if not isinstance(params, IVFPQParams):
             raise TypeError(f"params: expected IVFPQParams, got {type(params).__name__}")
-        index = faiss.downcast_index(index)
+        caller_ref = index  # the caller's object may be the only owner: keep it alive
+        index = faiss.downcast_index(caller_ref)
         inner = _check_faiss_kind(params, index)
         if not index.is_trained:
             raise NotTrainedError("index: the FAISS index is not trained")
@@ -427,12 +455,16 @@ class IVFPQIndex:
             fidx = _with_flat_quantizer(codec, faiss.clone_index(inner))
             list_ids = _fastscan_ids(data, layout)
             runs = None
+        try:
+            first = row_order_ids(list_ids, params.max_copies)
+        except ValueError as e:
+            raise ValueError(f"index: {e}") from None
         if ids is None:
-            row_ids = list_ids
+            row_ids = first
         else:
             row_ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
-            row_ids = as_ids(row_ids, list_ids.size)
-            if not np.array_equal(np.sort(row_ids), np.sort(list_ids)):
+            row_ids = as_ids(row_ids, first.size)
+            if not np.array_equal(np.sort(row_ids), np.sort(first)):
                 raise ValueError("ids: must be the ids stored in the index, in row order")
         if params.store_vectors is not None and vectors is None and row_ids.size == 0:
             vectors = np.empty((0, params.d), STORE_DTYPES[params.store_vectors])
@@ -681,8 +713,14 @@ class IVFPQIndex:
         elif p.nbits == 8:
             new_runs = list(runs)
             for s in range(0, x.shape[0], batch_size):
-                lst, codes = codec.encode(x[s : s + batch_size])
-                new_runs.append(lists.from_encoded(lst, codes, ids[s : s + batch_size], p.nlist))
+                xs, ids_s = x[s : s + batch_size], ids[s : s + batch_size]
+                lst, codes = codec.encode(xs)
+                if p.soar_lambda is not None:  # a second entry in the spilled list
+                    lst2, codes2 = codec.encode(xs, spill_lists(codec, xs, lst, p.soar_lambda))
+                    lst = np.concatenate([lst, lst2])
+                    codes = np.concatenate([codes, codes2])
+                    ids_s = np.concatenate([ids_s, ids_s])
+                new_runs.append(lists.from_encoded(lst, codes, ids_s, p.nlist))
             runs = _settle_runs(new_runs, p.nlist, p.code_size)
         else:
             fidx = faiss.clone_index(st.faiss)  # fast-scan lists change in place: copy first
@@ -748,19 +786,24 @@ class IVFPQIndex:
         assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
         *,
         exclude: IdSet | npt.ArrayLike | None = None,
+        ordered: bool = True,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """PQ top-``k`` of each query over its assigned lists, never returning ``exclude`` ids.
 
         ``assignment`` is :meth:`assign`'s result (of this codec) for the
         same queries. Scores are PQ estimates (exact for the codes), ordered
         better first, equal scores by lower id; padded with ``-1``. An empty
-        index returns padding.
+        index returns padding. With spilled assignment each id comes once,
+        with the better score of its entries in the assigned lists.
+        ``ordered=False`` may leave each row's ``k`` results in any order
+        (padding last), which is cheaper for 4-bit codes: enough for
+        candidates that are re-scored (:meth:`rescore`).
         """
         codec = self._check_searchable()
         k = check_k(k)
         q = as_queries(q, "q", d=self.d)
         a = check_assignment(assignment, q.shape[0], self.params.nlist)
-        return self._scan(self._state, codec, q, k, a, _exclusion(exclude))
+        return self._scan(self._state, codec, q, k, a, _exclusion(exclude), ordered=ordered)
 
     def _scan(
         self,
@@ -770,6 +813,8 @@ class IVFPQIndex:
         k: int,
         assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
         exclude: IdSet | None,
+        *,
+        ordered: bool = True,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         p = self.params
         if isinstance(p, FlatParams):
@@ -778,7 +823,7 @@ class IVFPQIndex:
         if p.nbits == 8:
             ex = None if exclude is None else exclude.array
             return lists.scan(codec, q, k, assignment, st.runs, ex)
-        return fastscan_scan(p, st.faiss, codec.rotate(q), k, assignment, exclude)
+        return fastscan_scan(p, st.faiss, codec.rotate(q), k, assignment, exclude, ordered=ordered)
 
     def rescore(
         self, q: npt.NDArray[np.float32], ids: npt.ArrayLike, k: int
@@ -815,11 +860,17 @@ class IVFPQIndex:
     def _rescore(
         self, st: _State, q: npt.NDArray[np.float32], cand: npt.NDArray[np.int64], k: int
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        from ..kernels.exact import rescore
+        from ..kernels.exact import rescore, rescore_ids
 
         assert st.vectors is not None
+        metric = self.params.metric
+        base = st.vectors.array
+        rmap = st.row_map()
+        if rmap is not None:  # ids -> rows inside the kernel
+            lo, span, table = rmap
+            return rescore_ids(q, base, cand, k, lo=lo, span=span, table=table, metric=metric)
         rows = np.ascontiguousarray(st.rows_of(cand))
-        return rescore(q, st.vectors.array, rows, cand, k, metric=self.params.metric)
+        return rescore(q, base, rows, cand, k, metric=metric)
 
     def search(
         self,
@@ -854,7 +905,7 @@ class IVFPQIndex:
         assignment = codec.assign(q, nprobe)
         if factor is None:
             return self._scan(st, codec, q, k, assignment, None)
-        _, cand = self._scan(st, codec, q, k * factor, assignment, None)
+        _, cand = self._scan(st, codec, q, k * factor, assignment, None, ordered=False)
         return self._rescore(st, q, cand, k)
 
     # --- persistence ---------------------------------------------------------------------------
@@ -1274,10 +1325,47 @@ def _block_topk(
 
 
 def _list_order_ids(params: CodecParams, st: _State) -> npt.NDArray[np.int64]:
+    """The ids in the order :meth:`IVFPQIndex.load` takes them: list order, each id where
+    it first appears."""
     if params.nbits == 8:
-        return lists.list_ids(st.runs, params.nlist)
-    data = np.frombuffer(bytes(faiss.serialize_index(st.faiss)), np.uint8)
-    return _fastscan_ids(data, faiss_format.parse(data, "index"))
+        ids = lists.list_ids(st.runs, params.nlist)
+    else:
+        data = np.frombuffer(bytes(faiss.serialize_index(st.faiss)), np.uint8)
+        ids = _fastscan_ids(data, faiss_format.parse(data, "index"))
+    return ids if params.max_copies == 1 else row_order_ids(ids, params.max_copies)
+
+
+def row_order_ids(list_ids: npt.NDArray[np.int64], copies: int) -> npt.NDArray[np.int64]:
+    """The vectors' ids from their list entries: each id where it first appears.
+
+    Raises ``ValueError`` unless every id is non-negative and appears exactly
+    ``copies`` times.
+    """
+    return _row_order_ids(list_ids, copies)[0]
+
+
+def _row_order_ids(
+    list_ids: npt.NDArray[np.int64], copies: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """:func:`row_order_ids` and the ids sorted (one sort for both)."""
+    if copies == 1:
+        srt = np.sort(list_ids)
+        if srt.size and (int(srt[0]) < 0 or bool((srt[1:] == srt[:-1]).any())):
+            raise ValueError("duplicate or negative ids")
+        return list_ids, srt
+    order = np.argsort(list_ids, kind="stable")
+    srt = list_ids[order]
+    if srt.size % copies:
+        raise ValueError(f"{srt.size} list entries for ids each stored {copies} times")
+    groups = srt.reshape(-1, copies)
+    if groups.size and (
+        int(srt[0]) < 0
+        or bool((groups != groups[:, :1]).any())
+        or bool((groups[1:, 0] == groups[:-1, 0]).any())
+    ):
+        raise ValueError(f"ids must each be stored exactly {copies} times, none negative")
+    first = np.sort(order.reshape(-1, copies)[:, 0])  # first entry of each id, in list order
+    return list_ids[first], groups[:, 0]
 
 
 def _fastscan_ids(
@@ -1298,8 +1386,11 @@ def fastscan_scan(
     k: int,
     assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
     exclude: IdSet | None,
+    *,
+    ordered: bool = True,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """FAISS fast-scan over the assigned lists; rows re-sorted by (score, lower id)."""
+    """FAISS fast-scan over the assigned lists; rows re-sorted by (score, lower id) unless
+    ``ordered`` is false (FAISS's order: equal scores in scan order)."""
     from .._native import merge_topk
 
     nq = q.shape[0]
@@ -1326,6 +1417,8 @@ def fastscan_scan(
         False,
         sp,
     )
+    if not ordered:
+        return D, I
     # FAISS keeps equal scores in scan order: the one merge puts the lower id first
     return merge_topk(D[None], I[None], k, larger_is_better=params.larger_is_better)
 
@@ -1354,9 +1447,10 @@ def load_shard(
         raise TypeError("load_shard: a flat shard has no shard file; use from_parts")
     buf = data.array()
     layout = faiss_format.parse(buf, data.name)
-    # a shard file holds the codec's IVF part over a flat quantizer, never a rotation
+    # a shard file holds the codec's IVF part over a flat quantizer, never a rotation;
+    # it counts list entries: two per vector with spilled assignment
     file_params = dataclasses.replace(params, coarse_hnsw=None, opq=None)
-    layout.check(file_params, ntotal=ntotal, buf=buf if codec is None else None)
+    layout.check(file_params, ntotal=ntotal * params.max_copies, buf=buf if codec is None else None)
     if codec is None:
         if not params.plain:
             raise ValueError("load_shard: an OPQ/HNSW shard needs its codec")
@@ -1379,16 +1473,16 @@ def load_shard(
         fidx = faiss.deserialize_index(np.asarray(buf))
         list_ids = _fastscan_ids(buf, layout)
         runs = None
-    srt = np.sort(list_ids)
-    if srt.size and (int(srt[0]) < 0 or bool((srt[1:] == srt[:-1]).any())):
-        raise CorruptIndexError(f"{data.path}: duplicate or negative ids", data.path, "ids")
+    try:
+        first, srt = _row_order_ids(list_ids, params.max_copies)
+    except ValueError as e:
+        raise CorruptIndexError(f"{data.path}: {e}", data.path, "ids") from None
     if ids is None:
-        ids = list_ids
+        ids = first
     elif ids.size != srt.size or not np.array_equal(np.sort(ids), srt):
         raise CorruptIndexError(
             f"{data.path}: its lists hold other ids than its ids file", data.path, "ids"
         )
-    del srt
     return IVFPQIndex.from_parts(
         codec, ids, runs=runs, faiss_index=fidx, vectors=vectors, read_only=read_only
     )

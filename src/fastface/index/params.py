@@ -37,6 +37,7 @@ one object is shared, read-only, by every shard and every thread.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal, TypeAlias
@@ -114,6 +115,20 @@ class IVFPQParams:
     opq : int or None
         Train an OPQ rotation for this many sub-quantizers (usually ``M``) and
         rotate every vector and query with it first (FAISS's ``OPQ32,...``).
+    soar_lambda : float or None
+        Spilled assignment (SOAR): every vector is also stored in a second
+        list, chosen among its nearest lists to minimise
+        ``|r'|^2 + soar_lambda * <r', r / |r|>^2`` (``r``, ``r'``: its
+        residuals to the first and the second list's centroid, in the codec's
+        rotated space with OPQ), so that the second residual is nearly
+        orthogonal to the first: a query whose nearest lists miss a
+        neighbour's first list tends to find its second. Fewer lists are
+        probed for the same recall, at the cost of twice the list entries
+        (codes and ids); raw vectors are stored once. A search returns each
+        id once, with the better score of its two entries. ``None``
+        (default): one list per vector, as FAISS. Needs ``nlist >= 2`` and
+        8-bit codes (fastface's own scan; FAISS's fast-scan lists cannot hold
+        a vector twice).
 
     Examples
     --------
@@ -136,6 +151,7 @@ class IVFPQParams:
     store_vectors: Literal["float16", "float32"] | None = "float16"
     coarse_hnsw: int | None = None
     opq: int | None = None
+    soar_lambda: float | None = None
 
     def __post_init__(self) -> None:
         check_positive_int(self.d, "d")
@@ -163,6 +179,25 @@ class IVFPQParams:
                 raise ValueError(
                     f"opq={self.opq} must divide d={self.d}; pick one of {_divisors(self.d)}"
                 )
+        if self.soar_lambda is not None:
+            lam = self.soar_lambda
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+                raise TypeError(
+                    f"soar_lambda: expected a float >= 0 or None, got {type(lam).__name__}"
+                )
+            if not math.isfinite(lam) or lam < 0:
+                raise ValueError(f"soar_lambda: expected a finite float >= 0, got {lam!r}")
+            if self.nbits != 8:
+                raise ValueError(
+                    "soar_lambda: spilled assignment needs 8-bit codes (nbits=8); FAISS's "
+                    "fast-scan lists (nbits=4) cannot hold a vector in two lists"
+                )
+            if self.nlist < 2:
+                raise ValueError(
+                    "soar_lambda: spilled assignment needs a second list (nlist >= 2), got "
+                    f"nlist={self.nlist}"
+                )
+            object.__setattr__(self, "soar_lambda", float(lam))
 
     kind: Literal["ivfpq"] = dataclasses.field(default="ivfpq", init=False, repr=False)
 
@@ -179,6 +214,11 @@ class IVFPQParams:
     def code_size(self) -> int:
         """Bytes of one PQ code as FAISS stores it (``ceil(M * nbits / 8)``)."""
         return (self.M * self.nbits + 7) // 8
+
+    @property
+    def max_copies(self) -> int:
+        """List entries per vector: 2 with spilled assignment (``soar_lambda``), else 1."""
+        return 1 if self.soar_lambda is None else 2
 
     @property
     def pad_score(self) -> float:
@@ -215,7 +255,7 @@ class IVFPQParams:
         """The fields as a dict; options at their default ``None`` are left out."""
         out = dataclasses.asdict(self)
         out.pop("kind", None)
-        for name in ("coarse_hnsw", "opq"):
+        for name in ("coarse_hnsw", "opq", "soar_lambda"):
             if out[name] is None:
                 del out[name]
         return out
@@ -240,6 +280,9 @@ class IVFPQParams:
         for name in ("nbits", "metric", "store_vectors", "coarse_hnsw", "opq"):
             if name in kw and kw[name] is not None and not isinstance(kw[name], (int, str)):
                 raise TypeError(f"params: {name} has type {type(kw[name]).__name__}")
+        lam = kw.get("soar_lambda")
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))):
+            raise TypeError(f"params: soar_lambda has type {type(lam).__name__}")
         for name in ("coarse_hnsw", "opq"):
             if isinstance(kw.get(name), str):
                 raise TypeError(f"params: {name} must be an integer or null")
@@ -322,6 +365,16 @@ class FlatParams:
         return True
 
     @property
+    def soar_lambda(self) -> None:
+        """A flat index has no lists: never spilled."""
+        return None
+
+    @property
+    def max_copies(self) -> int:
+        """Entries per vector: one (a flat shard stores each vector once)."""
+        return 1
+
+    @property
     def spec(self) -> str:
         return "Flat" if self.store_vectors == "float32" else "Flat,F16"
 
@@ -397,7 +450,7 @@ def parse_spec(
     --------
     >>> parse_spec("IVF1024,PQ32x4fs,F16", 128)
     IVFPQParams(d=128, nlist=1024, M=32, nbits=4, metric='ip', store_vectors='float16', \
-coarse_hnsw=None, opq=None)
+coarse_hnsw=None, opq=None, soar_lambda=None)
     >>> parse_spec("Flat,F16", 64, metric="l2")
     FlatParams(d=64, metric='l2', store_vectors='float16')
     >>> parse_spec("IVF1024,PQ30", 128)
@@ -653,6 +706,19 @@ class Codec:
         if isinstance(self.params, FlatParams):
             _check_store(store_vectors, allowed_none=False)
         params = dataclasses.replace(self.params, store_vectors=store_vectors)  # type: ignore[arg-type]
+        return self._with_params(params)
+
+    def with_soar(self, soar_lambda: float | None) -> Codec:
+        """This codec with spilled assignment on (``soar_lambda``) or off (``None``).
+
+        Spilling changes how vectors are added, not the codec: the centroids
+        and codebooks are shared. A flat codec raises ``ValueError``.
+        """
+        if not isinstance(self.params, IVFPQParams):
+            raise ValueError("with_soar: a flat codec has no lists to spill into")
+        return self._with_params(dataclasses.replace(self.params, soar_lambda=soar_lambda))
+
+    def _with_params(self, params: CodecParams) -> Codec:
         out = Codec.__new__(Codec)
         for name in Codec.__slots__:
             setattr(out, name, getattr(self, name))
@@ -702,18 +768,26 @@ class Codec:
         return np.ascontiguousarray(Dq, np.float32), np.ascontiguousarray(Iq, np.int64)
 
     def encode(
-        self, x: npt.NDArray[np.float32]
+        self, x: npt.NDArray[np.float32], lists: npt.NDArray[np.int64] | None = None
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
-        """List number and PQ code of each row, exactly as FAISS's ``add`` computes them."""
+        """List number and PQ code of each row, exactly as FAISS's ``add`` computes them.
+
+        ``lists`` (int64, one per row, in ``0..nlist-1``) encodes each row for
+        the given list instead of its nearest one (e.g. its spilled list).
+        """
         if self._ivf is None:
             raise ValueError("encode: a flat codec has no codes")
         n = x.shape[0]
+        given = lists
         lists = np.empty(n, np.int64)
         codes = np.empty((n, self.code_size), np.uint8)
         if n:
             xr = self.rotate(x)
-            _, assigned = self._coarse_search(xr, 1, EF_ADD)
-            lists[:] = assigned[:, 0]
+            if given is not None:
+                lists[:] = given
+            else:
+                _, assigned = self._coarse_search(xr, 1, EF_ADD)
+                lists[:] = assigned[:, 0]
             self._ivf.encode_vectors(
                 n, faiss.swig_ptr(xr), faiss.swig_ptr(lists), faiss.swig_ptr(codes), False
             )
@@ -789,4 +863,5 @@ class Codec:
 def _without_storage(p: CodecParams) -> dict[str, Any]:
     out = p.to_dict()
     out.pop("store_vectors", None)
+    out.pop("soar_lambda", None)  # how vectors are added, not the codec
     return out

@@ -1036,6 +1036,8 @@ class ShardedIndex:
         k: int,
         assignment: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
         strategy: str,
+        *,
+        ordered: bool = True,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         exclude = st.tombstones if len(st.tombstones) else None
         if strategy == "stacked":
@@ -1054,13 +1056,15 @@ class ShardedIndex:
             if rows.size == 0:
                 continue
             if rows.size == nq:
-                parts.append(s.index.scan(q, k, assignment, exclude=exclude))
+                parts.append(s.index.scan(q, k, assignment, exclude=exclude, ordered=ordered))
                 continue
             sub = (
                 np.ascontiguousarray(assignment[0][rows]),
                 np.ascontiguousarray(Iq[rows]),
             )
-            Ds, Is = s.index.scan(np.ascontiguousarray(q[rows]), k, sub, exclude=exclude)
+            Ds, Is = s.index.scan(
+                np.ascontiguousarray(q[rows]), k, sub, exclude=exclude, ordered=ordered
+            )
             D = np.full((nq, k), self.params.pad_score, np.float32)
             I = np.full((nq, k), -1, np.int64)
             D[rows], I[rows] = Ds, Is
@@ -1140,7 +1144,8 @@ class ShardedIndex:
         assignment = st.codec.assign(q, nprobe)
         if factor is None:
             return self._scan(st, st.codec, q, k, assignment, strategy)
-        _, cand = self._scan(st, st.codec, q, k * factor, assignment, strategy)
+        # candidates in any order: re-scoring orders them
+        _, cand = self._scan(st, st.codec, q, k * factor, assignment, strategy, ordered=False)
         return self._rescore(st, q, cand, k)
 
     # --- remove / compact ---------------------------------------------------------------------
@@ -2089,8 +2094,9 @@ def _mapped_shard(
         buf = np.frombuffer(_mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ), np.uint8)
     layout = faiss_format.parse(buf, rec["file"])
     run = ListRun.from_layout(buf, layout)
-    if run.n != index.ntotal:  # pragma: no cover - we wrote it
-        raise CorruptIndexError(f"{rec['file']}: holds {run.n} codes, expected {index.ntotal}")
+    want = index.ntotal * index.params.max_copies  # two entries per vector when spilled
+    if run.n != want:  # pragma: no cover - we wrote it
+        raise CorruptIndexError(f"{rec['file']}: holds {run.n} codes, expected {want}")
     return IVFPQIndex.from_parts(
         codec, index.ids, runs=(run,), vectors=index.vectors, read_only=True
     )
