@@ -274,7 +274,17 @@ def test_another_writer_is_detected(tmp_path, index_dir, data) -> None:
             w.add(data[0][:10])  # a commit this RayShardedIndex did not make
         with pytest.raises(IndexChangedError):
             rx.remove([1])
-        ray.kill(rx.actors()[1][0], no_restart=False)  # restarts at the new generation
+        actor = rx.actors()[1][0]
+        ray.kill(actor, no_restart=False)  # restarts at the new generation
+        deadline = time.monotonic() + 120
+        while True:  # ray.kill is asynchronous: wait until the restarted actor answers
+            try:
+                if ray.get(actor.ready.remote(), timeout=60)["generation"] != rx.generation:
+                    break
+            except ray.exceptions.RayActorError:
+                pass
+            assert time.monotonic() < deadline, "the killed actor was not restarted"
+            time.sleep(0.1)
         with pytest.raises(IndexChangedError, match="another writer"):
             rx.search(data[1], 5, nprobe=8)
 
