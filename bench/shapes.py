@@ -56,6 +56,13 @@ Usage::
     python bench/shapes.py                    # 500k faces, 1M clustered48, 500k weak128
     python bench/shapes.py --quick            # 100k each, a few minutes
     python bench/shapes.py --shapes clustered48 --n 200000
+
+Builds, data and ground truth need no lock; the timed sweep does. Prepare
+first, then time under the machine-wide benchmark lock (builds are cached
+under ``--work``, so the second command only times)::
+
+    python bench/shapes.py --n 200000 --prepare
+    flock /work/bench.lock python bench/shapes.py --n 200000
 """
 
 from __future__ import annotations
@@ -543,12 +550,27 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/fastface-shapes"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/shapes.json"))
+    ap.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only generate data, ground truth and builds (cached under --work); time nothing",
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other shapes already in --out (one lock per shape)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.n = args.n or 100_000
         args.nq = min(args.nq, 300)
     results: dict[str, Any] = {}
     meta = bench_meta(["bench/shapes.py", *argv])
+    if args.merge and args.out.exists():
+        old = json.loads(args.out.read_text())
+        results = {k: v for k, v in old["results"].items() if k not in args.shapes}
+        for k in results:
+            results[k].setdefault("meta", old["meta"])
     for name in args.shapes:
         n = args.n or DEFAULT_N[name]
         t = time.perf_counter()
@@ -558,6 +580,12 @@ def main(argv: list[str]) -> None:
             f"M_fs={shape.M_fs} (data and ground truth {time.perf_counter() - t:.0f} s)",
             flush=True,
         )
+        if args.prepare:
+            t = time.perf_counter()
+            _, held = configs_for(shape, args.methods, args, args.work)
+            print(f"  built: {json.dumps(held['builds'], default=float)}", flush=True)
+            print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
+            continue
         load_before = os.getloadavg()
         res = run_shape(shape, args.methods, args, args.work)
         res["shape"] = {
@@ -573,6 +601,7 @@ def main(argv: list[str]) -> None:
             **shape.desc,
         }
         res["load_avg"] = {"before": load_before, "after": os.getloadavg()}
+        res["meta"] = meta
         results[name] = res
         print_summary(name, res["summary"], args.methods)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -582,6 +611,8 @@ def main(argv: list[str]) -> None:
             "results": results,
         }
         args.out.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    if args.prepare:
+        return
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

@@ -377,3 +377,28 @@ def test_block_programs_do_not_depend_on_thread_order(gallery, nbits: int) -> No
     _assert_same_topk(results[0][0], results[0][1], Dr, Ir)
     with pytest.raises(ValueError, match="order"):
         native.set_thread_order(3)
+
+
+def test_to_gpu_on_both_index_kinds_and_refusals(gallery, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``index.to_gpu()`` is ``from_cpu(index)``; codecs the kernels cannot run are refused."""
+    xb, xq = gallery
+    cpu = _cpu_index(xb, "ip", 8)
+    D, I = cpu.to_gpu(device=EMU).search(xq, 10, nprobe=8, rerank=5)
+    Dc, Ic = cpu.search(xq, 10, nprobe=8, rerank=5)
+    np.testing.assert_array_equal(I, Ic)
+    np.testing.assert_allclose(D, Dc, atol=1e-6, rtol=0)
+    with ShardedIndex.create(tmp_path / "s", IVFPQParams(32, 16, 8), shard_size=2500) as index:
+        index.train(xb)
+        index.add(xb)
+        g = index.to_gpu(device=EMU, vectors=False)
+        assert g.ntotal == index.ntotal
+        _assert_same_topk(*g.search(xq, 10, nprobe=16), *index.search(xq, 10, nprobe=16))
+    with ShardedIndex.create(tmp_path / "f", "Flat", d=32) as flat:
+        flat.add(xb[:100])
+        with pytest.raises(ValueError, match="flat index"):
+            flat.to_gpu(device=EMU)
+    with ShardedIndex.create(tmp_path / "o", "OPQ8,IVF16,PQ8", d=32) as opq:
+        opq.train(xb)
+        opq.add(xb[:500])
+        with pytest.raises(ValueError, match="OPQ"):
+            opq.to_gpu(device=EMU)

@@ -6,7 +6,11 @@ import re
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SECTIONS = ("## Use\n", "### Exact re-ranking and near-duplicates\n")
+SECTIONS = (
+    "## Use\n",
+    "### Exact re-ranking and near-duplicates\n",
+    "### Large galleries: index specs, auto-tuning, streaming builds\n",
+)
 
 
 def _blocks(text: str, heading: str) -> list[str]:
@@ -21,9 +25,12 @@ def test_index_examples_run(tmp_path, monkeypatch) -> None:
     text = README.read_text()
     namespace: dict[str, object] = {}
     code = [block for heading in SECTIONS for block in _blocks(text, heading)]
-    assert len(code) == 2
+    assert len(code) == 3
     for block in code:
         exec(compile(block, str(README), "exec"), namespace)
     D, I = namespace["D"], namespace["I"]
     assert D.shape == I.shape == (5, 10)  # type: ignore[attr-defined]
     assert (tmp_path / "gallery.idx" / "manifest.json").exists()
+    assert namespace["choice"].spec == "IVF65536_HNSW32,PQ32,F16"  # type: ignore[attr-defined]
+    assert namespace["big"].ntotal == 20_000  # type: ignore[attr-defined]
+    assert namespace["small"].params.kind == "flat"  # type: ignore[attr-defined]

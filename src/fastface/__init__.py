@@ -17,6 +17,7 @@ runtimes; set the variable yourself to choose otherwise.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -24,23 +25,40 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ._version import __version__
 
+# Libraries log, applications decide where it goes: messages of every fastface
+# module go to the "fastface" logger, silent unless the application configures it
+# (the fastface command does, on stderr: warnings, or more with -v).
+logging.getLogger("fastface").addHandler(logging.NullHandler())
+
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import datasets, errors, eval, faces, io
     from ._dedup import DedupResult, dedup, dedup_vectors
     from ._native import build_info
     from .gallery import ErasureReceipt, Gallery, SubjectExport
-    from .index import Codec, IVFPQIndex, IVFPQParams, ShardedIndex
+    from .index import (
+        AutoSpec,
+        Codec,
+        FlatParams,
+        IVFPQIndex,
+        IVFPQParams,
+        ShardedIndex,
+        auto_spec,
+        parse_spec,
+    )
 
 __all__ = [
+    "AutoSpec",
     "Codec",
     "DedupResult",
     "ErasureReceipt",
+    "FlatParams",
     "Gallery",
     "IVFPQIndex",
     "IVFPQParams",
     "ShardedIndex",
     "SubjectExport",
     "__version__",
+    "auto_spec",
     "build_info",
     "datasets",
     "dedup",
@@ -49,11 +67,16 @@ __all__ = [
     "eval",
     "faces",
     "io",
+    "parse_spec",
 ]
 
 # name -> (module, attribute); attribute None: the module itself
 _LAZY: dict[str, tuple[str, str | None]] = {
+    "AutoSpec": (".index", "AutoSpec"),
     "Codec": (".index", "Codec"),
+    "FlatParams": (".index", "FlatParams"),
+    "auto_spec": (".index", "auto_spec"),
+    "parse_spec": (".index", "parse_spec"),
     "IVFPQIndex": (".index", "IVFPQIndex"),
     "IVFPQParams": (".index", "IVFPQParams"),
     "ShardedIndex": (".index", "ShardedIndex"),

@@ -19,7 +19,9 @@ few integers per vector (list assignments, labels) and the pairs found.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,8 @@ from .errors import EmptyIndexError, NotTrainedError
 from .kernels.exact import scores
 
 __all__ = ["DedupResult", "dedup", "dedup_vectors"]
+
+log = logging.getLogger("fastface.dedup")
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,7 @@ def _run(
 
     from .kernels import dedup as kern
 
+    t0 = time.perf_counter()
     n = ids_sorted.size
     joiner = _Joiner(parts, n, threshold, chunk_size)
     if quantizer is None:  # exact: every pair
@@ -276,6 +281,16 @@ def _run(
     sizes = np.zeros(n, np.int64)
     g = int(kern.group_labels(root, labels, sizes))
     reps = ids_sorted[np.flatnonzero(root == all_pos)]
+    log.info(
+        "dedup: %d vectors, %d pairs at cosine >= %g, %d groups with duplicates (nprobe %d) "
+        "in %.2f s",
+        n,
+        a.size,
+        threshold,
+        int((sizes[:g] > 1).sum()),
+        nprobe,
+        time.perf_counter() - t0,
+    )
     pairs = (
         np.stack([ids_sorted[a], ids_sorted[b]], axis=1) if a.size else np.empty((0, 2), np.int64)
     )
@@ -311,7 +326,7 @@ def dedup(
     *,
     nprobe: int = 8,
     chunk_size: int = 4096,
-    progress: bool = True,
+    progress: bool = False,
 ) -> DedupResult:
     """Near-duplicate groups among the searchable vectors of an index.
 
@@ -327,7 +342,8 @@ def dedup(
     chunk_size : int
         Rows per block of the exact check; bounds the memory used for vectors.
     progress : bool
-        Show tqdm progress bars.
+        Show tqdm progress bars (off by default; the ``fastface dedup`` command shows
+        them when stderr is a terminal).
 
     Returns
     -------
@@ -418,7 +434,7 @@ def dedup_vectors(
     exact_below: int = 20_000,
     chunk_size: int = 4096,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool = False,
 ) -> DedupResult:
     """Near-duplicate groups among the rows of an array (may be a memory map).
 

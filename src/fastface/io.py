@@ -1,9 +1,22 @@
-"""Vector sources: ``.npy`` (memory-mapped), ``.fvecs``, parquet, arrays and iterables of chunks.
+"""Vector sources: ``.npy`` (memory-mapped), ``.fvecs``, parquet, arrays, generators, chunks.
 
-:func:`open_vectors` gives a :class:`VectorSource` (``n``, ``d``, chunked
-reads, random samples) over any of them; :meth:`ShardedIndex.build
-<fastface.ShardedIndex.build>` and the command line read vectors through it.
-Nothing here loads a whole file unless asked (:meth:`VectorSource.read_all`).
+:func:`open_vectors` gives a source (``n``, ``d``, chunked reads, samples)
+over any of them; :meth:`ShardedIndex.build <fastface.ShardedIndex.build>`
+and the command line read vectors through it. Nothing here loads a whole
+file unless asked (``read_all``).
+
+Which sources can resume (be read again from a row, so that an interrupted
+build continues where it stopped):
+
+============================================  ========  =====================
+source                                        resumes   ``n`` known up front
+============================================  ========  =====================
+``.npy`` / ``.fvecs`` / ``.parquet``, arrays  yes       yes
+a generator with ``rows(start, stop)``        yes       yes
+(:class:`fastface.datasets.SyntheticFaces`)
+a function ``start -> iterable of chunks``    yes       no
+an iterable of chunks                         no        no
+============================================  ========  =====================
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import numpy.typing as npt
 
 __all__ = [
     "ChunkSource",
+    "RowSource",
     "VectorSource",
     "load_fvecs",
     "load_npy",
@@ -107,6 +121,8 @@ def load_parquet(
 class VectorSource:
     """A readable set of vectors: ``n``, ``d``, chunked reads and random samples."""
 
+    resumable = True
+
     def __init__(
         self, path: Path | None, array: Any | None, parquet: Any | None, column: str | None
     ):
@@ -187,18 +203,96 @@ class VectorSource:
         )
 
 
+class RowSource:
+    """Vectors regenerated on demand by an object with ``n``, ``d`` and ``rows(start, stop)``.
+
+    :class:`fastface.datasets.SyntheticFaces` is one: any rows can be produced
+    again from its seed, so a build from it resumes, and 100M rows stream
+    without a 51 GB file. ``rows`` may return ``(x, labels)`` (only ``x`` is used).
+    """
+
+    path = None
+    resumable = True
+
+    def __init__(self, gen: Any) -> None:
+        self._gen = gen
+        self.n = int(gen.n)
+        self.d = int(gen.d)
+
+    def describe(self) -> str:
+        g = self._gen
+        fields = ("n_identities", "per_identity", "d", "seed", "intra_cos", "n_groups", "group_cos")
+        if all(hasattr(g, f) for f in fields):
+            inner = ", ".join(f"{f}={getattr(g, f)!r}" for f in fields)
+        else:
+            inner = f"n={self.n}, d={self.d}"
+        return f"{type(g).__name__}({inner})"
+
+    def _rows(self, lo: int, hi: int) -> npt.NDArray[np.float32]:
+        out = self._gen.rows(lo, hi)
+        x = out[0] if isinstance(out, tuple) else out
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape != (hi - lo, self.d):
+            raise ValueError(
+                f"rows({lo}, {hi}) returned shape {x.shape}, expected ({hi - lo}, {self.d})"
+            )
+        return x
+
+    def iter_chunks(
+        self, chunk_size: int, *, start: int = 0
+    ) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+        """Yield ``(first_row, float32 chunk)`` from row ``start`` on."""
+        for lo in range(start, self.n, chunk_size):
+            yield lo, self._rows(lo, min(lo + chunk_size, self.n))
+
+    def sample(self, n: int, *, seed: int = 0) -> npt.NDArray[np.float32]:
+        """Up to ``n`` rows: the rows of random windows of 65,536 consecutive rows.
+
+        Windows keep generation cheap (a generator draws rows in blocks); for
+        identity-ordered data each window holds thousands of identities.
+        """
+        if n >= self.n:
+            return self.read_all()
+        w = 1 << 16
+        nwin = (self.n + w - 1) // w
+        rng = np.random.default_rng(seed)
+        out = np.empty((n, self.d), np.float32)
+        filled = 0
+        for i in rng.permutation(nwin):
+            lo = int(i) * w
+            x = self._rows(lo, min(lo + w, self.n))
+            take = min(x.shape[0], n - filled)
+            rows = np.sort(rng.choice(x.shape[0], size=take, replace=False))
+            out[filled : filled + take] = x[rows]
+            filled += take
+            if filled == n:
+                break
+        return out
+
+    def read_all(self) -> npt.NDArray[np.float32]:
+        return self._rows(0, self.n)
+
+
 class ChunkSource:
-    """Vectors from an iterable of ``(n_i, d)`` arrays, read once, front to back.
+    """Vectors from an iterable of ``(n_i, d)`` arrays, read front to back.
 
     ``n`` is unknown (``None``) until the iterable is exhausted. :meth:`sample`
     reads and keeps the first rows (a sample of the *beginning*, not a
-    random one); :meth:`iter_chunks` replays them, then continues. A build
-    from a chunk iterable cannot be resumed (the iterable cannot restart).
+    random one); :meth:`iter_chunks` replays them, then continues.
+
+    Built from an iterable, it is read once and a build from it cannot be
+    resumed. Built from a function ``start -> iterable of chunks from row
+    start`` (``ChunkSource(fn)``), it can: :meth:`iter_chunks` calls the
+    function again with the row to continue from.
     """
 
     path = None
 
-    def __init__(self, chunks: Iterable[Any], d: int | None = None) -> None:
+    def __init__(self, chunks: Iterable[Any] | Any, d: int | None = None) -> None:
+        self._restart = chunks if callable(chunks) and not isinstance(chunks, Iterable) else None
+        self.resumable = self._restart is not None
+        if self._restart is not None:
+            chunks = self._restart(0)
         self._it = iter(chunks)
         self._head: list[npt.NDArray[np.float32]] = []
         self._read = 0
@@ -233,6 +327,9 @@ class ChunkSource:
         return None
 
     def describe(self) -> str:
+        if self._restart is not None:
+            name = getattr(self._restart, "__qualname__", type(self._restart).__name__)
+            return f"chunks from {getattr(self._restart, '__module__', '?')}.{name}"
         return "chunks"
 
     def sample(self, n: int, *, seed: int = 0) -> npt.NDArray[np.float32]:
@@ -250,10 +347,30 @@ class ChunkSource:
         self, chunk_size: int, *, start: int = 0
     ) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
         """Yield ``(first_row, float32 chunk)`` of at most ``chunk_size`` rows; once only."""
+        if start and self._restart is not None:
+            self._used = True
+            lo = start
+            for x in self._restart(start):
+                arr = np.asarray(x)
+                if arr.ndim != 2 or arr.shape[1] != self.d:
+                    raise ValueError(
+                        f"chunks: every chunk must be (n, {self.d}), got shape {arr.shape}"
+                    )
+                arr = np.ascontiguousarray(arr, dtype=np.float32)
+                for s in range(0, arr.shape[0], chunk_size):
+                    part = arr[s : s + chunk_size]
+                    yield lo, part
+                    lo += part.shape[0]
+            return
         if self._used:
-            raise RuntimeError("chunks: an iterable of chunks can be read only once")
+            if self._restart is None:
+                raise RuntimeError("chunks: an iterable of chunks can be read only once")
+            self.__init__(self._restart, self.d)  # type: ignore[misc]
         if start:
-            raise ValueError("chunks: an iterable of chunks cannot resume from a row")
+            raise ValueError(
+                "chunks: an iterable of chunks cannot resume from a row; pass a function "
+                "start -> chunks to make it resumable"
+            )
         self._used = True
         lo = 0
 
@@ -274,8 +391,12 @@ class ChunkSource:
         return np.concatenate(parts) if parts else np.empty((0, self.d), np.float32)
 
 
-def open_vectors(source: Any, *, column: str | None = None) -> VectorSource | ChunkSource:
-    """Open ``.npy`` (memory-mapped), ``.fvecs``, ``.parquet``, an array, or an iterable of chunks.
+def open_vectors(
+    source: Any, *, column: str | None = None
+) -> VectorSource | RowSource | ChunkSource:
+    """Open ``.npy`` (memory-mapped), ``.fvecs``, ``.parquet``, an array, a generator with
+    ``rows(start, stop)`` (such as :class:`fastface.datasets.SyntheticFaces`), a function
+    ``start -> iterable of chunks``, or an iterable of chunks (see the module docstring).
 
     Examples
     --------
@@ -286,6 +407,10 @@ def open_vectors(source: Any, *, column: str | None = None) -> VectorSource | Ch
     >>> chunks = open_vectors(np.ones((2, 3), np.float32) for _ in range(3))
     >>> [(lo, x.shape[0]) for lo, x in chunks.iter_chunks(4)]
     [(0, 2), (2, 2), (4, 2)]
+    >>> from fastface.datasets import SyntheticFaces
+    >>> gen = open_vectors(SyntheticFaces(n_identities=10, per_identity=3, d=8, seed=0))
+    >>> gen.n, gen.d, gen.resumable, [lo for lo, _ in gen.iter_chunks(12, start=6)]
+    (30, 8, True, [6, 18])
     """
     if isinstance(source, np.ndarray):
         if source.ndim != 2:
@@ -308,7 +433,13 @@ def open_vectors(source: Any, *, column: str | None = None) -> VectorSource | Ch
         raise ValueError(
             f"{path}: unknown vector file type {suffix!r}; use .npy, .fvecs or .parquet"
         )
-    if isinstance(source, Iterable) and not isinstance(source, (bytes, dict)):
+    if isinstance(source, (VectorSource, RowSource, ChunkSource)):
+        return source
+    if callable(getattr(source, "rows", None)) and hasattr(source, "n") and hasattr(source, "d"):
+        return RowSource(source)
+    if isinstance(source, Iterable) and not isinstance(source, (bytes, dict, str)):
+        return ChunkSource(source)
+    if callable(source):
         return ChunkSource(source)
     raise TypeError(
         f"source: expected a path, a numpy array or an iterable of arrays, got "

@@ -43,6 +43,7 @@ def summary(index: Any) -> dict[str, Any]:
     files = sorted(index.path.iterdir())
     return {
         "path": str(index.path),
+        "spec": index.params.spec,
         "params": index.params.to_dict(),
         "ntotal": index.ntotal,
         "is_trained": index.is_trained,
@@ -56,34 +57,66 @@ def summary(index: Any) -> dict[str, Any]:
 
 
 # --- build -----------------------------------------------------------------------------------
-def _build(args: argparse.Namespace) -> int:
-    from ..index import IVFPQParams, ShardedIndex
+def _build_params(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """The codec to build: ``--spec``, the legacy ``--nlist/--M`` fields, or auto_spec's choice
+    (with its reason)."""
+    import sys
+
+    from ..index import IVFPQParams, auto_spec, parse_spec
     from ..io import open_vectors
 
-    d = args.d or open_vectors(args.source, column=args.column).d
+    src = open_vectors(args.source, column=args.column)
+    d = args.d or src.d
+    fields = args.nlist is not None or args.M is not None
     try:
-        params = IVFPQParams(
-            d,
-            args.nlist,
-            args.M,
-            nbits=args.nbits,
-            metric=args.metric,
-            store_vectors=None if args.store_vectors == "none" else args.store_vectors,
-        )
+        if args.spec is not None:
+            if fields or args.nbits is not None or args.store_vectors is not None:
+                raise UsageError(
+                    "--spec names the whole codec: leave out --nlist, --M, --nbits, --store-vectors"
+                )
+            return parse_spec(args.spec, d, metric=args.metric), None
+        if fields:
+            if args.nlist is None or args.M is None:
+                raise UsageError("--nlist and --M go together (or pass --spec, or neither)")
+            store: Any = args.store_vectors or "float16"
+            return IVFPQParams(
+                d,
+                args.nlist,
+                args.M,
+                nbits=args.nbits or 8,
+                metric=args.metric,
+                store_vectors=None if store == "none" else store,
+            ), None
+        if args.nbits is not None or args.store_vectors is not None:
+            raise UsageError("--nbits and --store-vectors go with --nlist and --M")
+        assert src.n is not None  # a file's size is known
+        choice = auto_spec(src.n, d, memory_budget=args.memory_budget, metric=args.metric)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from e
+    print(f"fastface build: chose {choice.spec}: {choice.reason}", file=sys.stderr)
+    return choice.params, choice.reason
+
+
+def _build(args: argparse.Namespace) -> int:
+    from ..index import ShardedIndex
+
+    params, reason = _build_params(args)
     index = ShardedIndex.build(
         args.source,
         args.index,
         params,
         shard_size=args.shard_size,
         chunk_size=args.chunk_size,
+        commit_every=args.commit_every,
         train_size=args.train_size,
         column=args.column,
         progress=progress_wanted(args),
     )
     with index:
-        write_json(summary(index))
+        out = summary(index)
+        if reason is not None:
+            out["auto_spec"] = reason
+        write_json(out)
     return 0
 
 
@@ -246,32 +279,50 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "build",
         help="build a sharded index directory from a vector file (resumable)",
-        description="Stream vectors from .npy/.fvecs/.parquet into a sharded IVF-PQ index.\n"
+        description="Stream vectors from .npy/.fvecs/.parquet into a sharded index.\n"
+        "The codec is an index spec (--spec 'OPQ32,IVF65536_HNSW32,PQ32,F16', 'Flat', ...;\n"
+        "see docs/scaling.md), or --nlist/--M fields; with neither, auto_spec chooses\n"
+        "from the file's size and --memory-budget and says what it chose and why (stderr).\n"
         "Vectors get their row numbers as ids. Run the same command again to resume an\n"
         "interrupted build. Prints the index summary as JSON.",
         formatter_class=Formatter,
     )
     p.add_argument("source", type=input_file(VECTOR_SUFFIXES), help="vector file")
     p.add_argument("index", type=Path, help="index directory to create (or resume)")
-    p.add_argument("--nlist", type=positive_int, required=True, help="inverted lists")
-    p.add_argument("--M", type=positive_int, required=True, help="PQ sub-quantizers (divides d)")
     p.add_argument(
-        "--nbits", type=int, default=8, choices=[8, 4], help="bits per code (4: fast-scan)"
+        "--spec",
+        help="index spec naming the codec, e.g. 'IVF4096,PQ32,F16' (default: chosen by auto_spec)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        help="RAM for the searchable index when auto_spec chooses, e.g. 8G (default: no limit)",
+    )
+    p.add_argument("--nlist", type=positive_int, help="inverted lists (instead of --spec)")
+    p.add_argument("--M", type=positive_int, help="PQ sub-quantizers, divides d (with --nlist)")
+    p.add_argument(
+        "--nbits", type=int, choices=[8, 4], help="bits per code, 4: fast-scan (default 8)"
     )
     p.add_argument("--metric", default="ip", choices=["ip", "l2"], help="similarity")
     p.add_argument(
         "--store-vectors",
-        default="float16",
         choices=["float16", "float32", "none"],
-        help="raw vectors kept on disk for exact re-ranking and dedup",
+        help="raw vectors kept on disk for exact re-ranking and dedup (default float16)",
     )
     p.add_argument("--d", type=positive_int, help="dimension (default: read from the file)")
     p.add_argument(
         "--shard-size", type=positive_int, default=1_000_000, help="vectors per sealed shard"
     )
-    p.add_argument("--chunk-size", type=positive_int, default=100_000, help="rows per commit")
+    p.add_argument("--chunk-size", type=positive_int, default=100_000, help="rows per batch")
     p.add_argument(
-        "--train-size", type=positive_int, help="training sample (default: max(256 * nlist, 65536))"
+        "--commit-every",
+        type=positive_int,
+        help="rows between commits (default: every chunk; a commit also follows every sealed "
+        "shard)",
+    )
+    p.add_argument(
+        "--train-size",
+        type=positive_int,
+        help="training sample (default: 256 * nlist, 64 * nlist past 16384 lists)",
     )
     p.add_argument("--column", help="parquet column holding the vectors (default: the first)")
     add_progress_flags(p)

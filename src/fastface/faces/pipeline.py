@@ -211,7 +211,7 @@ class FacePipeline:
     max_faces : int, optional
         Keep at most this many faces per image (best first).
     progress : bool
-        Show a tqdm progress bar over images.
+        Show a tqdm progress bar over images (off by default).
     keep_crops : bool
         Return each face's aligned uint8 crop (``Face.crop``).
 
@@ -244,7 +244,7 @@ class FacePipeline:
         detect_threads: int = 2,
         min_face_size: float = 20,
         max_faces: int | None = None,
-        progress: bool = True,
+        progress: bool = False,
         keep_crops: bool = False,
     ) -> None:
         from .._validation import check_positive_int

@@ -30,6 +30,22 @@ fastface writes, ``IwPQ`` (``IndexIVFPQ``) and ``IwPf`` (``IndexIVFPQFastScan``)
            |     or "ilbl" nlist u64, code_size u64, per_block u64,
            |        block_size u64, then per list: u64 n, n x i64 ids,
            |        u64 nbytes, nbytes of packed codes
+
+Codec files (``codec-g*.faiss`` of a sharded index, never holding vectors)
+may add two parts that shard files never have, both checked here too:
+
+- an OPQ rotation: the file starts with ``IxPT`` (index header, i32 chain
+  length 1), then ``LTra`` (have_bias u8, A: u64 count + floats, b: u64
+  count + floats, d_in i32, d_out i32, is_trained u8), then the IVF index;
+- an HNSW coarse quantizer in place of the flat one: ``IHNf``, index header,
+  the graph (assign_probas f64 vector, cum_nneighbor_per_level i32 vector,
+  levels i32 vector, offsets u64 vector, neighbors i32 vector, entry_point,
+  max_level, efConstruction, efSearch, upper_beam: i32 each), then its flat
+  storage (``IxFI``/``IxF2``). Every neighbour must be a node or -1, every
+  node's level and offsets must agree with the per-level neighbour counts:
+  FAISS's search follows these numbers without checking them.
+
+A flat index's codec file is an empty ``IxFI``/``IxF2`` (:func:`parse_flat`).
 """
 
 from __future__ import annotations
@@ -45,10 +61,12 @@ import numpy.typing as npt
 from ..errors import CorruptIndexError
 from .params import IVFPQParams
 
-__all__ = ["IVFPQLayout", "ilar_section", "parse"]
+__all__ = ["FlatLayout", "IVFPQLayout", "ilar_section", "parse", "parse_flat"]
 
 _KINDS = {b"IwPQ": 8, b"IwPf": 4}
 _QUANTIZERS = {b"IxFI": 0, b"IxF2": 1}  # fourcc -> FAISS metric
+_PRETRANSFORM, _LINEAR, _HNSW_FLAT = b"IxPT", b"LTra", b"IHNf"
+_MAX_HNSW_LEVELS = 64
 _ILAR, _ILBL, _FULL, _SPRS = b"ilar", b"ilbl", b"full", b"sprs"
 
 
@@ -71,6 +89,15 @@ class _Reader:
             raise self.fail(
                 fld, f"needs {nbytes} bytes at offset {self.pos}, the file has {self.n - self.pos}"
             )
+
+    def i32(self, fld: str) -> int:
+        return int(self.unpack("<i", fld))
+
+    def vector(self, dtype: Any, fld: str) -> npt.NDArray[Any]:
+        """A FAISS vector: u64 count, then count items (bounds-checked)."""
+        dt = np.dtype(dtype)
+        n = self.count(fld, dt.itemsize)
+        return self.array(dt, n, fld)
 
     def unpack(self, fmt: str, fld: str) -> Any:
         size = struct.calcsize(fmt)
@@ -139,6 +166,10 @@ class IVFPQLayout:
     ids_off: npt.NDArray[np.int64] = field(repr=False)
     size: int = 0  # file length
     fastscan: dict[str, int] = field(default_factory=dict)
+    #: OPQ rotation of a codec file: d_in, d_out, have_bias, A_off (byte offset of A)
+    transform: dict[str, int] | None = None
+    #: HNSW coarse quantizer of a codec file: M (links per node above level 0), levels, ntotal
+    hnsw: dict[str, int] | None = None
 
     def _fail(self, fld: str, got: Any, want: Any) -> CorruptIndexError:
         return CorruptIndexError(
@@ -170,6 +201,21 @@ class IVFPQLayout:
         ]
         if ntotal is not None:
             want.append(("ntotal", self.ntotal, ntotal))
+        opq = getattr(params, "opq", None)
+        hnsw_m = getattr(params, "coarse_hnsw", None)
+        want.append(("opq", self.transform is not None, opq is not None))
+        want.append(("quantizer.hnsw", self.hnsw is not None, hnsw_m is not None))
+        if self.transform is not None:
+            want += [
+                ("opq.d_in", self.transform["d_in"], params.d),
+                ("opq.d_out", self.transform["d_out"], params.d),
+                ("opq.have_bias", self.transform["have_bias"], 0),
+            ]
+        if self.hnsw is not None:
+            want += [
+                ("quantizer.hnsw.M", self.hnsw["M"], hnsw_m),
+                ("quantizer.hnsw.ntotal", self.hnsw["ntotal"], params.nlist),
+            ]
         for fld, got, expected in want:
             if got != expected:
                 raise self._fail(fld, got, expected)
@@ -180,14 +226,17 @@ class IVFPQLayout:
                 if self.fastscan.get(fld) != want_v:
                     raise self._fail(f"fastscan.{fld}", self.fastscan.get(fld), want_v)
         if buf is not None:
-            for fld, off, count in (
+            checks = [
                 (
                     "quantizer.centroids",
                     self.centroids_off,
                     self.quantizer_d * self.quantizer_ntotal,
                 ),
                 ("pq.centroids", self.pq_off, self.pq_d << self.pq_nbits),
-            ):
+            ]
+            if self.transform is not None:
+                checks.append(("opq.A", self.transform["A_off"], params.d * params.d))
+            for fld, off, count in checks:
                 vals = np.frombuffer(buf, np.float32, count, off)
                 if not np.isfinite(vals).all():
                     raise self._fail(fld, "not finite", "finite floats")
@@ -219,20 +268,37 @@ def parse(buf: Any, path: str) -> IVFPQLayout:
     """
     r = _Reader(buf, path)
     kind = r.fourcc("kind")
+    transform = None
+    if kind == _PRETRANSFORM:
+        transform = _parse_pretransform(r)
+        kind = r.fourcc("kind")
     if kind not in _KINDS:
         raise r.fail("kind", f"{kind!r} is not an IVF-PQ index written by fastface (IwPQ/IwPf)")
     nbits = _KINDS[kind]
     d, ntotal, is_trained, metric = _index_header(r, "")
+    if transform is not None:
+        if transform["d_out"] != d or transform["outer_d"] != d:
+            raise r.fail("opq.d_out", f"{transform['d_out']} does not match the index's d={d}")
+        if transform["outer_ntotal"] != ntotal:
+            raise r.fail("ntotal", "the rotation's header and the index disagree on ntotal")
     nlist = r.u64("nlist")
     if not 1 <= nlist <= 1 << 26:
         raise r.fail("nlist", f"{nlist} is out of range (1..2**26)")
     nprobe = r.u64("nprobe")
     qkind = r.fourcc("quantizer.kind")
-    if qkind not in _QUANTIZERS:
-        raise r.fail("quantizer.kind", f"{qkind!r} is not a flat quantizer (IxFI/IxF2)")
+    hnsw = None
+    if qkind == _HNSW_FLAT:
+        hnsw = _parse_hnsw(r)
+        qkind = r.fourcc("quantizer.storage.kind")
+        if qkind not in _QUANTIZERS:
+            raise r.fail("quantizer.storage.kind", f"{qkind!r} is not a flat storage (IxFI/IxF2)")
+    elif qkind not in _QUANTIZERS:
+        raise r.fail("quantizer.kind", f"{qkind!r} is not a flat or HNSW quantizer")
     qd, qn, _, qmetric = _index_header(r, "quantizer.")
     if _QUANTIZERS[qkind] != qmetric:
         raise r.fail("quantizer.metric", f"{qmetric} disagrees with its kind {qkind!r}")
+    if hnsw is not None and (qn != hnsw["ntotal"] or qd != hnsw["d"] or qmetric != hnsw["metric"]):
+        raise r.fail("quantizer.hnsw", "the graph and its storage disagree on d, size or metric")
     words = r.count("quantizer.centroids", 4)
     if words != qd * qn:
         raise r.fail("quantizer.centroids", f"{words} floats, expected {qd} x {qn}")
@@ -297,7 +363,151 @@ def parse(buf: Any, path: str) -> IVFPQLayout:
         ids_off=ids_off,
         size=r.n,
         fastscan=fastscan,
+        transform=transform,
+        hnsw=hnsw,
     )
+
+
+def _parse_pretransform(r: _Reader) -> dict[str, int]:
+    """``IxPT`` header and its one ``LTra`` rotation; returns the transform's fields."""
+    outer_d, outer_ntotal, _, _ = _index_header(r, "opq.index.")
+    nt = r.i32("opq.chain")
+    if nt != 1:
+        raise r.fail("opq.chain", f"{nt} transforms (fastface writes one rotation)")
+    lkind = r.fourcc("opq.kind")
+    if lkind != _LINEAR:
+        raise r.fail("opq.kind", f"{lkind!r} is not a linear transform (LTra)")
+    have_bias = r.unpack("<B", "opq.have_bias")
+    if have_bias not in (0, 1):
+        raise r.fail("opq.have_bias", f"{have_bias} is not a bool")
+    na = r.count("opq.A", 4)
+    a_off = r.skip(4 * na, "opq.A")
+    nb = r.count("opq.b", 4)
+    r.skip(4 * nb, "opq.b")
+    d_in = r.i32("opq.d_in")
+    d_out = r.i32("opq.d_out")
+    is_trained = r.unpack("<B", "opq.is_trained")
+    if not (0 < d_in <= 1 << 16 and 0 < d_out <= 1 << 16):
+        raise r.fail("opq.d_in", f"{d_in} x {d_out} is not a rotation size")
+    if na != d_in * d_out or nb not in (0, d_out) or (have_bias and nb != d_out):
+        raise r.fail("opq.A", f"{na} + {nb} floats do not fit {d_out} x {d_in}")
+    if is_trained != 1:
+        raise r.fail("opq.is_trained", f"{is_trained} (an untrained rotation)")
+    if d_in != outer_d:
+        raise r.fail("opq.d_in", f"{d_in} does not match the index header's d={outer_d}")
+    return {
+        "d_in": d_in,
+        "d_out": d_out,
+        "have_bias": int(have_bias),
+        "A_off": a_off,
+        "outer_d": outer_d,
+        "outer_ntotal": outer_ntotal,
+    }
+
+
+def _parse_hnsw(r: _Reader) -> dict[str, int]:
+    """``IHNf`` header and graph, every number FAISS's search follows checked."""
+    d, n, _, metric = _index_header(r, "quantizer.hnsw.")
+    probas = r.vector("<f8", "quantizer.hnsw.assign_probas")
+    cum = r.vector("<i4", "quantizer.hnsw.cum_nneighbor_per_level").astype(np.int64)
+    levels = r.vector("<i4", "quantizer.hnsw.levels").astype(np.int64)
+    offsets = r.vector("<u8", "quantizer.hnsw.offsets")
+    neighbors = r.vector("<i4", "quantizer.hnsw.neighbors")
+    entry = r.i32("quantizer.hnsw.entry_point")
+    max_level = r.i32("quantizer.hnsw.max_level")
+    ef_c = r.i32("quantizer.hnsw.efConstruction")
+    ef_s = r.i32("quantizer.hnsw.efSearch")
+    r.i32("quantizer.hnsw.upper_beam")
+    nlev = cum.size - 1
+    if not 1 <= nlev <= _MAX_HNSW_LEVELS or probas.size != nlev or int(cum[0]) != 0:
+        raise r.fail(
+            "quantizer.hnsw.cum_nneighbor_per_level",
+            f"{cum.size} entries do not fit {probas.size} levels",
+        )
+    per_level = np.diff(cum)
+    if (per_level <= 0).any() or int(cum[-1]) > 1 << 16:
+        raise r.fail("quantizer.hnsw.cum_nneighbor_per_level", "neighbour counts must grow")
+    M = int(per_level[1]) if nlev > 1 else int(per_level[0]) // 2
+    if int(per_level[0]) != 2 * M or (per_level[1:] != M).any():
+        raise r.fail(
+            "quantizer.hnsw.cum_nneighbor_per_level", "not the layout of HNSW<M> (2M, M, M, ...)"
+        )
+    if levels.size != n:
+        raise r.fail("quantizer.hnsw.levels", f"{levels.size} levels for {n} nodes")
+    if n and (int(levels.min()) < 1 or int(levels.max()) > nlev):
+        raise r.fail("quantizer.hnsw.levels", f"a node level is outside 1..{nlev}")
+    if offsets.size != n + 1 or (n and int(offsets[0]) != 0):
+        raise r.fail("quantizer.hnsw.offsets", f"{offsets.size} offsets for {n} nodes")
+    if n:
+        steps = np.diff(offsets.astype(np.int64))
+        if not np.array_equal(steps, cum[levels]):
+            raise r.fail("quantizer.hnsw.offsets", "do not match the nodes' levels")
+    if int(offsets[-1]) != neighbors.size:
+        raise r.fail(
+            "quantizer.hnsw.neighbors", f"{neighbors.size} entries, offsets say {int(offsets[-1])}"
+        )
+    if neighbors.size and (int(neighbors.min()) < -1 or int(neighbors.max()) >= n):
+        raise r.fail("quantizer.hnsw.neighbors", f"a neighbour is outside -1..{n - 1}")
+    if n == 0:
+        if entry != -1:
+            raise r.fail("quantizer.hnsw.entry_point", f"{entry} in an empty graph")
+    elif (
+        not 0 <= entry < n
+        or int(levels[entry]) - 1 != max_level
+        or max_level != int(levels.max()) - 1
+    ):
+        raise r.fail(
+            "quantizer.hnsw.entry_point", f"{entry} (max_level {max_level}) is not a top node"
+        )
+    if ef_c <= 0 or ef_s <= 0:
+        raise r.fail(
+            "quantizer.hnsw.efSearch", f"efConstruction {ef_c}, efSearch {ef_s} must be > 0"
+        )
+    return {"M": M, "levels": nlev, "ntotal": n, "d": d, "metric": metric}
+
+
+@dataclass
+class FlatLayout:
+    """The header of a flat index's codec file (an ``IndexFlat`` with no vectors)."""
+
+    path: str
+    d: int
+    ntotal: int
+    metric: int
+
+    def check(self, params: Any, *, ntotal: int | None = 0, buf: Any = None) -> None:
+        metric = 0 if params.metric == "ip" else 1
+        for fld, got, want in (
+            ("d", self.d, params.d),
+            ("metric", self.metric, metric),
+            ("ntotal", self.ntotal, 0 if ntotal is None else ntotal),
+        ):
+            if got != want:
+                raise CorruptIndexError(
+                    f"{self.path}: FAISS header field {fld} is {got}, expected {want}",
+                    self.path,
+                    fld,
+                )
+
+
+def parse_flat(buf: Any, path: str) -> FlatLayout:
+    """Walk an ``IxFI`` / ``IxF2`` file (a flat index's codec: no vectors)."""
+    r = _Reader(buf, path)
+    kind = r.fourcc("kind")
+    if kind not in _QUANTIZERS:
+        raise r.fail("kind", f"{kind!r} is not a flat index (IxFI/IxF2)")
+    d, n, is_trained, metric = _index_header(r, "")
+    if _QUANTIZERS[kind] != metric:
+        raise r.fail("metric", f"{metric} disagrees with its kind {kind!r}")
+    if not is_trained:
+        raise r.fail("is_trained", "a flat index is always trained")
+    words = r.count("vectors", 4)
+    if words != d * n:
+        raise r.fail("vectors", f"{words} floats, expected {d} x {n}")
+    r.skip(4 * words, "vectors")
+    if r.pos != r.n:
+        raise r.fail("size", f"{r.n - r.pos} trailing bytes")
+    return FlatLayout(path, d, n, metric)
 
 
 def _parse_ilar(

@@ -48,6 +48,7 @@ as scanning them together (8-bit codes; 4-bit fast-scan leaves ties to FAISS).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,7 +69,7 @@ from .._validation import (
 from ..errors import CorruptIndexError, EmptyIndexError, NotTrainedError, ReadOnlyIndexError
 from . import faiss_format, lists, storage
 from .lists import ListRun
-from .params import STORE_DTYPES, Codec, IVFPQParams
+from .params import METRICS, STORE_DTYPES, Codec, CodecParams, FlatParams, IVFPQParams
 from .soar import spill_lists
 from .vectors import Rows, check_storable
 
@@ -94,7 +95,7 @@ def check_nprobe(nprobe: Any, nlist: int) -> int:
     return nprobe
 
 
-def check_rerank(rerank: Any, k: int, params: IVFPQParams) -> int | None:
+def check_rerank(rerank: Any, k: int, params: CodecParams) -> int | None:
     """``rerank`` as ``None`` or an int >= 1 with ``k * rerank <= MAX_CANDIDATES``."""
     if rerank is None:
         return None
@@ -191,7 +192,7 @@ def _exclusion(exclude: Any) -> IdSet | None:
 class _State:
     """One immutable state of a shard: rows (ids, vectors) and inverted lists."""
 
-    __slots__ = ("faiss", "ids", "lookup", "rmap", "runs", "vectors")
+    __slots__ = ("faiss", "ids", "lookup", "rmap", "runs", "sizes", "vectors")
 
     def __init__(
         self,
@@ -206,25 +207,37 @@ class _State:
         self.faiss = faiss_index  # 4-bit: a FAISS index holding the lists (never mutated)
         self.lookup: tuple[Any, ...] | None = None
         self.rmap: Any = False  # row_map(), once known
+        self.sizes: npt.NDArray[np.int64] | None = None  # entries per list, computed once
 
     @property
     def n(self) -> int:
         return self.ids.n
 
-    def _lookup(self) -> tuple[Any, ...]:
-        """``(srt, order, lo, span, table)``: sorted ids, their rows, and a dense table
-        ``table[id - lo] = row`` when the ids are compact (``None`` otherwise); built once."""
+    def _make_lookup(self) -> tuple[Any, ...]:
+        arr = self.ids.array
+        lo = int(arr[0])
+        # consecutive ids in row order (what a build writes) need no table at all
+        if int(arr[-1]) - lo == arr.size - 1 and (arr.size == 1 or bool((np.diff(arr) == 1).all())):
+            return (None, None, lo, int(arr.size), None)
+        order = np.argsort(arr, kind="stable").astype(np.int64)
+        srt = arr[order]
+        lo, span = int(srt[0]), int(srt[-1]) - int(srt[0]) + 1
+        table = None
+        if span <= 2 * srt.size + 1024:
+            table = np.full(span, -1, np.int64)
+            table[srt - lo] = order
+        return (srt, order, lo, span, table)
+
+    def id_bounds(self) -> tuple[int, int] | None:
+        """Smallest and largest id held (``None`` when empty)."""
+        if self.n == 0:
+            return None
         if self.lookup is None:
-            arr = self.ids.array
-            order = np.argsort(arr, kind="stable").astype(np.int64)
-            srt = arr[order]
-            lo, span = int(srt[0]), int(srt[-1]) - int(srt[0]) + 1
-            table = None
-            if span <= 2 * srt.size + 1024:
-                table = np.full(span, -1, np.int64)
-                table[srt - lo] = order
-            self.lookup = (srt, order, lo, span, table)
-        return self.lookup
+            self.lookup = self._make_lookup()
+        srt, _, lo, span, _ = self.lookup
+        if srt is None:
+            return lo, lo + span - 1
+        return int(srt[0]), int(srt[-1])
 
     def row_map(self) -> tuple[int, int, npt.NDArray[np.int64] | None] | None:
         """How the re-ranking kernel finds a candidate's row from its id: ``(lo, span,
@@ -233,8 +246,12 @@ class _State:
         if self.rmap is False:
             self.rmap = None
             if self.n:
-                _, order, lo, span, table = self._lookup()
-                if table is not None:
+                if self.lookup is None:
+                    self.lookup = self._make_lookup()
+                srt, order, lo, span, table = self.lookup
+                if srt is None:
+                    self.rmap = (lo, span, None)
+                elif table is not None:
                     identity = span == self.n and bool((order == np.arange(self.n)).all())
                     self.rmap = (lo, span, None if identity else table)
         rmap: tuple[int, int, npt.NDArray[np.int64] | None] | None = self.rmap
@@ -244,7 +261,12 @@ class _State:
         """Row of each id, ``-1`` for unknown ids. Dense table when ids are compact."""
         if self.n == 0:
             return np.full(ids.shape, -1, np.int64)
-        srt, order, lo, span, table = self._lookup()
+        if self.lookup is None:
+            self.lookup = self._make_lookup()
+        srt, order, lo, span, table = self.lookup
+        if srt is None:  # ids are lo, lo + 1, ... in row order: the row is id - lo
+            off = ids - lo
+            return np.where((off >= 0) & (off < span), off, -1)
         if table is not None:
             off = ids - lo
             inside = (off >= 0) & (off < span)
@@ -288,15 +310,30 @@ class IVFPQIndex:
     True
     """
 
-    def __init__(self, params: IVFPQParams | Codec) -> None:
+    def __init__(self, params: CodecParams | Codec | str, *, d: int | None = None) -> None:
+        if isinstance(params, str):
+            from .params import parse_spec
+
+            if d is None:
+                raise ValueError(
+                    f"d: pass the dimension with the spec, e.g. IVFPQIndex({params!r}, d=128)"
+                )
+            params = parse_spec(params, d)
+        self.params: CodecParams
         if isinstance(params, Codec):
             self._codec: Codec | None = params
             self.params = params.params
+        elif isinstance(params, FlatParams):
+            self._codec = Codec.flat(params)  # nothing to train
+            self.params = params
         elif isinstance(params, IVFPQParams):
             self._codec = None
             self.params = params
         else:
-            raise TypeError(f"params: expected IVFPQParams or Codec, got {type(params).__name__}")
+            raise TypeError(
+                f"params: expected IVFPQParams, FlatParams, a Codec or a spec string, got "
+                f"{type(params).__name__}"
+            )
         self._read_only = False
         self._write_lock = threading.Lock()
         self._state = self._empty_state()
@@ -306,11 +343,11 @@ class IVFPQIndex:
         vectors = Rows(STORE_DTYPES[p.store_vectors], (p.d,)) if p.store_vectors else None
         runs: tuple[ListRun, ...] = ()
         fidx = None
-        if self._codec is not None:
+        if self._codec is not None and isinstance(p, IVFPQParams):
             if p.nbits == 8:
                 runs = (ListRun.empty(p.nlist, p.code_size),)
             else:
-                fidx = self._codec.faiss_index()
+                fidx = self._codec.ivf_twin()
         return _State(Rows(np.int64, ()), vectors, runs, fidx)
 
     # --- construction from parts ---------------------------------------------------------------
@@ -337,7 +374,12 @@ class IVFPQIndex:
         obj = cls(codec)
         p = obj.params
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if p.nbits == 8:
+        if isinstance(p, FlatParams):
+            if runs is not None or faiss_index is not None:
+                raise ValueError("from_parts: a flat codec takes ids and vectors only")
+            run_t: tuple[ListRun, ...] = ()
+            held = ids.size
+        elif p.nbits == 8:
             if runs is None or faiss_index is not None:
                 raise ValueError("from_parts: an 8-bit codec takes runs, not a FAISS index")
             run_t = tuple(runs)
@@ -382,23 +424,20 @@ class IVFPQIndex:
     ) -> IVFPQIndex:
         """Wrap a trained (and possibly filled) FAISS ``IndexIVFPQ`` / ``IndexIVFPQFastScan``.
 
-        The lists are copied; ``index`` stays the caller's. ``ids`` gives the
-        row order of the vectors (default: the lists' order, each id where it
-        first appears) and ``vectors`` their raw values in that order
-        (required when ``params`` store vectors and the index is not empty).
-        With ``params.soar_lambda`` set every id must be in exactly two lists.
+        With ``params.coarse_hnsw`` its quantizer is an ``IndexHNSWFlat``; with
+        ``params.opq`` it is wrapped in an ``IndexPreTransform`` of one
+        rotation (as ``faiss.index_factory(d, params.spec)`` builds it, without
+        the storage token). The lists are copied; ``index`` stays the caller's. ``ids`` gives the
+        row order of the vectors (default: the lists' order) and ``vectors``
+        their raw values in that order (required when ``params`` store
+        vectors and the index is not empty). With ``params.soar_lambda`` set
+        every id must be in exactly two lists.
         """
-        want = faiss.IndexIVFPQFastScan if params.nbits == 4 else faiss.IndexIVFPQ
+        if not isinstance(params, IVFPQParams):
+            raise TypeError(f"params: expected IVFPQParams, got {type(params).__name__}")
         caller_ref = index  # the caller's object may be the only owner: keep it alive
         index = faiss.downcast_index(caller_ref)
-        if not isinstance(index, want) or type(index) not in (
-            faiss.IndexIVFPQ,
-            faiss.IndexIVFPQFastScan,
-        ):
-            raise TypeError(
-                f"index: expected a faiss.{want.__name__} for nbits={params.nbits}, got "
-                f"{type(index).__name__}"
-            )
+        inner = _check_faiss_kind(params, index)
         if not index.is_trained:
             raise NotTrainedError("index: the FAISS index is not trained")
         codec = Codec(params, index)
@@ -411,7 +450,7 @@ class IVFPQIndex:
             fidx = None
             runs: tuple[ListRun, ...] | None = (run,)
         else:
-            fidx = faiss.clone_index(index)
+            fidx = _with_flat_quantizer(codec, faiss.clone_index(inner))
             list_ids = _fastscan_ids(data, layout)
             runs = None
         try:
@@ -513,9 +552,39 @@ class IVFPQIndex:
     def __repr__(self) -> str:
         p = self.params
         return (
-            f"IVFPQIndex(d={p.d}, nlist={p.nlist}, M={p.M}, nbits={p.nbits}, metric={p.metric!r}, "
-            f"ntotal={self.ntotal}, is_trained={self.is_trained})"
+            f"IVFPQIndex({p.spec!r}, d={p.d}, metric={p.metric!r}, ntotal={self.ntotal}, "
+            f"is_trained={self.is_trained})"
         )
+
+    def id_bounds(self) -> tuple[int, int] | None:
+        """``(smallest, largest)`` id held, or ``None`` when empty (computed once per state)."""
+        return self._state.id_bounds()
+
+    def list_sizes(self) -> npt.NDArray[np.int64]:
+        """Entries held per inverted list, shape ``(nlist,)`` (computed once per state).
+
+        A search may skip this shard for queries none of whose probed lists
+        are non-empty here. A flat shard is one list.
+        """
+        st = self._state
+        if st.sizes is None:
+            p = self.params
+            if isinstance(p, FlatParams):
+                sizes = np.array([st.n], np.int64)
+            elif p.nbits == 8:
+                sizes = (
+                    np.sum([r.count for r in st.runs], axis=0).astype(np.int64)
+                    if st.runs
+                    else np.zeros(p.nlist, np.int64)
+                )
+            elif st.faiss is None:
+                sizes = np.zeros(p.nlist, np.int64)
+            else:
+                il = st.faiss.invlists
+                sizes = np.array([il.list_size(i) for i in range(p.nlist)], np.int64)
+            sizes.flags.writeable = False
+            st.sizes = sizes
+        return st.sizes
 
     # --- lookup --------------------------------------------------------------------------------
     def contains(self, ids: npt.ArrayLike) -> npt.NDArray[np.bool_]:
@@ -561,18 +630,32 @@ class IVFPQIndex:
             )
 
     def train(
-        self, x: npt.NDArray[np.float32], *, max_points: int | None = None, seed: int = 0
+        self,
+        x: npt.NDArray[np.float32],
+        *,
+        max_points: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
     ) -> None:
-        """Train the coarse quantizer and the PQ codebooks (FAISS k-means) on ``x``.
+        """Train the codec on ``x``: OPQ, coarse k-means, HNSW graph, PQ (:mod:`~.train`).
 
-        At most ``max_points`` rows (default ``256 * nlist``, at least 65536) are
-        used, sampled without replacement with ``seed``; ``x`` may be a memory map.
+        At most ``max_points`` rows (default :func:`~fastface.index.train.default_train_size`:
+        ``256 * nlist``, fewer per list for large ``nlist``) are used, sampled
+        without replacement with ``seed``; ``x`` may be a memory map. Stages
+        are logged; ``progress=True`` shows a bar. A flat index needs no
+        training: for one, ``train`` checks ``x`` and does nothing (as FAISS's
+        ``IndexFlat.train``), so code written for any index works.
         """
         self._check_writable()
+        if isinstance(self.params, FlatParams):
+            as_vectors(x[:1024] if isinstance(x, np.ndarray) else x, "x", d=self.params.d)
+            return
         with self._write_lock:
             if self.is_trained:
                 raise RuntimeError("index is already trained; create a new IVFPQIndex to retrain")
-            self._codec = train_codec(self.params, x, max_points=max_points, seed=seed)
+            self._codec = train_codec(
+                self.params, x, max_points=max_points, seed=seed, progress=progress
+            )
             self._state = self._empty_state()
 
     def add(
@@ -623,7 +706,9 @@ class IVFPQIndex:
         p = self.params
         runs = st.runs
         fidx = st.faiss
-        if p.nbits == 8:
+        if isinstance(p, FlatParams):
+            pass  # a flat shard is its ids and vectors
+        elif p.nbits == 8:
             new_runs = list(runs)
             for s in range(0, x.shape[0], batch_size):
                 xs, ids_s = x[s : s + batch_size], ids[s : s + batch_size]
@@ -637,8 +722,10 @@ class IVFPQIndex:
             runs = _settle_runs(new_runs, p.nlist, p.code_size)
         else:
             fidx = faiss.clone_index(st.faiss)  # fast-scan lists change in place: copy first
-            for s in range(0, x.shape[0], batch_size):
-                fidx.add_with_ids(x[s : s + batch_size], ids[s : s + batch_size])
+            with _CoarseFromCodec(fidx, codec):
+                for s in range(0, x.shape[0], batch_size):
+                    xr = codec.rotate(x[s : s + batch_size])
+                    fidx.add_with_ids(xr, ids[s : s + batch_size])
         vectors = None if st.vectors is None else st.vectors.append(x)
         return _State(st.ids.append(ids), vectors, runs, fidx)
 
@@ -658,10 +745,11 @@ class IVFPQIndex:
             return st, 0
         keep = ~np.isin(st.ids.array, present)
         p = self.params
-        if p.nbits == 8:
-            runs: tuple[ListRun, ...] = (
-                lists.filtered(lists.concat(st.runs, p.nlist, p.code_size), present),
-            )
+        if isinstance(p, FlatParams):
+            runs: tuple[ListRun, ...] = ()
+            fidx = None
+        elif p.nbits == 8:
+            runs = (lists.filtered(lists.concat(st.runs, p.nlist, p.code_size), present),)
             fidx = None
         else:
             runs = ()
@@ -726,10 +814,14 @@ class IVFPQIndex:
         *,
         ordered: bool = True,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        if self.params.nbits == 8:
+        p = self.params
+        if isinstance(p, FlatParams):
+            assert st.vectors is not None
+            return flat_scan(p, st.ids.array, st.vectors.array, q, k, exclude)
+        if p.nbits == 8:
             ex = None if exclude is None else exclude.array
             return lists.scan(codec, q, k, assignment, st.runs, ex)
-        return fastscan_scan(self.params, st.faiss, q, k, assignment, exclude, ordered=ordered)
+        return fastscan_scan(p, st.faiss, codec.rotate(q), k, assignment, exclude, ordered=ordered)
 
     def rescore(
         self, q: npt.NDArray[np.float32], ids: npt.ArrayLike, k: int
@@ -816,46 +908,119 @@ class IVFPQIndex:
 
     # --- persistence ---------------------------------------------------------------------------
     def serialize(self) -> list[Any]:
-        """The index as a FAISS file (``IndexIVFPQ`` / ``IndexIVFPQFastScan``), in chunks.
+        """The shard as a FAISS file (``IndexIVFPQ`` / ``IndexIVFPQFastScan``), in chunks.
 
         ``b"".join(index.serialize())`` is what ``faiss.serialize_index``
-        writes for the same index, and ``faiss.read_index`` reads it.
+        writes for the same lists, and ``faiss.read_index`` reads it. With an
+        HNSW coarse quantizer or an OPQ rotation, the file holds the IVF part
+        over a flat quantizer, in the rotated space (the codec's
+        :meth:`~fastface.index.params.Codec.ivf_twin`): :meth:`to_faiss` gives
+        the whole index. A flat shard has no such file (its data are its ids
+        and vectors): this raises ``ValueError``.
         """
         codec = self.codec
         st = self._state
-        if self.params.nbits == 4:
+        p = self.params
+        if isinstance(p, FlatParams):
+            raise ValueError("serialize: a flat shard has no FAISS file; its vectors are its data")
+        if p.nbits == 4:
             return [bytes(faiss.serialize_index(st.faiss))]
         return shard_file_chunks(codec, st.runs)
 
+    def to_gpu(
+        self,
+        *,
+        device: str = "cuda",
+        vectors: bool = True,
+        vectors_on: str = "device",
+        memory_budget: int | None = None,
+    ) -> Any:
+        """This index on a GPU: a ``fastface.gpu.GpuIVFPQ`` over the same codec, codes, ids
+        and stored vectors (no retraining), searched with the same verbs.
+
+        ``device="emulate"`` runs the same kernels on the CPU. ``vectors=False``
+        leaves the stored vectors behind (no re-ranking); ``vectors_on="host"``
+        streams them from pinned host memory. See ``fastface.gpu.from_cpu``.
+        """
+        from ..gpu import from_cpu
+
+        return from_cpu(
+            self,
+            device=device,
+            vectors=vectors,
+            vectors_on=vectors_on,
+            memory_budget=memory_budget,
+        )
+
     def to_faiss(self) -> Any:
-        """A FAISS index holding a copy of this index's codes and ids."""
+        """A FAISS index holding a copy of this index's codes and ids (the whole codec:
+        ``IndexPreTransform`` for OPQ, ``IndexHNSWFlat`` quantizer); for a flat index an
+        ``IndexIDMap2`` over an ``IndexFlat`` holding the stored vectors as float32."""
+        p = self.params
         if self._codec is None:
-            return self.params.new_faiss_index()
+            assert isinstance(p, IVFPQParams)
+            return p.new_faiss_index()
+        st = self._state
+        if isinstance(p, FlatParams):
+            flat: Any = faiss.IndexFlat(p.d, METRICS[p.metric])
+            out: Any = faiss.IndexIDMap2(flat)
+            out.own_fields = True
+            flat.this.disown()
+            if st.n:
+                assert st.vectors is not None
+                out.add_with_ids(np.ascontiguousarray(st.vectors.array, np.float32), st.ids.array)
+            return out
         data = np.frombuffer(b"".join(self.serialize()), np.uint8)
-        return faiss.deserialize_index(data)
+        twin: Any = faiss.deserialize_index(data)
+        if p.plain:
+            return twin
+        full = self._codec.faiss_index()
+        inner: Any = faiss.downcast_index(full.index) if p.opq is not None else full
+        inner.replace_invlists(twin.invlists, True)
+        twin.own_invlists = False
+        inner.ntotal = twin.ntotal
+        full.ntotal = twin.ntotal
+        return full
 
     def save(self, path: str | Path, *, file_mode: int = 0o600) -> None:
         """Write the index to ``path``, its raw vectors beside it, and a checksummed record.
 
-        Files: ``path`` (FAISS format), ``path.vectors.npy`` (when vectors are
-        stored) and ``path.json`` (sizes and SHA-256 of both, written last).
-        Each is written atomically, created with ``file_mode`` (owner-only by
-        default); a crash leaves an old record that no longer matches the new
-        data (detected on load), never a silent mix.
+        Files: ``path`` (FAISS format: the shard file, see :meth:`serialize`;
+        a flat index's codec), ``path.codec.faiss`` (the whole codec, when it
+        has an HNSW quantizer or an OPQ rotation), ``path.ids.npy`` (flat:
+        ids in row order), ``path.vectors.npy`` (when vectors are stored) and
+        ``path.json`` (sizes and SHA-256 of all, written last). Each is written
+        atomically, created with ``file_mode`` (owner-only by default); a
+        crash leaves an old record that no longer matches the new data
+        (detected on load), never a silent mix.
         """
         path = Path(path)
         st = self._state
-        rec = storage.atomic_write(path, self.serialize(), mode=file_mode)
+        p = self.params
+        flat = isinstance(p, FlatParams)
+        if flat:
+            rec = storage.atomic_write(path, [self.codec.to_bytes()], mode=file_mode)
+        else:
+            rec = storage.atomic_write(path, self.serialize(), mode=file_mode)
         meta: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "params": self.params.to_dict(),
+            "params": p.to_dict(),
             "ntotal": st.n,
             "data": rec,
         }
+        if not p.plain:
+            meta["codec"] = storage.atomic_write(
+                path.with_name(path.name + ".codec.faiss"), [self.codec.to_bytes()], mode=file_mode
+            )
+        if flat:
+            meta["ids"] = storage.atomic_write_npy(
+                path.with_name(path.name + ".ids.npy"), st.ids.array, mode=file_mode
+            )
         if st.vectors is not None:
             # load() takes the ids from the lists, in list order: store vectors in that order
-            rows = st.rows_of(_list_order_ids(self.params, st))
+            order = st.ids.array if flat else _list_order_ids(p, st)
+            rows = st.rows_of(order)
             meta["vectors"] = storage.atomic_write_npy(
                 path.with_name(vectors_file_name(path)), st.vectors.array[rows], mode=file_mode
             )
@@ -865,37 +1030,61 @@ class IVFPQIndex:
 
     @classmethod
     def load(cls, path: str | Path, *, mmap: bool = False) -> IVFPQIndex:
-        """Read an index written by :meth:`save`, verifying checksums and the FAISS header.
+        """Read an index written by :meth:`save`, verifying checksums and the FAISS headers.
 
         With ``mmap=True`` the codes stay in the file (memory-mapped) and the
         index is read-only. Stored raw vectors are always memory-mapped.
         """
+        from .params import params_from_dict
+
         path = Path(path)
         meta_path = path.with_name(path.name + ".json")
         if not path.exists() and not meta_path.exists():
             raise FileNotFoundError(f"{path}: no such index file")
         meta = storage.read_manifest(meta_path, kind=FORMAT, max_version=FORMAT_VERSION)
         try:
-            params = IVFPQParams.from_dict(meta["params"])
+            params = params_from_dict(meta["params"])
             ntotal = meta["ntotal"]
             if isinstance(ntotal, bool) or not isinstance(ntotal, int) or ntotal < 0:
                 raise ValueError(f"ntotal {ntotal!r}")
+            extra = set(meta) - {"format", "format_version", "params", "ntotal", "data", "checksum"}
+            want = {"vectors"} if params.store_vectors is not None else set()
+            if not params.plain:
+                want.add("codec")
+            if isinstance(params, FlatParams):
+                want.add("ids")
+            if extra != want:
+                raise ValueError(f"records {sorted(extra)}, expected {sorted(want)}")
             data_rec = storage.check_record(dict(meta["data"], file=path.name), "data")
-            vec_rec = None
-            if params.store_vectors is not None:
-                vec_rec = storage.check_record(
-                    dict(meta["vectors"], file=vectors_file_name(path)), "vectors"
-                )
+            recs = {
+                "codec": path.name + ".codec.faiss",
+                "ids": path.name + ".ids.npy",
+                "vectors": vectors_file_name(path),
+            }
+            extra_recs = {
+                k: storage.check_record(dict(meta[k], file=recs[k]), k) for k in sorted(want)
+            }
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptIndexError(f"{meta_path}: bad record ({e})", str(meta_path)) from e
         data = storage.open_verified(path.parent, data_rec, in_memory=not mmap)
         vectors = None
-        if vec_rec is not None:
-            vfile = storage.open_verified(path.parent, vec_rec)
+        if "vectors" in extra_recs:
+            vfile = storage.open_verified(path.parent, extra_recs["vectors"])
             vectors = storage.npy_array(
                 vfile, STORE_DTYPES[params.store_vectors or "float32"], (ntotal, params.d)
             )
-        return load_shard(params, None, data, vectors, ntotal=ntotal, ids=None, read_only=mmap)
+        if isinstance(params, FlatParams):
+            codec = read_codec(params, data)
+            ids_vf = storage.open_verified(path.parent, extra_recs["ids"], in_memory=True)
+            ids = storage.npy_array(ids_vf, np.int64, (ntotal,), mmap=False)
+            check_unique_ids(ids, ids_vf.path)
+            return cls.from_parts(codec, ids, vectors=vectors, read_only=mmap)
+        shared = None
+        if "codec" in extra_recs:
+            shared = read_codec(
+                params, storage.open_verified(path.parent, extra_recs["codec"], in_memory=True)
+            )
+        return load_shard(params, shared, data, vectors, ntotal=ntotal, ids=None, read_only=mmap)
 
 
 # --- helpers shared with sharded.py ---------------------------------------------------------------
@@ -912,13 +1101,23 @@ def consecutive_ids(start: int, n: int) -> npt.NDArray[np.int64]:
 
 
 def train_codec(
-    params: IVFPQParams, x: Any, *, max_points: int | None = None, seed: int = 0
+    params: CodecParams,
+    x: Any,
+    *,
+    max_points: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
 ) -> Codec:
-    """Train a codec on a sample of ``x`` (at most ``max_points`` rows, default ``256 * nlist``)."""
+    """Train a codec on a sample of ``x`` (at most ``max_points`` rows, default
+    :func:`~fastface.index.train.default_train_size`)."""
+    from .train import default_train_size
+
+    if isinstance(params, FlatParams):
+        return Codec.flat(params)
     need = max(params.nlist, 2**params.nbits)
     if max_points is not None:
         max_points = check_positive_int(max_points, "max_points")
-    limit = max_points if max_points is not None else max(256 * params.nlist, 65536)
+    limit = max_points if max_points is not None else default_train_size(params)
     if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > limit:
         n = x.shape[0]
         rows = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
@@ -929,7 +1128,25 @@ def train_codec(
             f"x: training needs at least {need} vectors (nlist={params.nlist}, "
             f"2**nbits={2**params.nbits}), got {x.shape[0]}; pass more data or lower nlist"
         )
-    return Codec.train(params, x, seed=seed)
+    return Codec.train(params, x, seed=seed, progress=progress)
+
+
+def read_codec(params: CodecParams, vf: storage.VerifiedFile) -> Codec:
+    """A codec from its verified FAISS file, every header field checked before FAISS reads it."""
+    buf = vf.array()
+    if isinstance(params, FlatParams):
+        faiss_format.parse_flat(buf, vf.name).check(params, ntotal=0)
+        return Codec.flat(params)
+    layout = faiss_format.parse(buf, vf.name)
+    layout.check(params, ntotal=0, buf=buf)
+    return Codec(params, faiss.deserialize_index(np.array(buf)))
+
+
+def check_unique_ids(ids: npt.NDArray[np.int64], where: str) -> None:
+    """Raise CorruptIndexError unless ``ids`` are non-negative and unique."""
+    srt = np.sort(ids)
+    if srt.size and (int(srt[0]) < 0 or bool((srt[1:] == srt[:-1]).any())):
+        raise CorruptIndexError(f"{where}: duplicate or negative ids", where, "ids")
 
 
 def _settle_runs(runs: list[ListRun], nlist: int, code_size: int) -> tuple[ListRun, ...]:
@@ -970,12 +1187,142 @@ def shard_file_chunks(codec: Codec, runs: Iterable[ListRun]) -> list[Any]:
 
 
 def codec_prefix(codec: Codec) -> tuple[bytes, int]:
-    """The codec's FAISS bytes and where its (empty) lists section starts."""
-    raw = codec.to_bytes()
+    """What a shard file of this codec starts with, and where its (empty) lists section starts.
+
+    The codec's IVF part over a flat coarse quantizer, in the rotated space
+    (:meth:`Codec.twin_bytes`): shard files are plain ``IndexIVFPQ`` files.
+    """
+    raw = codec.twin_bytes()
     return raw, faiss_format.parse(raw, "codec").lists_off
 
 
-def _list_order_ids(params: IVFPQParams, st: _State) -> npt.NDArray[np.int64]:
+def _check_faiss_kind(params: IVFPQParams, index: Any) -> Any:
+    """The IVF part of a FAISS index of the kind ``params`` name (TypeError otherwise)."""
+    inner = index
+    is_pt = type(index).__name__ == "IndexPreTransform"
+    if params.opq is not None:
+        if not is_pt or index.chain.size() != 1:
+            raise TypeError(
+                f"index: params {params.spec!r} name an OPQ rotation: expected a "
+                f"faiss.IndexPreTransform of one rotation, got {type(index).__name__}"
+            )
+        inner = faiss.downcast_index(index.index)
+    elif is_pt:
+        raise TypeError(
+            f"index: a faiss.IndexPreTransform (a rotation) needs params with opq=M; "
+            f"{params.spec!r} has none"
+        )
+    want = faiss.IndexIVFPQFastScan if params.nbits == 4 else faiss.IndexIVFPQ
+    if type(inner) is not want:
+        raise TypeError(
+            f"index: expected a faiss.{want.__name__} for nbits={params.nbits}, got "
+            f"{type(inner).__name__}"
+        )
+    quantizer = faiss.downcast_index(inner.quantizer)
+    want_q = faiss.IndexHNSWFlat if params.coarse_hnsw is not None else faiss.IndexFlat
+    if not isinstance(quantizer, want_q):
+        raise TypeError(
+            f"index: expected a faiss.{want_q.__name__} coarse quantizer for {params.spec!r}, got "
+            f"{type(quantizer).__name__}"
+        )
+    return inner
+
+
+def _with_flat_quantizer(codec: Codec, ivf: Any) -> Any:
+    """``ivf`` (a filled copy of the codec's IVF part) with a flat coarse quantizer."""
+    if codec.params.coarse_hnsw is None:  # type: ignore[union-attr]
+        return ivf
+    flat: Any = faiss.IndexFlat(codec.params.d, METRICS[codec.params.metric])
+    flat.add(np.ascontiguousarray(codec.centroids))
+    old = ivf.quantizer
+    ivf.quantizer = flat
+    flat.this.disown()
+    if ivf.own_fields:
+        old.this.own(True)  # Python frees the quantizer it replaced
+    ivf.own_fields = True
+    return ivf
+
+
+class _CoarseFromCodec:
+    """While active, ``fidx`` (a private fast-scan copy) assigns with the codec's quantizer."""
+
+    def __init__(self, fidx: Any, codec: Codec) -> None:
+        self.fidx = fidx
+        self.codec = codec
+        self.saved: Any = None
+
+    def __enter__(self) -> Any:
+        if self.codec.params.coarse_hnsw is not None:  # type: ignore[union-attr]
+            self.saved = self.fidx.quantizer
+            self.fidx.quantizer = self.codec.coarse_quantizer()
+        return self.fidx
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is not None:
+            self.fidx.quantizer = self.saved
+
+
+def flat_scan(
+    params: CodecParams,
+    ids: npt.NDArray[np.int64],
+    vectors: npt.NDArray[Any],
+    q: npt.NDArray[np.float32],
+    k: int,
+    exclude: IdSet | None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Exact top-``k`` of every stored vector (a flat shard): blocks of BLAS scores
+    (:func:`fastface.kernels.exact.scores`), exact under (better score, lower id)."""
+    from .._native import merge_topk
+    from ..kernels.exact import scores
+
+    nq = q.shape[0]
+    larger = params.larger_is_better
+    pad = params.pad_score
+    D = np.full((nq, k), pad, np.float32)
+    I = np.full((nq, k), -1, np.int64)
+    n = ids.size
+    block = max(1024, (1 << 24) // max(nq, 1))  # at most 64 MiB of scores at once
+    for s in range(0, n, block):
+        S = scores(q, vectors[s : s + block], params.metric)
+        bid = ids[s : s + block]
+        if exclude is not None:
+            bid = np.where(exclude.contains(bid), -1, bid)
+        Db, Ib = _block_topk(S, bid, k, larger)
+        D, I = merge_topk(np.stack([D, Db]), np.stack([I, Ib]), k, larger_is_better=larger)
+    return D, I
+
+
+def _block_topk(
+    S: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: int, larger: bool
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Best ``k`` per row of ``S`` (columns ``ids``, -1 skipped), ties at the k-th by lower id,
+    padded to ``k`` columns."""
+    from ..kernels.exact import topk
+
+    m = S.shape[1]
+    pad = -np.inf if larger else np.inf
+    kk = min(k, m)
+    key = -S if larger else S.copy()
+    key[:, ids < 0] = np.inf
+    part = np.argpartition(key, kk - 1, axis=1)[:, :kk]
+    kth = np.take_along_axis(key, part, 1).max(axis=1)
+    # rows where entries tie with the k-th are settled by the full (score, id) order
+    ties = (key <= kth[:, None]).sum(axis=1) > kk
+    I = ids[part]
+    D = np.take_along_axis(S, part, 1).astype(np.float32)
+    missing = np.take_along_axis(key, part, 1) == np.inf
+    I[missing] = -1
+    D[missing] = pad
+    if ties.any():
+        Dt, It = topk(S[ties], ids, kk, larger_is_better=larger)
+        D[ties], I[ties] = Dt, It
+    if kk < k:
+        D = np.pad(D, ((0, 0), (0, k - kk)), constant_values=pad)
+        I = np.pad(I, ((0, 0), (0, k - kk)), constant_values=-1)
+    return np.ascontiguousarray(D), np.ascontiguousarray(I)
+
+
+def _list_order_ids(params: CodecParams, st: _State) -> npt.NDArray[np.int64]:
     """The ids in the order :meth:`IVFPQIndex.load` takes them: list order, each id where
     it first appears."""
     if params.nbits == 8:
@@ -1079,7 +1426,7 @@ def vectors_file_name(path: Path) -> str:
 
 
 def load_shard(
-    params: IVFPQParams,
+    params: CodecParams,
     codec: Codec | None,
     data: storage.VerifiedFile,
     vectors: npt.NDArray[Any] | None,
@@ -1094,11 +1441,17 @@ def load_shard(
     row order (``None``: the lists' order). 8-bit codes are scanned in place
     from the file's buffer (in memory or mapped, as ``data`` holds it).
     """
+    if not isinstance(params, IVFPQParams):
+        raise TypeError("load_shard: a flat shard has no shard file; use from_parts")
     buf = data.array()
     layout = faiss_format.parse(buf, data.name)
-    # the file counts list entries: two per vector with spilled assignment
-    layout.check(params, ntotal=ntotal * params.max_copies, buf=buf if codec is None else None)
+    # the file counts list entries (two per vector with spilled assignment); it holds
+    # the codec's IVF part over a flat quantizer, never a rotation
+    file_params = dataclasses.replace(params, coarse_hnsw=None, opq=None)
+    layout.check(file_params, ntotal=ntotal * params.max_copies, buf=buf if codec is None else None)
     if codec is None:
+        if not params.plain:
+            raise ValueError("load_shard: an OPQ/HNSW shard needs its codec")
         codec = Codec(params, faiss.deserialize_index(_codec_bytes(buf, layout, params)))
     else:  # a shard file embeds its codec: it must be the index's
         raw, off = codec_prefix(codec)

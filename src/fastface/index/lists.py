@@ -236,14 +236,15 @@ def scan(
     """Top-``k`` of the codes of ``runs`` in each query's assigned lists (validated inputs).
 
     ``exclude``: sorted int64 ids never returned. Exact under (better score,
-    lower id), so the runs' split and order never change the result. With
+    lower id), so the runs' split and order never change the result. With an
+    OPQ codec the queries are rotated first (the lists hold rotated codes). With
     spilled assignment (``codec.params.soar_lambda``) an id has two entries;
     it is returned once, with the better score.
     """
     Dq, Iq = assignment
     ex = _EMPTY_IDS if exclude is None else exclude
     return _native.ivfpq8_search(
-        q,
+        codec.rotate(q),
         codec.pq_transposed,
         codec.centroids,
         codec.params.larger_is_better,

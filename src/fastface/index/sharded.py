@@ -26,6 +26,7 @@ Opening never deletes a file unless the manifest verified.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
@@ -41,23 +42,35 @@ import numpy.typing as npt
 from .._native import merge_topk
 from .._validation import as_id_array, as_ids, as_queries, as_vectors, check_k, check_positive_int
 from ..errors import CorruptIndexError, EmptyIndexError, NotTrainedError, ReadOnlyIndexError
-from . import faiss_format, lists, storage
+from . import lists, storage
 from .ivfpq import (
     IdSet,
     IVFPQIndex,
     check_assignment,
     check_nprobe,
     check_rerank,
+    check_unique_ids,
     consecutive_ids,
     load_shard,
+    read_codec,
     sorted_unique,
     train_codec,
 )
 from .lists import ListRun
-from .params import STORE_DTYPES, Codec, IVFPQParams
+from .params import (
+    STORE_DTYPES,
+    Codec,
+    CodecParams,
+    FlatParams,
+    IVFPQParams,
+    params_from_dict,
+    parse_spec,
+)
 from .vectors import check_storable
 
 __all__ = ["ShardedIndex"]
+
+log = logging.getLogger("fastface")
 
 FORMAT = "fastface.sharded"
 FORMAT_VERSION = 2
@@ -85,6 +98,7 @@ _MANIFEST_KEYS = {
     "ntotal",
     "next_id",
     "build",
+    "spec",
 }
 _OPEN_RETRIES = 50
 _MAX_PACKS = 4
@@ -156,7 +170,7 @@ class _Manifest:
     """A manifest whose every field has been checked."""
 
     generation: int
-    params: IVFPQParams
+    params: CodecParams
     shard_size: int
     codec: storage.FileRecord | None
     shards: list[tuple[int, bool, int, dict[str, storage.FileRecord]]]
@@ -171,14 +185,16 @@ def _check_manifest(man: dict[str, Any], path: Path) -> _Manifest:
     unknown = set(man) - _MANIFEST_KEYS - {"checksum"}
     if unknown:
         raise _fail(path, sorted(unknown)[0], "unknown field")
-    for key in _MANIFEST_KEYS - {"next_id"}:
+    for key in _MANIFEST_KEYS - {"next_id", "spec"}:
         if key not in man:
             raise _fail(path, key, "missing")
     generation = _int(man["generation"], path, "generation", 1)
     try:
-        params = IVFPQParams.from_dict(man["params"])
+        params = params_from_dict(man["params"])
     except (TypeError, ValueError) as e:
         raise _fail(path, "params", str(e)) from e
+    if "spec" in man and man["spec"] != params.spec:
+        raise _fail(path, "spec", f"{man['spec']!r} does not name the params ({params.spec!r})")
     shard_size = _int(man["shard_size"], path, "shard_size", 1, 2**40)
     codec = None if man["codec"] is None else _record(man["codec"], path, "codec", "codec")
     if not isinstance(man["shards"], list):
@@ -195,7 +211,9 @@ def _check_manifest(man: dict[str, Any], path: Path) -> _Manifest:
             raise _fail(path, f"{f}.sealed", "expected true or false")
         count = _int(entry["count"], path, f"{f}.count", 0, shard_size)
         files = entry["files"]
-        want = {"index", "ids"} | ({"vectors"} if params.store_vectors else set())
+        want = ({"ids"} if params.kind == "flat" else {"index", "ids"}) | (
+            {"vectors"} if params.store_vectors else set()
+        )
         if not isinstance(files, dict) or set(files) != want:
             raise _fail(path, f"{f}.files", f"expected the files {sorted(want)}")
         recs = {k: _record(files[k], path, f"{f}.files.{k}", k) for k in sorted(want)}
@@ -290,7 +308,7 @@ class ShardedIndex:
     def __init__(
         self,
         path: Path,
-        params: IVFPQParams,
+        params: CodecParams,
         shard_size: int,
         *,
         writable: bool,
@@ -298,7 +316,7 @@ class ShardedIndex:
         file_mode: int = 0o600,
     ) -> None:
         self.path = Path(path)
-        self.params = params
+        self.params: CodecParams = params
         self.shard_size = shard_size
         self._writable = writable
         self._mmap = mmap
@@ -307,6 +325,8 @@ class ShardedIndex:
         self._write_lock = threading.RLock()
         self._prev_files: set[str] = set()
         self._sealed_manifest = True
+        # a build never searches: sealed shards stay memory-mapped instead of packed in memory
+        self._build_mode = False
         self._state = _State(0, None, None, (), IdSet(()), None, None, 0)
 
     # --- construction -------------------------------------------------------------------------
@@ -314,25 +334,26 @@ class ShardedIndex:
     def create(
         cls,
         path: str | os.PathLike[str],
-        params: IVFPQParams | Codec,
+        params: CodecParams | Codec | str,
         *,
+        d: int | None = None,
+        metric: Literal["ip", "l2"] = "ip",
         shard_size: int = 1_000_000,
         file_mode: int = 0o600,
     ) -> ShardedIndex:
         """Create an empty index directory.
 
-        ``params`` is an :class:`IVFPQParams` (then :meth:`train`) or a
-        trained :class:`~fastface.index.params.Codec` (e.g. another index's
-        :attr:`codec`: both then encode alike). The directory must not exist,
+        ``params`` is an index spec such as ``"IVF4096,PQ32,F16"`` (with ``d``
+        and ``metric``; see :mod:`fastface.index.params`), an
+        :class:`IVFPQParams` (then :meth:`train`), a
+        :class:`~fastface.index.params.FlatParams` (exact search, no training),
+        or a trained :class:`~fastface.index.params.Codec` (e.g. another
+        index's :attr:`codec`: both then encode alike). The directory must not exist,
         be empty, or hold only what an interrupted ``create`` left (a lock
         file, temporary files). Files are created with ``file_mode``
         (owner-only ``0o600`` by default).
         """
-        codec = None
-        if isinstance(params, Codec):
-            codec, params = params, params.params
-        if not isinstance(params, IVFPQParams):
-            raise TypeError(f"params: expected IVFPQParams or Codec, got {type(params).__name__}")
+        codec, params = _resolve_params(params, d, metric)
         shard_size = check_positive_int(shard_size, "shard_size")
         if (
             isinstance(file_mode, bool)
@@ -352,6 +373,8 @@ class ShardedIndex:
             )
         dir_mode = file_mode | ((file_mode & 0o444) >> 2)
         storage.make_dir(path, dir_mode)
+        if codec is None and isinstance(params, FlatParams):
+            codec = Codec.flat(params)  # nothing to train
         obj = cls(path, params, shard_size, writable=True, file_mode=file_mode)
         obj._acquire_lock()
         try:
@@ -415,7 +438,7 @@ class ShardedIndex:
         )
 
     @classmethod
-    def _load(cls, path: Path, *, writable: bool, mmap: bool) -> ShardedIndex:
+    def _load(cls, path: Path, *, writable: bool, mmap: bool, build: bool = False) -> ShardedIndex:
         man_path = path / MANIFEST
         raw = storage.read_manifest(man_path, kind=FORMAT, max_version=FORMAT_VERSION)
         man = _check_manifest(raw, man_path)
@@ -425,6 +448,7 @@ class ShardedIndex:
         obj = cls(
             path, man.params, man.shard_size, writable=writable, mmap=mmap, file_mode=file_mode
         )
+        obj._build_mode = build
         obj._state = obj._load_state(man, man_path)
         obj._sealed_manifest = man.sealed
         return obj
@@ -453,13 +477,7 @@ class ShardedIndex:
         codec = None
         if man.codec is not None:
             with self._entry("codec"):
-                vf = self._open_file(man.codec, g, in_memory=True)
-                buf = vf.array()
-                layout = faiss_format.parse(buf, vf.name)
-                layout.check(p, ntotal=0, buf=buf)
-                import faiss
-
-                codec = Codec(p, faiss.deserialize_index(np.array(buf)))
+                codec = read_codec(p, self._open_file(man.codec, g, in_memory=True))
         shards: list[_Shard] = []
         next_id = 0
         for i, (number, sealed, count, recs) in enumerate(man.shards):
@@ -471,6 +489,13 @@ class ShardedIndex:
                 if p.store_vectors is not None:
                     vec_vf = self._open_file(recs["vectors"], g)
                     vectors = storage.npy_array(vec_vf, STORE_DTYPES[p.store_vectors], (count, p.d))
+                if isinstance(p, FlatParams):
+                    check_unique_ids(ids, ids_vf.path)
+                    index = IVFPQIndex.from_parts(codec, ids, vectors=vectors, read_only=True)
+                    shards.append(_Shard(number, sealed, index, recs))
+                    if count:
+                        next_id = max(next_id, int(ids.max()) + 1)
+                    continue
                 # hashed, then mapped: in memory, sealed shards' lists are packed from the
                 # mappings (below) and the open shard's copied, one copy each, the files'
                 # pages never held all at once; 4-bit: FAISS copies the lists
@@ -587,8 +612,8 @@ class ShardedIndex:
     def __repr__(self) -> str:
         p = self.params
         return (
-            f"ShardedIndex({str(self.path)!r}, d={p.d}, nlist={p.nlist}, M={p.M}, nbits={p.nbits}, "
-            f"metric={p.metric!r}, nshards={self.nshards}, ntotal={self.ntotal})"
+            f"ShardedIndex({str(self.path)!r}, {p.spec!r}, d={p.d}, metric={p.metric!r}, "
+            f"nshards={self.nshards}, ntotal={self.ntotal})"
         )
 
     def shards(self) -> Iterator[IVFPQIndex]:
@@ -664,15 +689,29 @@ class ShardedIndex:
 
     # --- train / add --------------------------------------------------------------------------
     def train(
-        self, x: npt.NDArray[np.float32], *, max_points: int | None = None, seed: int = 0
+        self,
+        x: npt.NDArray[np.float32],
+        *,
+        max_points: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
     ) -> None:
-        """Train the shared codec (coarse quantizer and PQ) on a sample of ``x``; commits."""
+        """Train the shared codec on a sample of ``x`` (see :meth:`IVFPQIndex.train`); commits.
+
+        Training stages are logged (``logging.getLogger("fastface")``);
+        ``progress=True`` shows a bar.
+        """
         self._check_writable()
+        if self.params.kind == "flat":  # nothing to learn: check x and accept, as FAISS does
+            as_vectors(x[:1024] if isinstance(x, np.ndarray) else x, "x", d=self.params.d)
+            return
         with self._write_lock:
             st = self._state
             if st.codec is not None:
-                raise RuntimeError(f"{self.path}: already trained; create a new index to retrain")
-            codec = train_codec(self.params, x, max_points=max_points, seed=seed)
+                raise RuntimeError(
+                    f"{self.path}: already trained; create a new index to retrain (or reencode())"
+                )
+            codec = train_codec(self.params, x, max_points=max_points, seed=seed, progress=progress)
             self._commit_state(replace(st, codec=codec, codec_rec=None, dirty=True))
 
     def add(
@@ -801,19 +840,45 @@ class ShardedIndex:
     def _rescore(
         self, st: _State, q: npt.NDArray[np.float32], cand: npt.NDArray[np.int64], k: int
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        parts = [s.index.rescore(q, cand, k) for s in st.shards if s.index.ntotal]
-        if not parts:
-            return (
-                np.full((q.shape[0], k), self.params.pad_score, np.float32),
-                np.full((q.shape[0], k), -1, np.int64),
-            )
-        if len(parts) == 1:
-            return parts[0]
-        return merge_topk(
-            np.stack([p[0] for p in parts]),
-            np.stack([p[1] for p in parts]),
+        """Exact top-``k`` of candidates: each candidate's vector is read from the one shard
+        that holds it (routed by id ranges), then all are scored in one call of the exact
+        scorer: what the shards' own ``rescore`` computes, without visiting every shard with
+        every candidate."""
+        from ..kernels.exact import rescore
+
+        live = [s for s in st.shards if s.index.ntotal]
+        nq, m = cand.shape
+        if len(live) <= 1:
+            if not live:
+                return (
+                    np.full((nq, k), self.params.pad_score, np.float32),
+                    np.full((nq, k), -1, np.int64),
+                )
+            return live[0].index.rescore(q, cand, k)
+        flat = cand.reshape(-1)
+        shard_of, row_of = _route(live, flat)
+        found = shard_of >= 0
+        pos = np.flatnonzero(found)
+        vec0 = live[0].index.vectors
+        assert vec0 is not None
+        gathered = np.empty((pos.size, self.d), vec0.dtype)
+        for j, s in enumerate(live):
+            sel = np.flatnonzero(shard_of[pos] == j)
+            if sel.size:
+                vec = s.index.vectors
+                assert vec is not None
+                rows = row_of[pos[sel]]
+                order = np.argsort(rows, kind="stable")  # read the file front to back
+                gathered[sel[order]] = vec[rows[order]]
+        rows_all = np.full(flat.size, -1, np.int64)
+        rows_all[pos] = np.arange(pos.size, dtype=np.int64)
+        return rescore(
+            q,
+            gathered,
+            rows_all.reshape(nq, m),
+            np.ascontiguousarray(cand),
             k,
-            larger_is_better=self.params.larger_is_better,
+            metric=self.params.metric,
         )
 
     def _strategy(self, strategy: str) -> str:
@@ -821,8 +886,8 @@ class ShardedIndex:
             raise ValueError(f"strategy must be 'auto', 'stacked' or 'fanout', got {strategy!r}")
         if strategy == "stacked" and self.params.nbits != 8:
             raise ValueError(
-                "strategy='stacked' needs 8-bit codes (fast-scan packs codes in blocks that are "
-                "scanned per shard); use 'fanout' or 'auto'"
+                "strategy='stacked' needs 8-bit codes (fast-scan packs codes in blocks, and a "
+                "flat index has no codes: both are scanned per shard); use 'fanout' or 'auto'"
             )
         if strategy == "auto":
             return "stacked" if self.params.nbits == 8 else "fanout"
@@ -843,11 +908,32 @@ class ShardedIndex:
         if strategy == "stacked":
             ex = None if exclude is None else exclude.array
             return lists.scan(codec, q, k, assignment, st.runs, ex)
-        parts = [
-            s.index.scan(q, k, assignment, exclude=exclude, ordered=ordered)
-            for s in st.shards
-            if s.index.ntotal
-        ]
+        parts = []
+        nq = q.shape[0]
+        Iq = assignment[1]
+        for s in st.shards:
+            if not s.index.ntotal:
+                continue
+            # skip the shard for queries none of whose probed lists it holds
+            sizes = s.index.list_sizes()
+            holds = (sizes[np.maximum(Iq, 0)] > 0) & (Iq >= 0)
+            rows = np.flatnonzero(holds.any(axis=1))
+            if rows.size == 0:
+                continue
+            if rows.size == nq:
+                parts.append(s.index.scan(q, k, assignment, exclude=exclude, ordered=ordered))
+                continue
+            sub = (
+                np.ascontiguousarray(assignment[0][rows]),
+                np.ascontiguousarray(Iq[rows]),
+            )
+            Ds, Is = s.index.scan(
+                np.ascontiguousarray(q[rows]), k, sub, exclude=exclude, ordered=ordered
+            )
+            D = np.full((nq, k), self.params.pad_score, np.float32)
+            I = np.full((nq, k), -1, np.int64)
+            D[rows], I[rows] = Ds, Is
+            parts.append((D, I))
         if not parts:
             return (
                 np.full((q.shape[0], k), self.params.pad_score, np.float32),
@@ -860,6 +946,32 @@ class ShardedIndex:
             np.stack([p[1] for p in parts]),
             k,
             larger_is_better=self.params.larger_is_better,
+        )
+
+    def to_gpu(
+        self,
+        *,
+        device: str = "cuda",
+        vectors: bool = True,
+        vectors_on: str = "device",
+        memory_budget: int | None = None,
+    ) -> Any:
+        """Every shard of this index on a GPU: one ``fastface.gpu.GpuIVFPQ`` over the shared
+        codec, all shards' codes, ids and stored vectors (no retraining); removed vectors
+        stay skipped. The GPU index is a snapshot: later changes here are not seen.
+
+        ``device="emulate"`` runs the same kernels on the CPU. ``vectors=False``
+        leaves the stored vectors behind (no re-ranking); ``vectors_on="host"``
+        streams them from pinned host memory. See ``fastface.gpu.from_cpu``.
+        """
+        from ..gpu import from_cpu
+
+        return from_cpu(
+            self,
+            device=device,
+            vectors=vectors,
+            vectors_on=vectors_on,
+            memory_budget=memory_budget,
         )
 
     def search(
@@ -1034,10 +1146,10 @@ class ShardedIndex:
                     shards.append(s)
                     continue
                 stem = f"shard-{s.number:06d}-g{g:06d}"
-                files = {
-                    "index": write(f"{stem}.faiss", s.index.serialize()),
-                    "ids": write_npy(f"{stem}.npy", s.index.ids),
-                }
+                files = {}
+                if self.params.kind != "flat":
+                    files["index"] = write(f"{stem}.faiss", s.index.serialize())
+                files["ids"] = write_npy(f"{stem}.npy", s.index.ids)
                 index = s.index
                 if self.params.store_vectors is not None:
                     vec_name = f"{stem}.{_VEC_SUFFIX[self.params.store_vectors]}"
@@ -1048,6 +1160,14 @@ class ShardedIndex:
                         # a sealed shard's vectors stay on disk: map the file just written
                         mapped = _map_npy(self.path / vec_name, vec.dtype, vec.shape)
                         index = _with_vectors(index, mapped)
+                if (
+                    s.sealed
+                    and self._build_mode
+                    and self.params.kind == "ivfpq"
+                    and self.params.nbits == 8
+                ):
+                    # a build keeps sealed shards' codes on disk too: map the file just written
+                    index = _mapped_shard(self.path, files["index"], index, st.codec)
                 shards.append(replace(s, index=index, files=files))
             tomb_rec = st.tomb_rec
             if len(st.tombstones) and tomb_rec is None:
@@ -1083,6 +1203,7 @@ class ShardedIndex:
             "format_version": FORMAT_VERSION,
             "generation": st.generation,
             "params": self.params.to_dict(),
+            "spec": self.params.spec,
             "shard_size": self.shard_size,
             "codec": st.codec_rec,
             "shards": [
@@ -1097,7 +1218,7 @@ class ShardedIndex:
 
     def _with_packs(self, st: _State, *, rebuild: bool = False) -> _State:
         """Merge written sealed shards' lists into packs (in-memory 8-bit indexes only)."""
-        if self._mmap or self.params.nbits != 8 or st.codec is None:
+        if self._mmap or self._build_mode or self.params.nbits != 8 or st.codec is None:
             return st
         p = self.params
         by_number = {s.number: s for s in st.shards}
@@ -1195,40 +1316,80 @@ class ShardedIndex:
         cls,
         source: Any,
         path: str | os.PathLike[str],
-        params: IVFPQParams,
+        params: CodecParams | str | None = None,
         *,
+        metric: Literal["ip", "l2"] = "ip",
+        memory_budget: int | str | None = None,
         shard_size: int = 1_000_000,
         chunk_size: int = 100_000,
+        commit_every: int | None = None,
         train_size: int | None = None,
         seed: int = 0,
         column: str | None = None,
-        progress: bool = True,
+        progress: bool = False,
     ) -> ShardedIndex:
-        """Build an index directory from a vector file, resumably.
+        """Build an index directory from a stream of vectors, resumably.
 
-        ``source`` is a ``.npy`` (memory-mapped), ``.fvecs`` or ``.parquet``
-        file, or an array (:func:`fastface.io.open_vectors`). Vectors get
-        their row numbers as ids. Each chunk is committed with the number of
-        rows done, so a build that was interrupted (even killed) continues
-        from its last commit when called again with the same arguments;
-        sealed shards are never redone.
+        ``source``: a ``.npy`` (memory-mapped), ``.fvecs`` or ``.parquet`` file,
+        an array, a generator such as :class:`fastface.datasets.SyntheticFaces`
+        (rows regenerated on demand: 100M rows never need a 51 GB file), a
+        function ``start -> iterable of chunks``, or an iterable of chunks
+        (:func:`fastface.io.open_vectors`). Vectors get their row numbers as ids.
+
+        ``params``: an index spec (``"OPQ32,IVF65536_HNSW32,PQ32,F16"``), an
+        :class:`IVFPQParams` / :class:`~fastface.index.params.FlatParams`, or
+        ``None``: :func:`fastface.auto_spec` chooses from the source's size and
+        ``memory_budget`` (the choice and its reason are logged and recorded in
+        the build state).
+
+        Resuming: the rows done are committed every ``commit_every`` rows
+        (default: every chunk; each commit rewrites the open shard, so for big
+        builds pass ``shard_size``) and whenever a shard seals. A build that
+        was interrupted, even killed, continues from its last commit when
+        called again with the same arguments; sealed shards are never redone.
+        Sources that can be read again from a row resume (files, arrays,
+        generators, functions); an iterable of chunks cannot (see
+        :mod:`fastface.io`).
+
+        Training, then encoding, report progress through
+        ``logging.getLogger("fastface")`` and, with ``progress=True``, bars.
         """
-        from ..io import ChunkSource, open_vectors
+        from ..io import open_vectors
 
         src = open_vectors(source, column=column)
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+        if commit_every is not None:
+            commit_every = check_positive_int(commit_every, "commit_every")
+        path = Path(path)
+        reason = None
+        if params is None:
+            from .auto import auto_spec
+
+            if src.n is None:
+                raise ValueError(
+                    "params: the source's size is unknown (an iterable of chunks); pass a spec "
+                    "such as 'IVF4096,PQ32,F16', or fastface.auto_spec(n, d) for the n you expect"
+                )
+            choice = auto_spec(src.n, src.d, memory_budget=memory_budget, metric=metric)
+            params, reason = choice.params, choice.reason
+            log.info("build: auto_spec chose %s: %s", choice.spec, reason)
+        elif isinstance(params, str):
+            params = parse_spec(params, src.d, metric=metric)
+        if not isinstance(params, (IVFPQParams, FlatParams)):
+            raise TypeError(
+                f"params: expected an index spec, IVFPQParams, FlatParams or None, got "
+                f"{type(params).__name__}"
+            )
         if src.d != params.d:
             raise ValueError(f"source has d={src.d}, params.d={params.d}; they must match")
-        chunk_size = check_positive_int(chunk_size, "chunk_size")
-        path = Path(path)
-        once = isinstance(src, ChunkSource)  # an iterable: read once, no resume
         fingerprint = {"source": src.describe(), "n": src.n}
         if (path / MANIFEST).exists():
-            if once:
+            if not src.resumable:
                 raise FileExistsError(
                     f"{path}: holds an index; a build from an iterable of chunks cannot resume, "
-                    "pick a new directory"
+                    "pick a new directory (or pass a function start -> chunks)"
                 )
-            index = cls.open(path, mode="a")
+            index = cls._open_for_build(path)
             state = index.build_state
             if state is None or state.get("source") != fingerprint or index.params != params:
                 index.close()
@@ -1236,14 +1397,26 @@ class ShardedIndex:
                     f"{path}: holds another index or a build of another source; pick a new "
                     "directory or remove this one"
                 )
+            log.info("build: resuming %s at row %s", path, state.get("rows_done"))
         else:
             index = cls.create(path, params, shard_size=shard_size)
-            index.set_build_state({"source": fingerprint, "rows_done": 0, "complete": False})
+            index._build_mode = True
+            first: dict[str, Any] = {"source": fingerprint, "rows_done": 0, "complete": False}
+            if reason is not None:
+                first["auto_spec"] = reason
+            index.set_build_state(first)
         try:
             if not index.is_trained:
-                limit = train_size or max(256 * params.nlist, 65536)
-                index.train(src.sample(limit, seed=seed), max_points=limit, seed=seed)
+                from .train import default_train_size
+
+                assert isinstance(params, IVFPQParams)
+                limit = train_size or default_train_size(params)
+                log.info("build: sampling %d training rows from %s", limit, fingerprint["source"])
+                index.train(
+                    src.sample(limit, seed=seed), max_points=limit, seed=seed, progress=progress
+                )
             state = index.build_state or {}
+            extra = {k: v for k, v in state.items() if k not in ("source", "rows_done", "complete")}
             start = state.get("rows_done", 0)
             top = src.n if src.n is not None else 2**62
             if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= top:
@@ -1253,26 +1426,167 @@ class ShardedIndex:
                     "build.rows_done",
                 )
             if not state.get("complete"):
-                from tqdm.auto import tqdm
-
-                bar = tqdm(
-                    total=src.n, initial=start, unit="vec", disable=not progress, desc="build"
-                )
-                done = start
-                with bar:
-                    for lo, chunk in src.iter_chunks(chunk_size, start=start):
-                        ids = np.arange(lo, lo + chunk.shape[0], dtype=np.int64)
-                        index.add(chunk, ids, commit=False)
-                        done = lo + chunk.shape[0]
-                        index.set_build_state(
-                            {"source": fingerprint, "rows_done": done, "complete": False}
-                        )
-                        bar.update(chunk.shape[0])
-                index.set_build_state({"source": fingerprint, "rows_done": done, "complete": True})
+                index._stream(src, start, fingerprint, extra, chunk_size, commit_every, progress)
         except BaseException:
             index.close()
             raise
+        index._build_mode = False
         return index
+
+    def reencode(
+        self,
+        path: str | os.PathLike[str],
+        params: CodecParams | str,
+        *,
+        shard_size: int | None = None,
+        chunk_size: int = 100_000,
+        train_size: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> ShardedIndex:
+        """Copy the searchable vectors, with their ids, into a new index with another codec.
+
+        ``params``: an index spec (``"IVF4096,PQ32,F16"``) or parameters of the
+        same dimension and metric. The new codec is trained on a sample of this
+        index's stored vectors (so it needs ``store_vectors``; a flat index
+        always has them), then every live vector is added with its id; removed
+        vectors are left out and ids never used again stay unused. This index
+        is only read. Returns the new index, open for writing (``mode="a"``).
+
+        This is how a flat index that grew becomes IVF-PQ without enrolling
+        anything again::
+
+            small = ShardedIndex.create(path, "Flat", d=512)
+            ...
+            big = small.reencode(path2, "IVF4096,PQ64,F16")
+
+        To replace an index in place, reencode to a new directory and point
+        readers at it (a directory cannot be swapped atomically while it has
+        readers).
+        """
+        st = self._state
+        if self.params.store_vectors is None:
+            raise ValueError(
+                f"{self.path}: keeps no raw vectors (store_vectors=None); nothing to reencode from"
+            )
+        if isinstance(params, str):
+            params = parse_spec(params, self.d, metric=self.params.metric)
+        if not isinstance(params, (IVFPQParams, FlatParams)):
+            raise TypeError(
+                f"params: expected an index spec, IVFPQParams or FlatParams, got "
+                f"{type(params).__name__}"
+            )
+        if params.d != self.d or params.metric != self.params.metric:
+            raise ValueError(
+                f"params: d={params.d}, metric={params.metric!r} must match this index's "
+                f"d={self.d}, metric={self.params.metric!r}"
+            )
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+        parts = list(self.live_rows())
+        total = sum(rows.size for _, rows in parts)
+        out = ShardedIndex.create(path, params, shard_size=shard_size or self.shard_size)
+        try:
+            out._build_mode = True
+            if not out.is_trained:
+                from .train import default_train_size
+
+                assert isinstance(params, IVFPQParams)
+                limit = min(train_size or default_train_size(params), total)
+                rng = np.random.default_rng(seed)
+                pick = np.sort(rng.choice(total, size=limit, replace=False))
+                sample = np.empty((limit, self.d), np.float32)
+                base = filled = 0
+                for shard, rows in parts:
+                    sel = pick[(pick >= base) & (pick < base + rows.size)] - base
+                    vec = shard.vectors
+                    assert vec is not None
+                    sample[filled : filled + sel.size] = vec[rows[sel]]
+                    filled += sel.size
+                    base += rows.size
+                out.train(sample, max_points=limit, seed=seed, progress=progress)
+                del sample
+            from tqdm.auto import tqdm
+
+            with tqdm(total=total, unit="vec", disable=not progress, desc="reencode") as bar:
+                for shard, rows in parts:
+                    vec = shard.vectors
+                    assert vec is not None
+                    for lo in range(0, rows.size, chunk_size):
+                        r = rows[lo : lo + chunk_size]
+                        out.add(np.asarray(vec[r], np.float32), shard.ids[r], commit=False)
+                        bar.update(r.size)
+                    out.flush()
+            with out._write_lock:
+                out._commit_state(replace(out._state, next_id=max(out._state.next_id, st.next_id)))
+            log.info(
+                "reencode: %s (%s) -> %s (%s), %d vectors",
+                self.path,
+                self.params.spec,
+                out.path,
+                params.spec,
+                total,
+            )
+        except BaseException:
+            out.close()
+            raise
+        out._build_mode = False
+        out._state = out._with_packs(out._state, rebuild=True)
+        return out
+
+    @classmethod
+    def _open_for_build(cls, path: Path) -> ShardedIndex:
+        """Open for writing as a build does: sealed shards stay memory-mapped, never packed."""
+        lock = storage.WriterLock(path)
+        lock.acquire()
+        try:
+            obj = cls._load(path, writable=True, mmap=False, build=True)
+            obj._lock = lock
+            obj._prev_files = obj._referenced(obj._state)
+            if obj._sealed_manifest:
+                obj._remove_unreferenced(obj._state)
+        except BaseException:
+            lock.release()
+            raise
+        return obj
+
+    def _stream(
+        self,
+        src: Any,
+        start: int,
+        fingerprint: dict[str, Any],
+        extra: dict[str, Any],
+        chunk_size: int,
+        commit_every: int | None,
+        progress: bool,
+    ) -> None:
+        """Add the source's rows from ``start`` on, committing the rows done as it goes."""
+        import time
+
+        from tqdm.auto import tqdm
+
+        def state(done: int, complete: bool) -> dict[str, Any]:
+            return {"source": fingerprint, "rows_done": done, "complete": complete, **extra}
+
+        bar = tqdm(total=src.n, initial=start, unit="vec", disable=not progress, desc="encode")
+        done = last_commit = start
+        t0 = time.perf_counter()
+        log.info("build: encoding rows %d..%s", start, src.n if src.n is not None else "end")
+        with bar:
+            for lo, chunk in src.iter_chunks(chunk_size, start=start):
+                ids = np.arange(lo, lo + chunk.shape[0], dtype=np.int64)
+                sealed_before = sum(1 for s in self._state.shards if s.sealed)
+                self.add(chunk, ids, commit=False)
+                done = lo + chunk.shape[0]
+                sealed = sum(1 for s in self._state.shards if s.sealed) > sealed_before
+                due = commit_every is None or done - last_commit >= commit_every
+                self.set_build_state(state(done, False), commit=due or sealed)
+                if due or sealed:
+                    last_commit = done
+                    rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
+                    log.info("build: %d rows committed (%.0f rows/s)", done, rate)
+                bar.update(chunk.shape[0])
+        self.set_build_state(state(done, True))
+        log.info("build: complete, %d rows in %d shards", done, self.nshards)
 
 
 class _Vanished(Exception):
@@ -1282,6 +1596,26 @@ class _Vanished(Exception):
         super().__init__(path)
         self.path = path
         self.generation = generation
+
+
+def _resolve_params(
+    params: Any, d: int | None, metric: Literal["ip", "l2"]
+) -> tuple[Codec | None, CodecParams]:
+    """``(codec or None, params)`` from a spec string, params or a trained codec."""
+    if isinstance(params, str):
+        if d is None:
+            raise ValueError(
+                f"d: a spec names no dimension; pass d=, e.g. create(path, {params!r}, d=128)"
+            )
+        return None, parse_spec(params, d, metric=metric)
+    if isinstance(params, Codec):
+        return params, params.params
+    if isinstance(params, (IVFPQParams, FlatParams)):
+        return None, params
+    raise TypeError(
+        f"params: expected an index spec string, IVFPQParams, FlatParams or a Codec, got "
+        f"{type(params).__name__}"
+    )
 
 
 def _generation(path: Path) -> int | None:
@@ -1296,6 +1630,41 @@ def _generation(path: Path) -> int | None:
 def _foreign(path: Path) -> bool:
     """True when ``path`` holds anything but what an interrupted create leaves."""
     return any(p.name != LOCK and not storage.is_tmp_name(p.name) for p in path.iterdir())
+
+
+def _route(
+    shards: list[_Shard], ids: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``(shard, row)`` of each id among ``shards`` (``-1, -1`` if none holds it).
+
+    When the shards' id ranges do not overlap (what builds and appends give) each
+    id is looked up in the one shard whose range holds it; otherwise in every shard.
+    """
+    shard_of = np.full(ids.size, -1, np.int64)
+    row_of = np.full(ids.size, -1, np.int64)
+    bounds = [s.index.id_bounds() for s in shards]
+    lo = np.array([b[0] if b else 0 for b in bounds], np.int64)
+    hi = np.array([b[1] if b else -1 for b in bounds], np.int64)
+    order = np.argsort(lo, kind="stable")
+    disjoint = bool((lo[order][1:] > hi[order][:-1]).all())
+    if disjoint:
+        k = np.searchsorted(lo[order], ids, side="right") - 1
+        inside = (k >= 0) & (ids >= 0)
+        j = order[np.where(inside, k, 0)]
+        inside &= ids <= hi[j]
+        for sj in np.unique(j[inside]):
+            sel = np.flatnonzero(inside & (j == sj))
+            rows = shards[int(sj)].index.rows_of(ids[sel])
+            ok = rows >= 0
+            shard_of[sel[ok]] = sj
+            row_of[sel[ok]] = rows[ok]
+        return shard_of, row_of
+    for n, s in enumerate(shards):
+        rows = s.index.rows_of(ids)
+        ok = (rows >= 0) & (shard_of < 0)
+        shard_of[ok] = n
+        row_of[ok] = rows[ok]
+    return shard_of, row_of
 
 
 def _stored(st: _State, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
@@ -1313,6 +1682,27 @@ def _frozen(index: IVFPQIndex) -> IVFPQIndex:
 
 def _with_vectors(index: IVFPQIndex, vectors: npt.NDArray[Any]) -> IVFPQIndex:
     return index.with_vectors(vectors).view()
+
+
+def _mapped_shard(
+    directory: Path, rec: storage.FileRecord, index: IVFPQIndex, codec: Codec | None
+) -> IVFPQIndex:
+    """``index`` with its lists read from the shard file just written, memory-mapped."""
+    import mmap as _mmap
+
+    from . import faiss_format
+
+    assert codec is not None
+    with open(directory / rec["file"], "rb") as f:
+        buf = np.frombuffer(_mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ), np.uint8)
+    layout = faiss_format.parse(buf, rec["file"])
+    run = ListRun.from_layout(buf, layout)
+    want = index.ntotal * index.params.max_copies  # two entries per vector when spilled
+    if run.n != want:  # pragma: no cover - we wrote it
+        raise CorruptIndexError(f"{rec['file']}: holds {run.n} codes, expected {want}")
+    return IVFPQIndex.from_parts(
+        codec, index.ids, runs=(run,), vectors=index.vectors, read_only=True
+    )
 
 
 def _map_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> npt.NDArray[Any]:
