@@ -43,6 +43,8 @@ PQ codes per vector, ``B = M_fs / 2`` for FAISS's fast-scan ``M_fs``):
 - ``fastface pq8+soar``: 8-bit codes (``M_fs / 4``) with spilled assignment
   (each vector in two lists, so twice the entries: the same code bytes),
   re-ranked from disk;
+- ``fastface pq8+soar (2x codes)``: ``fastface pq8`` with spilled assignment
+  (same ``M``, twice the code bytes): SOAR toggled alone;
 - ``fastface fs (numba rerank)``: ``fastface fs`` re-ranked by the earlier
   Numba kernel (what the native kernel replaced), for the attribution.
 
@@ -372,6 +374,7 @@ def configs_for(
                 "fastface fs (numba rerank)": ("fs", M_fs, fs),
                 "fastface pq8": ("pq8", M_fs // 2, pq8),
                 "fastface pq8+soar": ("pq8soar", M_fs // 4, {**pq8, **soar}),
+                "fastface pq8+soar (2x codes)": ("pq8soar2", M_fs // 2, {**pq8, **soar}),
             }
             if name not in variants:
                 raise SystemExit(f"unknown method {name!r}; pick from {ALL_METHODS}")
@@ -399,6 +402,7 @@ ALL_METHODS = [
     "fastface fs",
     "fastface pq8",
     "fastface pq8+soar",
+    "fastface pq8+soar (2x codes)",
     "fastface fs (numba rerank)",
 ]
 
