@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuditChainError",
+    "CorruptGalleryError",
     "CorruptIndexError",
     "DiskFullError",
     "EmptyIndexError",
@@ -73,8 +74,19 @@ class ReadOnlyIndexError(FastfaceError, RuntimeError):
     """The index was opened memory-mapped or read-only and cannot change."""
 
 
-class AuditChainError(CorruptIndexError):
-    """A gallery's audit log fails its hash chain: an entry was edited, removed or added.
+class CorruptGalleryError(CorruptIndexError):
+    """A file of a gallery is damaged or disagrees with the others.
+
+    Raised for a database that fails SQLite's integrity check, a write-ahead
+    log whose committed frames fail their checksums, a record, grant or
+    subject row that fails its keyed check, a damaged key store or
+    configuration. ``path`` names the file; ``field`` (when known) the table
+    row or entry, e.g. ``"records[id=123]"``.
+    """
+
+
+class AuditChainError(CorruptGalleryError):
+    """A gallery's audit log fails its keyed chain: an entry was edited, removed or added.
 
     ``seq`` is the sequence number of the first entry that does not verify.
     """
