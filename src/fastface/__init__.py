@@ -32,7 +32,7 @@ logging.getLogger("fastface").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import datasets, errors, eval, faces, io
-    from ._dedup import DedupResult, dedup, dedup_vectors
+    from ._dedup import DedupPlan, DedupResult, dedup, dedup_vectors
     from ._native import build_info
     from .gallery import ErasureReceipt, Gallery, SubjectExport
     from .index import (
@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
 __all__ = [
     "AutoSpec",
     "Codec",
+    "DedupPlan",
     "DedupResult",
     "ErasureReceipt",
     "FlatParams",
@@ -80,6 +81,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "IVFPQIndex": (".index", "IVFPQIndex"),
     "IVFPQParams": (".index", "IVFPQParams"),
     "ShardedIndex": (".index", "ShardedIndex"),
+    "DedupPlan": ("._dedup", "DedupPlan"),
     "DedupResult": ("._dedup", "DedupResult"),
     "dedup": ("._dedup", "dedup"),
     "dedup_vectors": ("._dedup", "dedup_vectors"),

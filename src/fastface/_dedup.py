@@ -33,7 +33,7 @@ from ._validation import as_ids, as_vectors, check_positive_int
 from .errors import EmptyIndexError, NotTrainedError
 from .kernels.exact import scores
 
-__all__ = ["DedupResult", "dedup", "dedup_vectors"]
+__all__ = ["DedupPlan", "DedupResult", "dedup", "dedup_vectors"]
 
 log = logging.getLogger("fastface.dedup")
 
@@ -213,96 +213,231 @@ def _csr(
     return offsets, values[order]
 
 
-def _run(
-    parts: list[_Part],
-    ids_sorted: npt.NDArray[np.int64],
-    quantizer: Any,
-    nprobe: int,
-    threshold: float,
-    chunk_size: int,
-    progress: bool,
-    normalise_assign: bool,
-) -> DedupResult:
-    from tqdm.auto import tqdm
+class DedupPlan:
+    """:func:`dedup` in three steps that may run in different processes.
 
-    from .kernels import dedup as kern
+    1. :meth:`probes`: the ``nprobe`` nearest lists of each vector, shard
+       by shard (any subset of the shards at a time);
+    2. :meth:`pairs`: the pairs at or above the threshold found from a range
+       of inverted lists (each list's residents against its residents and
+       visitors), given every vector's probes;
+    3. :meth:`result`: the pairs of all ranges, in list order, joined into
+       groups.
 
-    t0 = time.perf_counter()
-    n = ids_sorted.size
-    joiner = _Joiner(parts, n, threshold, chunk_size)
-    if quantizer is None:  # exact: every pair
-        nlist, nprobe = 1, 1
-        probes = np.zeros((n, 1), np.int64)
-    else:
-        nlist = int(quantizer.nlist)
-        nprobe = min(nprobe, nlist)
-        probes = np.empty((n, nprobe), np.int64)
-        with tqdm(total=n, unit="vec", desc="dedup assign", disable=not progress) as bar:
-            for p in parts:
-                for blk in _iter_blocks(p.rows.size, chunk_size):
-                    rows = p.rows[blk]
-                    if normalise_assign:
-                        x = _unit_rows(p.array, rows)
-                    else:
-                        x = np.ascontiguousarray(p.array[rows], dtype=np.float32)
-                    _, lists = quantizer.assign(x, nprobe)
-                    probes[p.pos[blk]] = lists
-                    bar.update(rows.size)
-    all_pos = np.arange(n, dtype=np.int64)
-    res_off, res_pos = _csr(probes[:, 0], all_pos, nlist)
-    if nprobe > 1:
-        vis_keys = probes[:, 1:].ravel()
-        vis_vals = np.repeat(all_pos, nprobe - 1)
-        ok = vis_keys >= 0
-        vis_off, vis_pos = _csr(vis_keys[ok], vis_vals[ok], nlist)
-    else:
-        vis_off, vis_pos = np.zeros(nlist + 1, np.int64), np.empty(0, np.int64)
-    del probes
-    with tqdm(total=n, unit="vec", desc="dedup join", disable=not progress) as bar:
-        for lst in range(nlist):
-            res = res_pos[res_off[lst] : res_off[lst + 1]]
-            if res.size:
-                joiner.join(res, vis_pos[vis_off[lst] : vis_off[lst + 1]])
-                bar.update(res.size)
-    if joiner.a:
-        a = np.concatenate(joiner.a)
-        b = np.concatenate(joiner.b)
-        s = np.concatenate(joiner.s)
-        # the same pair may be found from both of its vectors' lists
-        key = a * n + b
-        key, first = np.unique(key, return_index=True)
-        a, b, s = a[first], b[first], s[first]
-    else:
-        a = b = np.empty(0, np.int64)
-        s = np.empty(0, np.float32)
-    root = np.arange(n, dtype=np.int64)
-    kern.union_find(a, b, root)
-    labels = np.empty(n, np.int64)
-    sizes = np.zeros(n, np.int64)
-    g = int(kern.group_labels(root, labels, sizes))
-    reps = ids_sorted[np.flatnonzero(root == all_pos)]
-    log.info(
-        "dedup: %d vectors, %d pairs at cosine >= %g, %d groups with duplicates (nprobe %d) "
-        "in %.2f s",
-        n,
-        a.size,
-        threshold,
-        int((sizes[:g] > 1).sum()),
-        nprobe,
-        time.perf_counter() - t0,
-    )
-    pairs = (
-        np.stack([ids_sorted[a], ids_sorted[b]], axis=1) if a.size else np.empty((0, 2), np.int64)
-    )
-    return DedupResult(
-        ids=ids_sorted,
-        labels=labels,
-        representatives=reps,
-        sizes=sizes[:g].copy(),
-        pairs=pairs,
-        scores=s,
-        threshold=threshold,
-    )
+    Every process that builds the plan from the same index (and the same
+    arguments) numbers the vectors alike, so the steps' outputs combine:
+    ``dedup(index, ...)`` is ``plan.result([plan.pairs(plan.assemble(plan.probes()))])``
+    and :func:`fastface.distributed.dedup` runs the first two steps on Ray
+    workers. The blocks scored are the same however the lists are split,
+    so the result is the same, bit for bit.
+
+    Parameters
+    ----------
+    index, threshold, nprobe, chunk_size
+        As :func:`dedup`.
+    """
+
+    def __init__(
+        self, index: Any, threshold: float, *, nprobe: int = 8, chunk_size: int = 4096
+    ) -> None:
+        from .index import IVFPQIndex, ShardedIndex
+
+        threshold = _check_threshold(threshold)
+        nprobe = check_positive_int(nprobe, "nprobe")
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+        if not isinstance(index, (ShardedIndex, IVFPQIndex)):
+            raise TypeError(
+                f"index: expected a ShardedIndex or IVFPQIndex, got {type(index).__name__}; use "
+                "dedup_vectors for an array"
+            )
+        name = str(index.path) if isinstance(index, ShardedIndex) else "index"
+        if not index.is_trained:
+            raise NotTrainedError(f"{name}: not trained; nothing to deduplicate")
+        if index.params.store_vectors is None:
+            raise ValueError(
+                f"{name}: keeps no raw vectors (store_vectors=None); dedup needs them: create "
+                "the index with IVFPQParams(..., store_vectors='float16')"
+            )
+        if isinstance(index, ShardedIndex):
+            shard_rows = list(index.live_rows())
+        else:
+            shard_rows = [(index, index.live_rows())] if index.ntotal else []
+        if not shard_rows:
+            raise EmptyIndexError(f"{name}: the index is empty; add vectors before dedup")
+        ids_sorted, pos = _positions([s.ids[rows] for s, rows in shard_rows])
+        parts = [_Part(s.vectors, rows, p) for (s, rows), p in zip(shard_rows, pos, strict=True)]
+        self._setup(parts, ids_sorted, _CodecLists(index.codec), nprobe, threshold, chunk_size)
+        self._normalise = False
+
+    @classmethod
+    def _of_parts(
+        cls,
+        parts: list[_Part],
+        ids_sorted: npt.NDArray[np.int64],
+        quantizer: Any,
+        nprobe: int,
+        threshold: float,
+        chunk_size: int,
+        normalise: bool,
+    ) -> DedupPlan:
+        obj = cls.__new__(cls)
+        obj._setup(parts, ids_sorted, quantizer, nprobe, threshold, chunk_size)
+        obj._normalise = normalise
+        return obj
+
+    def _setup(
+        self,
+        parts: list[_Part],
+        ids_sorted: npt.NDArray[np.int64],
+        quantizer: Any,
+        nprobe: int,
+        threshold: float,
+        chunk_size: int,
+    ) -> None:
+        self._parts = parts
+        self.ids = ids_sorted
+        self._quantizer = quantizer
+        self.threshold = threshold
+        self.chunk_size = chunk_size
+        if quantizer is None:  # exact: every pair
+            self.nlist, self.nprobe = 1, 1
+        else:
+            self.nlist = int(quantizer.nlist)
+            self.nprobe = min(nprobe, self.nlist)
+        self._t0 = time.perf_counter()
+
+    @property
+    def n(self) -> int:
+        """Vectors to deduplicate (positions ``0..n-1`` in ascending id order)."""
+        return int(self.ids.size)
+
+    @property
+    def nparts(self) -> int:
+        """Non-empty shards, numbered ``0..nparts-1`` in shard order (``probes(parts=)``)."""
+        return len(self._parts)
+
+    def part_sizes(self) -> list[int]:
+        """Vectors of each part."""
+        return [int(p.rows.size) for p in self._parts]
+
+    def probes(
+        self, parts: Any = None, *, progress: bool = False
+    ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+        """The vector positions of each part asked for, and their ``nprobe`` nearest lists."""
+        from tqdm.auto import tqdm
+
+        which = range(self.nparts) if parts is None else [int(i) for i in parts]
+        out = []
+        total = sum(self._parts[i].rows.size for i in which)
+        with tqdm(total=total, unit="vec", desc="dedup assign", disable=not progress) as bar:
+            for i in which:
+                p = self._parts[i]
+                lists = np.zeros((p.rows.size, self.nprobe), np.int64)
+                if self._quantizer is not None:
+                    for blk in _iter_blocks(p.rows.size, self.chunk_size):
+                        rows = p.rows[blk]
+                        if self._normalise:
+                            x = _unit_rows(p.array, rows)
+                        else:
+                            x = np.ascontiguousarray(p.array[rows], dtype=np.float32)
+                        _, lists[blk] = self._quantizer.assign(x, self.nprobe)
+                        bar.update(rows.size)
+                out.append((p.pos, lists))
+        return out
+
+    def assemble(
+        self, pieces: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]
+    ) -> npt.NDArray[np.int64]:
+        """Every vector's probes ``(n, nprobe)`` from :meth:`probes` pieces covering all parts."""
+        probes = np.full((self.n, self.nprobe), -2, np.int64)
+        for pos, lists in pieces:
+            probes[pos] = lists
+        if (probes[:, 0] == -2).any():
+            raise ValueError("pieces: the probes of some parts are missing")
+        return probes
+
+    def pairs(
+        self,
+        probes: npt.NDArray[np.int64],
+        lists: range | None = None,
+        *,
+        progress: bool = False,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Pairs ``(a, b, cosine)`` (positions, ``a < b``) found from the lists in ``lists``."""
+        from tqdm.auto import tqdm
+
+        n, nlist, nprobe = self.n, self.nlist, self.nprobe
+        lists = range(nlist) if lists is None else lists
+        joiner = _Joiner(self._parts, n, self.threshold, self.chunk_size)
+        all_pos = np.arange(n, dtype=np.int64)
+        res_off, res_pos = _csr(probes[:, 0], all_pos, nlist)
+        if nprobe > 1:
+            vis_keys = probes[:, 1:].ravel()
+            vis_vals = np.repeat(all_pos, nprobe - 1)
+            ok = vis_keys >= 0
+            vis_off, vis_pos = _csr(vis_keys[ok], vis_vals[ok], nlist)
+        else:
+            vis_off, vis_pos = np.zeros(nlist + 1, np.int64), np.empty(0, np.int64)
+        total = int(res_off[lists.stop] - res_off[lists.start]) if len(lists) else 0
+        with tqdm(total=total, unit="vec", desc="dedup join", disable=not progress) as bar:
+            for lst in lists:
+                res = res_pos[res_off[lst] : res_off[lst + 1]]
+                if res.size:
+                    joiner.join(res, vis_pos[vis_off[lst] : vis_off[lst + 1]])
+                    bar.update(res.size)
+        if not joiner.a:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+        return np.concatenate(joiner.a), np.concatenate(joiner.b), np.concatenate(joiner.s)
+
+    def result(
+        self,
+        pieces: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]],
+    ) -> DedupResult:
+        """The groups of the pairs of every list (pieces in list order)."""
+        from .kernels import dedup as kern
+
+        n = self.n
+        a = np.concatenate([p[0] for p in pieces]) if pieces else np.empty(0, np.int64)
+        b = np.concatenate([p[1] for p in pieces]) if pieces else np.empty(0, np.int64)
+        s = np.concatenate([p[2] for p in pieces]) if pieces else np.empty(0, np.float32)
+        if a.size:
+            # the same pair may be found from both of its vectors' lists
+            key = a * n + b
+            key, first = np.unique(key, return_index=True)
+            a, b, s = a[first], b[first], s[first]
+        root = np.arange(n, dtype=np.int64)
+        kern.union_find(a, b, root)
+        labels = np.empty(n, np.int64)
+        sizes = np.zeros(n, np.int64)
+        g = int(kern.group_labels(root, labels, sizes))
+        all_pos = np.arange(n, dtype=np.int64)
+        reps = self.ids[np.flatnonzero(root == all_pos)]
+        log.info(
+            "dedup: %d vectors, %d pairs at cosine >= %g, %d groups with duplicates (nprobe %d) "
+            "in %.2f s",
+            n,
+            a.size,
+            self.threshold,
+            int((sizes[:g] > 1).sum()),
+            self.nprobe,
+            time.perf_counter() - self._t0,
+        )
+        ids = self.ids
+        pairs = np.stack([ids[a], ids[b]], axis=1) if a.size else np.empty((0, 2), np.int64)
+        return DedupResult(
+            ids=ids,
+            labels=labels,
+            representatives=reps,
+            sizes=sizes[:g].copy(),
+            pairs=pairs,
+            scores=s,
+            threshold=self.threshold,
+        )
+
+
+def _run(plan: DedupPlan, progress: bool) -> DedupResult:
+    probes = plan.assemble(plan.probes(progress=progress))
+    return plan.result([plan.pairs(probes, progress=progress)])
 
 
 def _positions(
@@ -363,42 +498,8 @@ def dedup(
     >>> bool((result.labels == result.labels[origin]).all())
     True
     """
-    from .index import IVFPQIndex, ShardedIndex
-
-    threshold = _check_threshold(threshold)
-    nprobe = check_positive_int(nprobe, "nprobe")
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
-    if not isinstance(index, (ShardedIndex, IVFPQIndex)):
-        raise TypeError(
-            f"index: expected a ShardedIndex or IVFPQIndex, got {type(index).__name__}; use "
-            "dedup_vectors for an array"
-        )
-    name = str(index.path) if isinstance(index, ShardedIndex) else "index"
-    if not index.is_trained:
-        raise NotTrainedError(f"{name}: not trained; nothing to deduplicate")
-    if index.params.store_vectors is None:
-        raise ValueError(
-            f"{name}: keeps no raw vectors (store_vectors=None); dedup needs them: create the "
-            "index with IVFPQParams(..., store_vectors='float16')"
-        )
-    if isinstance(index, ShardedIndex):
-        shard_rows = list(index.live_rows())
-    else:
-        shard_rows = [(index, index.live_rows())] if index.ntotal else []
-    if not shard_rows:
-        raise EmptyIndexError(f"{name}: the index is empty; add vectors before dedup")
-    ids_sorted, pos = _positions([s.ids[rows] for s, rows in shard_rows])
-    parts = [_Part(s.vectors, rows, p) for (s, rows), p in zip(shard_rows, pos, strict=True)]
-    return _run(
-        parts,
-        ids_sorted,
-        _CodecLists(index.codec),
-        nprobe,
-        threshold,
-        chunk_size,
-        progress,
-        normalise_assign=False,
-    )
+    plan = DedupPlan(index, threshold, nprobe=nprobe, chunk_size=chunk_size)
+    return _run(plan, progress)
 
 
 class _CodecLists:
@@ -489,13 +590,7 @@ def dedup_vectors(
         km.cp.max_points_per_centroid = 64
         km.train(sample)
         quantizer = _KMeansLists(km.index)
-    return _run(
-        parts,
-        ids_sorted,
-        quantizer,
-        nprobe,
-        threshold,
-        chunk_size,
-        progress,
-        normalise_assign=True,
+    plan = DedupPlan._of_parts(
+        parts, ids_sorted, quantizer, nprobe, threshold, chunk_size, normalise=True
     )
+    return _run(plan, progress)

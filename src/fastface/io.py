@@ -177,6 +177,28 @@ class VectorSource:
         if buffered:
             yield lo, np.concatenate(buf)
 
+    def read_rows(self, lo: int, hi: int) -> npt.NDArray[np.float32]:
+        """Rows ``lo`` to ``hi - 1`` as float32 (of parquet, only the row groups holding them)."""
+        if not 0 <= lo <= hi <= self.n:
+            raise IndexError(f"rows {lo}..{hi}: outside 0..{self.n}")
+        if self._array is not None:
+            return self._f32(self._array[lo:hi])
+        assert self._pf is not None  # one of array / parquet is set in __init__
+        meta = self._pf.metadata
+        groups, first, start = [], None, 0
+        for g in range(meta.num_row_groups):
+            end = start + meta.row_group(g).num_rows
+            if end > lo and start < hi:
+                groups.append(g)
+                first = start if first is None else first
+            start = end
+        if not groups:
+            return np.empty((0, self.d), np.float32)
+        col = self._pf.read_row_groups(groups, columns=[self._column]).column(0)
+        x = _parquet_batch_to_array(col, self.d)
+        assert first is not None
+        return np.ascontiguousarray(x[lo - first : hi - first])
+
     def sample(self, n: int, *, seed: int = 0) -> npt.NDArray[np.float32]:
         """Up to ``n`` rows drawn without replacement (all rows if fewer)."""
         if n >= self.n:

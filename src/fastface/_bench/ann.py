@@ -95,6 +95,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where data and indexes are written",
     )
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/ann[-quick].json)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="also search each index with RayShardedIndex (Ray actors serving the shards) on "
+        "the cluster at ADDRESS, or on a local Ray when none is given",
+    )
     p.add_argument("--no-plot", action="store_true")
 
 
@@ -244,6 +253,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
         return row
 
+    served: dict[int, Any] = {}
+    if getattr(args, "ray", None) is not None:
+        from ..distributed import RayShardedIndex, init
+
+        init(args.ray or None)
+        import ray
+
+        # every index's actors at once: one shard each, sharing the cluster's CPUs
+        share = float(ray.cluster_resources().get("CPU", 1)) / sum(indexes)
+        served = {
+            S: RayShardedIndex(index.path, actors=S, num_cpus_per_actor=min(1.0, share))
+            for S, index in indexes.items()
+        }
     for nprobe in cfg["nprobe"]:
         if nprobe > params.nlist:
             continue
@@ -253,6 +275,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for S, index in indexes.items():
             methods[f"fastface {S} shard{'s' if S > 1 else ''}"] = (
                 lambda index=index, nprobe=nprobe: index.search(xq, k, nprobe=nprobe)
+            )
+        for S, rx in served.items():
+            methods[f"fastface {S} shard{'s' if S > 1 else ''} (Ray)"] = (
+                lambda rx=rx, nprobe=nprobe: rx.search(xq, k, nprobe=nprobe)
             )
         # interleaved rounds: a busy machine slows every method alike
         bench = Interleaved()
@@ -331,6 +357,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     for index in indexes.values():
         index.close()
+    for rx in served.values():
+        rx.close()
     print(f"wrote {out}", flush=True)
     return payload
 

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from ._common import Formatter, UsageError
+from ._common import Formatter, UsageError, positive_int
+from ._ray import add_ray_option
 
 __all__ = ["IMAGE_SUFFIXES", "register"]
 
@@ -211,8 +212,12 @@ def _run(args: argparse.Namespace) -> int:
     paths = _image_files(args.images, args.recursive)
     if not paths:
         raise UsageError("IMAGES: no image files found (named files, or image files in folders)")
-    emb = _embedder(args)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if args.ray is not None:
+        from ._ray import embed_with_ray
+
+        return embed_with_ray(args, out, paths, progress)
+    emb = _embedder(args)
     res = faces.analyze(
         paths,
         embedder=emb,
@@ -296,6 +301,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     p.add_argument("-r", "--recursive", action="store_true", help="walk folders recursively")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
+    add_ray_option(p, "detect, align and embed with actors holding the models (.parquet output)")
+    p.add_argument("--actors", type=positive_int, help="with --ray: actors (default: CPUs or GPUs)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument(
         "--progress",

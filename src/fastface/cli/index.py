@@ -19,6 +19,7 @@ from ._common import (
     write_json,
     write_jsonl,
 )
+from ._ray import add_ray_option
 
 __all__ = ["register"]
 
@@ -98,20 +99,31 @@ def _build_params(args: argparse.Namespace) -> tuple[Any, str | None]:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..index import ShardedIndex
+    from ..index import IVFPQParams, ShardedIndex
 
     params, reason = _build_params(args)
-    index = ShardedIndex.build(
-        args.source,
-        args.index,
-        params,
-        shard_size=args.shard_size,
-        chunk_size=args.chunk_size,
-        commit_every=args.commit_every,
-        train_size=args.train_size,
-        column=args.column,
-        progress=progress_wanted(args),
-    )
+    kw = {"shard_size": args.shard_size, "chunk_size": args.chunk_size, "column": args.column}
+    if args.ray is not None:  # a Ray Data job: the same files as the local build
+        from ..distributed import build
+        from ._ray import start
+
+        if args.commit_every is not None:
+            raise UsageError("--commit-every is for local builds: a --ray build commits once")
+        if not isinstance(params, IVFPQParams):
+            raise UsageError(f"--ray builds IVF-PQ indexes; {params.spec} is flat: leave out --ray")
+        start(args.ray)
+        kw.update(workers=args.workers)
+        index = build(args.source, args.index, params, train_size=args.train_size, **kw)
+    else:
+        index = ShardedIndex.build(
+            args.source,
+            args.index,
+            params,
+            commit_every=args.commit_every,
+            train_size=args.train_size,
+            progress=progress_wanted(args),
+            **kw,
+        )
     with index:
         out = summary(index)
         if reason is not None:
@@ -325,6 +337,8 @@ def register(sub: Any) -> None:
         help="training sample (default: 256 * nlist, 64 * nlist past 16384 lists)",
     )
     p.add_argument("--column", help="parquet column holding the vectors (default: the first)")
+    add_ray_option(p, "encode and write the shards in parallel")
+    p.add_argument("--workers", type=positive_int, help="with --ray: workers (default: CPUs)")
     add_progress_flags(p)
     p.set_defaults(func=_build)
 

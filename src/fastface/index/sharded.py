@@ -29,8 +29,9 @@ import contextlib
 import logging
 import os
 import re
+import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -102,6 +103,15 @@ _MANIFEST_KEYS = {
 }
 _OPEN_RETRIES = 50
 _MAX_PACKS = 4
+#: Where :meth:`ShardedIndex.stage_shard` writes shards for :meth:`ShardedIndex.adopt`.
+STAGING = ".staging"
+STAGED_FORMAT = "fastface.staged-shard"
+_STAGED = {
+    "record": re.compile(r"^shard-\d{6,12}\.json$"),
+    "index": re.compile(r"^shard-\d{6,12}\.faiss$"),
+    "ids": re.compile(r"^shard-\d{6,12}\.npy$"),
+    "vectors": re.compile(r"^shard-\d{6,12}\.f(16|32)\.npy$"),
+}
 
 
 @dataclass(frozen=True)
@@ -392,7 +402,12 @@ class ShardedIndex:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], *, mode: Literal["r", "a"] = "r", mmap: bool = False
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        mode: Literal["r", "a"] = "r",
+        mmap: bool = False,
+        shards: Iterable[int] | None = None,
     ) -> ShardedIndex:
         """Open an index directory, verifying the manifest and every file before using it.
 
@@ -400,11 +415,33 @@ class ShardedIndex:
         allows changes and takes the directory's writer lock. ``mmap=True``
         leaves codes and vectors in the files (read mode only): opening is
         fast and memory stays low; searches read the pages they need.
+
+        ``shards`` (read mode only) opens a part of the index: the codec and
+        only the shards with these numbers (see :meth:`inspect`), verifying
+        only their files; the tombstones of other shards are left out. A
+        search of the part gives that part's results: merging the parts'
+        results (:func:`fastface._native.merge_topk`) gives the whole index's
+        (what :class:`fastface.distributed.RayShardedIndex` does). ``()``
+        opens the codec alone (e.g. for :meth:`assign`).
         """
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         if mmap and mode == "a":
             raise ValueError("mmap=True is read-only; open with mode='r'")
+        only: frozenset[int] | None = None
+        if shards is not None:
+            if mode != "r":
+                raise ValueError("shards=: a part of an index opens read-only; use mode='r'")
+            if isinstance(shards, (str, bytes)) or not isinstance(shards, Iterable):
+                raise TypeError(
+                    f"shards: expected shard numbers (an iterable of ints), got "
+                    f"{type(shards).__name__}"
+                )
+            nums = list(shards)
+            for n in nums:
+                if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+                    raise TypeError(f"shards: expected shard numbers >= 0, got {n!r}")
+            only = frozenset(int(n) for n in nums)
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such index directory")
@@ -423,7 +460,7 @@ class ShardedIndex:
             return obj
         for attempt in range(_OPEN_RETRIES):
             try:
-                return cls._load(path, writable=False, mmap=mmap)
+                return cls._load(path, writable=False, mmap=mmap, only=only)
             except _Vanished as gone:
                 # a file listed in the manifest went away: a writer committed meanwhile?
                 if _generation(path) == gone.generation and attempt > 0:
@@ -438,10 +475,65 @@ class ShardedIndex:
         )
 
     @classmethod
-    def _load(cls, path: Path, *, writable: bool, mmap: bool, build: bool = False) -> ShardedIndex:
+    def inspect(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """What an index directory's manifest says, without opening its shard files.
+
+        The manifest's seal and every field are checked as :meth:`open`
+        checks them; the files themselves are not read. Returns a dict:
+        ``generation``, ``params`` (:class:`IVFPQParams` or
+        :class:`FlatParams`), ``shard_size``, ``ntotal`` (searchable
+        vectors), ``pending_removals``, ``next_id``, ``build`` and
+        ``shards``, one dict per shard in number order with
+        ``number``, ``sealed``, ``count`` (vectors in its files) and ``bytes``
+        (its files' sizes on disk).
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such index directory")
+        man_path = path / MANIFEST
+        man = _check_manifest(
+            storage.read_manifest(man_path, kind=FORMAT, max_version=FORMAT_VERSION), man_path
+        )
+        shards = [
+            {
+                "number": number,
+                "sealed": sealed,
+                "count": count,
+                "bytes": sum(rec["bytes"] for rec in recs.values()),
+            }
+            for number, sealed, count, recs in man.shards
+        ]
+        return {
+            "generation": man.generation,
+            "params": man.params,
+            "shard_size": man.shard_size,
+            "ntotal": man.ntotal,
+            "pending_removals": sum(x["count"] for x in shards) - man.ntotal,
+            "next_id": man.next_id,
+            "build": man.build,
+            "shards": shards,
+        }
+
+    @classmethod
+    def _load(
+        cls,
+        path: Path,
+        *,
+        writable: bool,
+        mmap: bool,
+        build: bool = False,
+        only: frozenset[int] | None = None,
+    ) -> ShardedIndex:
         man_path = path / MANIFEST
         raw = storage.read_manifest(man_path, kind=FORMAT, max_version=FORMAT_VERSION)
         man = _check_manifest(raw, man_path)
+        if only is not None:
+            absent = sorted(only - {number for number, _, _, _ in man.shards})
+            if absent:
+                raise ValueError(
+                    f"{path}: no shard {absent[0]} in generation {man.generation} (it holds "
+                    f"{[number for number, _, _, _ in man.shards]}); see ShardedIndex.inspect"
+                )
         file_mode = storage.dir_file_mode(path) | 0o600
         with contextlib.suppress(FileNotFoundError):
             file_mode = os.stat(man_path).st_mode & 0o666
@@ -449,7 +541,7 @@ class ShardedIndex:
             path, man.params, man.shard_size, writable=writable, mmap=mmap, file_mode=file_mode
         )
         obj._build_mode = build
-        obj._state = obj._load_state(man, man_path)
+        obj._state = obj._load_state(man, man_path, only)
         obj._sealed_manifest = man.sealed
         return obj
 
@@ -471,7 +563,9 @@ class ShardedIndex:
         except FileNotFoundError:
             raise _Vanished(str(self.path / rec["file"]), generation) from None
 
-    def _load_state(self, man: _Manifest, man_path: Path) -> _State:
+    def _load_state(
+        self, man: _Manifest, man_path: Path, only: frozenset[int] | None = None
+    ) -> _State:
         p = man.params
         g = man.generation
         codec = None
@@ -481,6 +575,8 @@ class ShardedIndex:
         shards: list[_Shard] = []
         next_id = 0
         for i, (number, sealed, count, recs) in enumerate(man.shards):
+            if only is not None and number not in only:
+                continue
             with self._entry(f"shards[{i}].files"):
                 assert codec is not None
                 ids_vf = self._open_file(recs["ids"], g, in_memory=True)
@@ -525,6 +621,11 @@ class ShardedIndex:
             for s in shards:
                 if s.sealed:
                     held |= s.index.rows_of(arr) >= 0
+            if only is not None:  # a part: the tombstones of its own shards
+                if arr.size:
+                    next_id = max(next_id, int(arr[-1]) + 1)
+                arr = arr[held]
+                held = held[held]
             if not held.all():
                 raise CorruptIndexError(
                     f"{vf.path}: tombstone {int(arr[~held][0])} is in no sealed shard",
@@ -535,7 +636,7 @@ class ShardedIndex:
             if arr.size:
                 next_id = max(next_id, int(arr[-1]) + 1)
         stored = sum(s.index.ntotal for s in shards)
-        if man.ntotal != stored - len(tomb):
+        if only is None and man.ntotal != stored - len(tomb):
             raise _fail(man_path, "ntotal", f"{man.ntotal}, the files hold {stored - len(tomb)}")
         if man.next_id is not None:
             if man.next_id < next_id:
@@ -590,6 +691,11 @@ class ShardedIndex:
     def shard_counts(self) -> list[int]:
         """Vectors held per shard, removed-but-uncompacted ones included."""
         return [s.index.ntotal for s in self._state.shards]
+
+    @property
+    def shard_numbers(self) -> list[int]:
+        """Number of each shard held (all of them, or those asked for with ``open(shards=)``)."""
+        return [s.number for s in self._state.shards]
 
     @property
     def pending_removals(self) -> int:
@@ -678,6 +784,34 @@ class ShardedIndex:
         if not found.all():
             raise KeyError(f"ids not searchable in {self.path}, e.g. {int(flat[~found][0])}")
         return out
+
+    def excluding(self, ids: npt.ArrayLike) -> ShardedIndex:
+        """A read-only view of this index in which ``ids`` are removed too, in memory only.
+
+        Nothing is written and nothing is copied: the view shares every shard
+        with this index, with the removed ids skipped by every search, by
+        ``ntotal``, ``contains``, ``live_ids`` and ``get_vectors``, as after
+        :meth:`remove`. A process serving an index (or a part of it) uses
+        this to apply removals that the writer has committed, without
+        reopening. Ids not held here are ignored.
+        """
+        st = self._state
+        arr = sorted_unique(as_id_array(ids))
+        arr = arr[_stored(st, arr)]
+        obj = ShardedIndex(
+            self.path,
+            self.params,
+            self.shard_size,
+            writable=False,
+            mmap=self._mmap,
+            file_mode=self._file_mode,
+        )
+        if arr.size:
+            tomb = IdSet(np.concatenate([st.tombstones.array, arr]))
+            obj._state = replace(st, tombstones=tomb, tomb_rec=None)
+        else:
+            obj._state = st
+        return obj
 
     def _check_writable(self) -> None:
         if not self._writable:
@@ -1310,6 +1444,211 @@ class ShardedIndex:
             if self._lock is not None:
                 self._lock.release()
 
+    # --- shards written elsewhere -------------------------------------------------------------
+    @classmethod
+    def stage_shard(
+        cls, path: str | os.PathLike[str], number: int, shard: IVFPQIndex, *, tag: str = ""
+    ) -> dict[str, Any]:
+        """Write a shard's files into ``path/.staging`` for :meth:`adopt`; any process may call it.
+
+        The files are exactly those a commit writes for ``shard`` (its FAISS
+        file, its ids and raw vectors in row order), written atomically with
+        the index's file mode; a sealed record ``shard-NNNNNN.json`` naming
+        their sizes and SHA-256 is written last, so a shard counts as staged
+        only when all its files are complete. Staging shard ``number`` again
+        replaces it. ``tag`` is returned by :meth:`staged` (e.g. which build
+        staged it). Nothing in the index changes until the writer calls
+        :meth:`adopt`. Returns the record.
+        """
+        path = Path(path)
+        if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or number < 0:
+            raise TypeError(f"number: expected a shard number >= 0, got {number!r}")
+        number = int(number)
+        if not isinstance(shard, IVFPQIndex):
+            raise TypeError(f"shard: expected an IVFPQIndex, got {type(shard).__name__}")
+        if not isinstance(tag, str):
+            raise TypeError(f"tag: expected a str, got {type(tag).__name__}")
+        info = cls.inspect(path)
+        if shard.params != info["params"]:
+            raise ValueError(
+                f"shard: its params {shard.params} differ from the index's {info['params']}"
+            )
+        if shard.ntotal > info["shard_size"]:
+            raise ValueError(
+                f"shard: holds {shard.ntotal} vectors, more than shard_size={info['shard_size']}"
+            )
+        mode = os.stat(path / MANIFEST).st_mode & 0o666
+        stage = _staging_dir(path, create=True)
+        assert stage is not None  # made when missing
+        stem = f"shard-{number:06d}"
+        with contextlib.suppress(FileNotFoundError):
+            (stage / f"{stem}.json").unlink()  # the files change: the old record must go first
+        files = {
+            "index": storage.atomic_write(stage / f"{stem}.faiss", shard.serialize(), mode=mode),
+            "ids": storage.atomic_write_npy(stage / f"{stem}.npy", shard.ids, mode=mode),
+        }
+        if shard.params.store_vectors is not None:
+            vec = shard.vectors
+            assert vec is not None  # store_vectors is set
+            name = f"{stem}.{_VEC_SUFFIX[shard.params.store_vectors]}"
+            files["vectors"] = storage.atomic_write_npy(stage / name, vec, mode=mode)
+        record = {
+            "format": STAGED_FORMAT,
+            "format_version": 1,
+            "number": number,
+            "count": shard.ntotal,
+            "params": shard.params.to_dict(),
+            "tag": tag,
+            "files": files,
+        }
+        storage.atomic_write_json(stage / f"{stem}.json", storage.seal(record), mode=mode)
+        return record
+
+    @classmethod
+    def staged(cls, path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+        """The records of the shards staged in ``path`` (:meth:`stage_shard`), by number.
+
+        A record that fails its seal or its fields, or whose files are
+        missing or of another size (a writer died half-way), is left out and
+        logged: stage that shard again. Checksums are verified by
+        :meth:`adopt`.
+        """
+        path = Path(path)
+        stage = _staging_dir(path, create=False)
+        if stage is None:
+            return []
+        out = []
+        for p in sorted(stage.iterdir()):
+            if not _STAGED["record"].match(p.name):
+                continue
+            try:
+                raw = storage.read_manifest(p, kind=STAGED_FORMAT, max_version=1)
+                number, _, files, _ = _check_staged(raw, p)
+                if p.name != f"shard-{number:06d}.json":
+                    raise _fail(p, "number", f"{number} does not match the file name")
+                for rec in files.values():
+                    st = os.lstat(stage / rec["file"])
+                    if not stat.S_ISREG(st.st_mode) or st.st_size != rec["bytes"]:
+                        raise _fail(p, "files", f"{rec['file']} is missing or has another size")
+            except (OSError, CorruptIndexError, ValueError) as e:
+                log.warning("%s: staged shard left out (%s)", p, e)
+                continue
+            out.append(raw)
+        return sorted(out, key=lambda r: int(r["number"]))
+
+    def adopt(self, records: Iterable[dict[str, Any]]) -> list[int]:
+        """Add shards staged by :meth:`stage_shard` (from any process or machine) and commit.
+
+        Before anything changes, every file of every record is verified as
+        :meth:`open` verifies a shard: size and SHA-256, the FAISS header
+        against this index's params and codec, ids against the lists. The
+        shard numbers must be new; a shard holding fewer than ``shard_size``
+        vectors stays open and must be the last one; ids must not be in the
+        index already. The files are then moved into the index (renamed, not
+        copied) and the manifest is committed once, for all of them. If this
+        raises, nothing changed and the files stay staged. Returns the
+        numbers adopted.
+        """
+        self._check_writable()
+        entries = []
+        for i, rec in enumerate(records):
+            number, count, files, _ = _check_staged(rec, Path(f"records[{i}]"))
+            entries.append((number, count, files))
+        entries.sort(key=lambda e: e[0])
+        if not entries:
+            return []
+        p = self.params
+        with self._write_lock:
+            st = self._state
+            codec = self.codec
+            have = {s.number for s in st.shards}
+            numbers = [e[0] for e in entries]
+            if len(set(numbers)) != len(numbers) or have & set(numbers):
+                dup = sorted(
+                    set(n for n in numbers if numbers.count(n) > 1) | (have & set(numbers))
+                )
+                raise ValueError(f"records: shard {dup[0]} is in the index or staged twice")
+            stage = _staging_dir(self.path, create=False)
+            if stage is None:
+                raise FileNotFoundError(f"{self.path / STAGING}: nothing is staged")
+            new_shards: list[_Shard] = []
+            for number, count, files in entries:
+                if files.keys() != ({"index", "ids"} | ({"vectors"} if p.store_vectors else set())):
+                    raise ValueError(f"records: shard {number} has files {sorted(files)}")
+                if count > self.shard_size:
+                    raise ValueError(
+                        f"records: shard {number} holds {count} vectors, more than "
+                        f"shard_size={self.shard_size}"
+                    )
+                ids_vf = storage.open_verified(stage, files["ids"], in_memory=True)
+                ids = storage.npy_array(ids_vf, np.int64, (count,), mmap=False)
+                vectors = None
+                if p.store_vectors is not None:
+                    vec_vf = storage.open_verified(stage, files["vectors"])
+                    vectors = storage.npy_array(vec_vf, STORE_DTYPES[p.store_vectors], (count, p.d))
+                data = storage.open_verified(stage, files["index"])
+                index = load_shard(p, codec, data, vectors, ntotal=count, ids=ids, read_only=True)
+                sealed = count == self.shard_size
+                if not self._mmap and not sealed and p.nbits == 8:
+                    index = IVFPQIndex.from_parts(
+                        codec,
+                        index.ids,
+                        runs=(lists.concat(index.list_runs, p.nlist, p.code_size),),
+                        vectors=index.vectors,
+                        read_only=True,
+                    )
+                new_shards.append(_Shard(number, sealed, index, dict(files)))
+            merged = sorted([*st.shards, *new_shards], key=lambda s: s.number)
+            for s in merged[:-1]:
+                if not s.sealed:
+                    raise ValueError(
+                        f"records: shard {s.number} holds {s.index.ntotal} < shard_size="
+                        f"{self.shard_size} vectors and would not be the last shard; only the "
+                        "last shard may be open"
+                    )
+            added = np.concatenate([s.index.ids for s in new_shards])
+            if sorted_unique(added).size != added.size:
+                raise ValueError("records: the staged shards hold the same id twice")
+            taken = _stored(st, added)
+            if taken.any():
+                raise ValueError(
+                    f"records: id {int(added[taken][0])} is in the index already; ids must be new"
+                )
+            g = st.generation + 1
+            moved: list[tuple[Path, Path]] = []
+            try:
+                renamed = []
+                for s in new_shards:
+                    assert s.files is not None
+                    recs: dict[str, storage.FileRecord] = {}
+                    for kind, rec in s.files.items():
+                        suffix = {"index": "faiss", "ids": "npy"}.get(kind) or _VEC_SUFFIX[
+                            str(p.store_vectors)
+                        ]
+                        name = f"shard-{s.number:06d}-g{g:06d}.{suffix}"
+                        src, dst = stage / rec["file"], self.path / name
+                        if os.path.lexists(dst):
+                            raise FileExistsError(f"{dst}: exists; will not replace it")
+                        os.rename(src, dst)
+                        moved.append((src, dst))
+                        recs[kind] = {"file": name, "bytes": rec["bytes"], "sha256": rec["sha256"]}
+                    renamed.append(replace(s, files=recs))
+                storage.fsync_dir(self.path)
+                by_number = {s.number: s for s in renamed}
+                shards = tuple(by_number.get(s.number, s) for s in merged)
+                next_id = max(st.next_id, int(added.max()) + 1) if added.size else st.next_id
+                self._commit_state(replace(st, shards=shards, next_id=next_id, dirty=True))
+            except BaseException:
+                for src, dst in reversed(moved):
+                    with contextlib.suppress(OSError):
+                        os.rename(dst, src)
+                raise
+            for number in numbers:
+                with contextlib.suppress(FileNotFoundError):
+                    (stage / f"shard-{number:06d}.json").unlink()
+            _tidy_staging(stage)
+        return numbers
+
     # --- build --------------------------------------------------------------------------------
     @classmethod
     def build(
@@ -1596,6 +1935,63 @@ class _Vanished(Exception):
         super().__init__(path)
         self.path = path
         self.generation = generation
+
+
+def _staging_dir(path: Path, *, create: bool) -> Path | None:
+    """``path/.staging``: a real directory (never a symbolic link), made when asked."""
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path}: not an index directory (no {MANIFEST})")
+    stage = path / STAGING
+    try:
+        st = os.lstat(stage)
+    except FileNotFoundError:
+        if not create:
+            return None
+        storage.make_dir(stage, os.stat(path).st_mode & 0o777)
+        st = os.lstat(stage)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CorruptIndexError(
+            f"{stage}: not a directory (a symbolic link or a file); remove it", str(stage)
+        )
+    return stage
+
+
+def _tidy_staging(stage: Path) -> None:
+    """Remove what writers left in a staging directory whose records are all adopted."""
+    left = list(stage.iterdir())
+    if any(_STAGED["record"].match(p.name) for p in left):
+        return
+    for p in left:
+        if storage.is_tmp_name(p.name) or any(_STAGED[k].match(p.name) for k in _STAGED):
+            with contextlib.suppress(OSError):
+                p.unlink()
+    with contextlib.suppress(OSError):
+        stage.rmdir()
+
+
+def _check_staged(rec: Any, where: Path) -> tuple[int, int, dict[str, storage.FileRecord], str]:
+    """The fields of a staged shard's record, type-checked: number, count, files, tag."""
+    if not isinstance(rec, dict):
+        raise _fail(where, "record", "expected a dict")
+    want = {"format", "format_version", "number", "count", "params", "tag", "files"}
+    if set(rec) - {"checksum"} != want:
+        raise _fail(where, "record", f"expected the fields {sorted(want)}")
+    if rec["format"] != STAGED_FORMAT:
+        raise _fail(where, "format", f"expected {STAGED_FORMAT!r}")
+    number = _int(rec["number"], where, "number", 0, 10**12 - 1)
+    count = _int(rec["count"], where, "count", 0, 2**40)
+    if not isinstance(rec["tag"], str):
+        raise _fail(where, "tag", "expected a string")
+    files = rec["files"]
+    if not isinstance(files, dict) or not set(files) <= {"index", "ids", "vectors"}:
+        raise _fail(where, "files", "expected index, ids and (stored vectors) vectors")
+    out = {}
+    for kind, r in files.items():
+        try:
+            out[kind] = storage.check_record(r, f"files.{kind}", _STAGED[kind])
+        except ValueError as e:
+            raise _fail(where, f"files.{kind}", str(e)) from e
+    return number, count, out, rec["tag"]
 
 
 def _resolve_params(
