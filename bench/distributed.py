@@ -491,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.init(
+        address="local",
         num_cpus=os.cpu_count(),
         include_dashboard=False,
         log_to_driver=False,

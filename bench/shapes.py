@@ -43,8 +43,8 @@ PQ codes per vector, ``B = M_fs / 2`` for FAISS's fast-scan ``M_fs``):
 - ``fastface pq8+soar``: 8-bit codes (``M_fs / 4``) with spilled assignment
   (each vector in two lists, so twice the entries: the same code bytes),
   re-ranked from disk;
-- ``fastface pq8+soar (2x codes)``: ``fastface pq8`` with spilled assignment
-  (same ``M``, twice the code bytes): SOAR toggled alone;
+- ``fastface pq8+soar (same M)``: ``fastface pq8`` (``M_fs / 2``) with spilled
+  assignment: twice the code bytes of the others, to isolate what SOAR buys;
 - ``fastface fs (numba rerank)``: ``fastface fs`` re-ranked by the earlier
   Numba kernel (what the native kernel replaced), for the attribution.
 
@@ -58,13 +58,6 @@ Usage::
     python bench/shapes.py                    # 500k faces, 1M clustered48, 500k weak128
     python bench/shapes.py --quick            # 100k each, a few minutes
     python bench/shapes.py --shapes clustered48 --n 200000
-
-Builds, data and ground truth need no lock; the timed sweep does. Prepare
-first, then time under the machine-wide benchmark lock (builds are cached
-under ``--work``, so the second command only times)::
-
-    python bench/shapes.py --n 200000 --prepare
-    flock /work/bench.lock python bench/shapes.py --n 200000
 """
 
 from __future__ import annotations
@@ -77,13 +70,15 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +277,19 @@ def build_fastface(
 ) -> tuple[ShardedIndex, dict[str, Any]]:
     path = work / f"ff-{shape.name}-{shape.n}-{key}"
     info: dict[str, Any] = {"params": params.to_dict()}
-    if not (path / "manifest.json").exists() or ShardedIndex.open(path).params != params:
+
+    def complete() -> bool:  # a build that stopped half-way is started again
+        if not (path / "manifest.json").exists():
+            return False
+        try:
+            old = ShardedIndex.open(path)
+        except Exception:  # anything unreadable is rebuilt
+            return False
+        done = old.params == params and old.ntotal == shape.n
+        old.close()
+        return done
+
+    if not complete():
         if path.exists():
             shutil.rmtree(path)
         with PeakRSS() as mem:
@@ -374,7 +381,7 @@ def configs_for(
                 "fastface fs (numba rerank)": ("fs", M_fs, fs),
                 "fastface pq8": ("pq8", M_fs // 2, pq8),
                 "fastface pq8+soar": ("pq8soar", M_fs // 4, {**pq8, **soar}),
-                "fastface pq8+soar (2x codes)": ("pq8soar2", M_fs // 2, {**pq8, **soar}),
+                "fastface pq8+soar (same M)": ("pq8soarM", M_fs // 2, {**pq8, **soar}),
             }
             if name not in variants:
                 raise SystemExit(f"unknown method {name!r}; pick from {ALL_METHODS}")
@@ -402,14 +409,51 @@ ALL_METHODS = [
     "fastface fs",
     "fastface pq8",
     "fastface pq8+soar",
-    "fastface pq8+soar (2x codes)",
+    "fastface pq8+soar (same M)",
     "fastface fs (numba rerank)",
 ]
 
 
+@contextlib.contextmanager
+def bench_lock(path: Path | None) -> Iterator[float]:
+    """Hold the machine-wide benchmark lock (``flock``) while timing; yields the wait in s."""
+    if path is None:
+        yield 0.0
+        return
+    t = time.perf_counter()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield time.perf_counter() - t
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def run_shape(shape: Shape, methods: list[str], args: argparse.Namespace, work: Path) -> dict:
-    configs, held = configs_for(shape, methods, args, work)
+    configs, held = configs_for(shape, methods, args, work)  # builds happen here, unlocked
+    if args.build_only:
+        return {}
+    if args.recall_only:  # no timing: needs no lock
+        rows = []
+        for c in configs:
+            _, ids = c.fn()
+            rows.append({"method": c.method, **c.knobs, "R@10": recall_at_k(ids, shape.gt, args.k)})
+        del held
+        return {"rows": rows, "load_avg": {"after": os.getloadavg()}}
+    with bench_lock(args.lock) as waited:
+        t_lock = time.perf_counter()
+        out = _time_shape(shape, configs, methods, args)
+        out["lock"] = {"waited_s": waited, "held_s": time.perf_counter() - t_lock}
+    del held
+    return out
+
+
+def _time_shape(
+    shape: Shape, configs: list[Config], methods: list[str], args: argparse.Namespace
+) -> dict:
     nq = shape.xq.shape[0]
+    load_before = os.getloadavg()
     for c in configs:  # recall (and warm-up) once, with a first, rough time
         t = time.perf_counter()
         _, ids = c.fn()
@@ -449,8 +493,11 @@ def run_shape(shape: Shape, methods: list[str], args: argparse.Namespace, work: 
             row.update(qps=nq / secs, ms_per_query=1e3 * secs / nq, times_s=c.times)
         rows.append(row)
     summary = summarise(rows, methods)
-    del held
-    return {"rows": rows, "summary": summary}
+    return {
+        "rows": rows,
+        "summary": summary,
+        "load_avg": {"before": load_before, "after": os.getloadavg()},
+    }
 
 
 def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
@@ -539,11 +586,33 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def merge_runs(paths: list[Path], out: Path) -> None:
+    """One JSON (each shape with the meta and config of the run that timed it) and one plot."""
+    results: dict[str, Any] = {}
+    runs = []
+    for p in paths:
+        run = json.loads(p.read_text())
+        runs.append({"file": str(p), "meta": run["meta"], "config": run["config"]})
+        for name, res in run["results"].items():
+            results[name] = {**res, "run": str(p)}
+    payload = {"runs": runs, "results": results}
+    out.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
     ap.add_argument("--n", type=int, help="vectors per shape (default: 500k, 1M, 500k)")
     ap.add_argument("--quick", action="store_true", help="100k vectors per shape, 300 queries")
+    ap.add_argument(
+        "--sizes",
+        nargs="+",
+        default=[],
+        metavar="SHAPE=N",
+        help="vectors for some shapes (e.g. faces512=100000); overrides --n for them",
+    )
     ap.add_argument("--nq", type=int, default=1000)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--methods", nargs="+", default=ALL_METHODS)
@@ -555,28 +624,38 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/fastface-shapes"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/shapes.json"))
     ap.add_argument(
-        "--prepare",
+        "--lock",
+        type=Path,
+        default=None,
+        help="flock this file around each shape's timing phase (e.g. /work/bench.lock)",
+    )
+    ap.add_argument(
+        "--recall-only",
         action="store_true",
-        help="only generate data, ground truth and builds (cached under --work); time nothing",
+        help="recall of every configuration, untimed (no lock needed)",
+    )
+    ap.add_argument(
+        "--build-only", action="store_true", help="build data, ground truth and indexes; no timing"
     )
     ap.add_argument(
         "--merge",
-        action="store_true",
-        help="keep the other shapes already in --out (one lock per shape)",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="combine the results of earlier runs (one per shape) into --out and its plot",
     )
     args = ap.parse_args(argv)
+    if args.merge:
+        merge_runs(args.merge, args.out)
+        return
     if args.quick:
         args.n = args.n or 100_000
         args.nq = min(args.nq, 300)
     results: dict[str, Any] = {}
     meta = bench_meta(["bench/shapes.py", *argv])
-    if args.merge and args.out.exists():
-        old = json.loads(args.out.read_text())
-        results = {k: v for k, v in old["results"].items() if k not in args.shapes}
-        for k in results:
-            results[k].setdefault("meta", old["meta"])
     for name in args.shapes:
-        n = args.n or DEFAULT_N[name]
+        sizes = dict(kv.split("=", 1) for kv in args.sizes)
+        n = int(sizes[name]) if name in sizes else (args.n or DEFAULT_N[name])
         t = time.perf_counter()
         shape = make_shape(name, n, args.nq, args.k, args.work)
         print(
@@ -584,14 +663,9 @@ def main(argv: list[str]) -> None:
             f"M_fs={shape.M_fs} (data and ground truth {time.perf_counter() - t:.0f} s)",
             flush=True,
         )
-        if args.prepare:
-            t = time.perf_counter()
-            _, held = configs_for(shape, args.methods, args, args.work)
-            print(f"  built: {json.dumps(held['builds'], default=float)}", flush=True)
-            print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
-            continue
-        load_before = os.getloadavg()
         res = run_shape(shape, args.methods, args, args.work)
+        if args.build_only:
+            continue
         res["shape"] = {
             "name": name,
             "n": n,
@@ -604,10 +678,9 @@ def main(argv: list[str]) -> None:
             "code_bytes_per_vector": shape.M_fs // 2,
             **shape.desc,
         }
-        res["load_avg"] = {"before": load_before, "after": os.getloadavg()}
-        res["meta"] = meta
         results[name] = res
-        print_summary(name, res["summary"], args.methods)
+        if not args.recall_only:
+            print_summary(name, res["summary"], args.methods)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "meta": meta,
@@ -615,7 +688,8 @@ def main(argv: list[str]) -> None:
             "results": results,
         }
         args.out.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    if args.prepare:
+    if args.build_only or args.recall_only:
+        print(f"done ({'built' if args.build_only else 'recall only, no timing'})")
         return
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

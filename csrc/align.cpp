@@ -55,8 +55,21 @@ struct Scratch {
   std::vector<uint32_t> t00, t01, t10, t11;  // the four taps, 3 channels + 1 spare byte
   std::vector<uint32_t> px;                  // the row: channel c in byte c of each word
   explicit Scratch(int64_t w)
-      : adelta(w), bdelta(w), sx(w), sy(w), cx(w), cy(w), ix(w), iy(w), wx(w), wy(w), t00(w),
-        t01(w), t10(w), t11(w), px(w) {}
+      : adelta(w),
+        bdelta(w),
+        sx(w),
+        sy(w),
+        cx(w),
+        cy(w),
+        ix(w),
+        iy(w),
+        wx(w),
+        wy(w),
+        t00(w),
+        t01(w),
+        t10(w),
+        t11(w),
+        px(w) {}
 };
 
 inline int64_t round_double(double v) { return static_cast<int64_t>(std::nearbyint(v)); }
@@ -128,8 +141,7 @@ void fast_span(const ImageView& img, int64_t w, const Scratch& s, int64_t& lo, i
 // Bilinear blend of one pixel near the border: taps outside the image read
 // 0. `Blend` mixes four channel values with the pixel's weights.
 template <class Blend>
-void border_pixel(const ImageView& img, int64_t x, const Scratch& s, Blend&& blend,
-                  uint32_t* out) {
+void border_pixel(const ImageView& img, int64_t x, const Scratch& s, Blend&& blend, uint32_t* out) {
   const int64_t ix = s.ix[x], iy = s.iy[x], W = img.width, H = img.height;
   if (ix < -1 || iy < -1 || ix >= W || iy >= H) {
     out[x] = 0;
@@ -347,9 +359,8 @@ void for_each_row(const ImageView* images, const int64_t* image_index, const dou
 
 }  // namespace
 
-void warp_affine_u8(const ImageView* images, const int64_t* image_index, const double* M,
-                    int64_t F, int64_t out_h, int64_t out_w, bool fixed_point, int threads,
-                    uint8_t* out) {
+void warp_affine_u8(const ImageView* images, const int64_t* image_index, const double* M, int64_t F,
+                    int64_t out_h, int64_t out_w, bool fixed_point, int threads, uint8_t* out) {
   for_each_row(images, image_index, M, F, out_h, out_w, fixed_point, threads,
                [=](int64_t f, int64_t y, const uint32_t* px) {
                  uint8_t* o = out + (f * out_h + y) * out_w * 3;

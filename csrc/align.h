@@ -31,9 +31,8 @@ struct ImageView {
 // `threads` threads, or OpenMP's default when 0; small batches run on the
 // calling thread); the caller must not hold the GIL. Indices must be valid
 // (checked in Python).
-void warp_affine_u8(const ImageView* images, const int64_t* image_index, const double* M,
-                    int64_t F, int64_t out_h, int64_t out_w, bool fixed_point, int threads,
-                    uint8_t* out);
+void warp_affine_u8(const ImageView* images, const int64_t* image_index, const double* M, int64_t F,
+                    int64_t out_h, int64_t out_w, bool fixed_point, int threads, uint8_t* out);
 
 // Same warp, fused with a model's input transform: writes (F, 3, out_h,
 // out_w) float32 with out[f, c] = (v - mean[c]) / std[c] in float32, where v

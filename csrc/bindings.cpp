@@ -65,8 +65,8 @@ class ListRunHandle {
     require(codes_off_.shape(0) == nlist_ && ids_off_.shape(0) == nlist_,
             "ListRun: offsets and counts must have one entry per list");
     require(code_size_ > 0, "ListRun: code_size must be positive");
-    const std::string err = fastface::check_list_run(run(), nlist_, code_size_, codes_.shape(0),
-                                                     ids_.shape(0));
+    const std::string err =
+        fastface::check_list_run(run(), nlist_, code_size_, codes_.shape(0), ids_.shape(0));
     if (!err.empty()) throw std::invalid_argument("ListRun: " + err);
   }
 
@@ -295,8 +295,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_w"), py::arg("mean"), py::arg("std"), py::arg("channel"),
         py::arg("fixed_point"), py::arg("threads") = 0, warp_doc);
   m.def("warp_affine_f32_nchw", &warp_affine_f32_nchw<std::vector<u8c>>,
-        py::arg("images").noconvert(), py::arg("image_index").noconvert(),
-        py::arg("M").noconvert(), py::arg("out_h"), py::arg("out_w"), py::arg("mean"),
-        py::arg("std"), py::arg("channel"), py::arg("fixed_point"), py::arg("threads") = 0,
-        warp_doc);
+        py::arg("images").noconvert(), py::arg("image_index").noconvert(), py::arg("M").noconvert(),
+        py::arg("out_h"), py::arg("out_w"), py::arg("mean"), py::arg("std"), py::arg("channel"),
+        py::arg("fixed_point"), py::arg("threads") = 0, warp_doc);
 }

@@ -1,38 +1,38 @@
 // Run-time choice among the SIMD kernels (alignment, the IVF-PQ scan, re-ranking)
-// compiled for several x86-64 levels (see CMakeLists.txt). A portable build carries v2 (the baseline
-// every x86-64 CPU since 2009 has), v3 (AVX2 + FMA) and v4 (AVX-512); the
-// first call picks the highest level the CPU supports, or a lower one named
-// by the environment variable FASTFACE_ISA (for tests and comparisons).
-// Every variant is compiled with -ffp-contract=off, so all give the same
-// bytes: the kernels' fused multiply-adds are explicit (std::fma or FMA
-// intrinsics, which round alike).
+// compiled for several x86-64 levels (see CMakeLists.txt). A portable build carries v2 (the
+// baseline every x86-64 CPU since 2009 has), v3 (AVX2 + FMA) and v4 (AVX-512); the first call picks
+// the highest level the CPU supports, or a lower one named by the environment variable FASTFACE_ISA
+// (for tests and comparisons). Every variant is compiled with -ffp-contract=off, so all give the
+// same bytes: the kernels' fused multiply-adds are explicit (std::fma or FMA intrinsics, which
+// round alike).
+#include "dispatch.h"
+
 #include <cstdlib>
 #include <cstring>
 
 #include "align.h"
-#include "dispatch.h"
 #include "ivfpq.h"
 #include "rerank.h"
 
-#define FASTFACE_DECLARE_ALIGN(NS)                                                               \
-  namespace NS {                                                                                 \
-  void warp_affine_u8(const ImageView* images, const int64_t* image_index, const double* M,      \
-                      int64_t F, int64_t out_h, int64_t out_w, bool fixed_point, int threads,    \
-                      uint8_t* out);                                                             \
-  void warp_affine_f32_nchw(const ImageView* images, const int64_t* image_index, const double* M, \
-                            int64_t F, int64_t out_h, int64_t out_w, const float* mean,          \
-                            const float* std, const int* channel, bool fixed_point, int threads, \
-                            float* out);                                                         \
-  std::string check_list_run(const ListRun& run, int64_t nlist, int64_t code_size,               \
-                             int64_t codes_bytes, int64_t ids_bytes);                            \
-  void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float* assign_D,    \
-                     const int64_t* assign_I, int64_t nprobe, const ListRun* runs,               \
-                     int64_t nruns, const int64_t* exclude, int64_t n_exclude, int64_t k,        \
-                     int64_t max_copies, float* D, int64_t* I);                                  \
-  void rerank(const float* q, int64_t nq, const VectorTable& base, const int64_t* cand,          \
-              int64_t m, const RowMap& map, bool l2, int64_t k, float* D, int64_t* I);           \
-  void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off,                   \
-                     const int64_t* dst_off, const int64_t* nbytes, int64_t nseg);               \
+#define FASTFACE_DECLARE_ALIGN(NS)                                                                 \
+  namespace NS {                                                                                   \
+  void warp_affine_u8(const ImageView* images, const int64_t* image_index, const double* M,        \
+                      int64_t F, int64_t out_h, int64_t out_w, bool fixed_point, int threads,      \
+                      uint8_t* out);                                                               \
+  void warp_affine_f32_nchw(const ImageView* images, const int64_t* image_index, const double* M,  \
+                            int64_t F, int64_t out_h, int64_t out_w, const float* mean,            \
+                            const float* std, const int* channel, bool fixed_point, int threads,   \
+                            float* out);                                                           \
+  std::string check_list_run(const ListRun& run, int64_t nlist, int64_t code_size,                 \
+                             int64_t codes_bytes, int64_t ids_bytes);                              \
+  void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float* assign_D,      \
+                     const int64_t* assign_I, int64_t nprobe, const ListRun* runs, int64_t nruns,  \
+                     const int64_t* exclude, int64_t n_exclude, int64_t k, int64_t max_copies,     \
+                     float* D, int64_t* I);                                                        \
+  void rerank(const float* q, int64_t nq, const VectorTable& base, const int64_t* cand, int64_t m, \
+              const RowMap& map, bool l2, int64_t k, float* D, int64_t* I);                        \
+  void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off,                     \
+                     const int64_t* dst_off, const int64_t* nbytes, int64_t nseg);                 \
   }
 
 namespace fastface {
@@ -60,10 +60,8 @@ struct Variant {
   Rerank rerank;
 };
 
-#define FASTFACE_VARIANT(NAME, NS)                                                        \
-  Variant {                                                                               \
-    NAME, &NS::warp_affine_u8, &NS::warp_affine_f32_nchw, &NS::ivfpq8_search, &NS::rerank \
-  }
+#define FASTFACE_VARIANT(NAME, NS) \
+  Variant { NAME, &NS::warp_affine_u8, &NS::warp_affine_f32_nchw, &NS::ivfpq8_search, &NS::rerank }
 
 #if FASTFACE_DISPATCH
 int cpu_level() {
@@ -86,9 +84,7 @@ Variant choose() {
   return FASTFACE_VARIANT("x86-64-v2", v2);
 }
 #else
-Variant choose() {
-  return FASTFACE_VARIANT(FASTFACE_ISA_NAME, FASTFACE_ISA_NS);
-}
+Variant choose() { return FASTFACE_VARIANT(FASTFACE_ISA_NAME, FASTFACE_ISA_NS); }
 #endif
 
 const Variant& selected() {
@@ -108,9 +104,8 @@ const char* align_isa_variants() {
 #endif
 }
 
-void warp_affine_u8(const ImageView* images, const int64_t* image_index, const double* M,
-                    int64_t F, int64_t out_h, int64_t out_w, bool fixed_point, int threads,
-                    uint8_t* out) {
+void warp_affine_u8(const ImageView* images, const int64_t* image_index, const double* M, int64_t F,
+                    int64_t out_h, int64_t out_w, bool fixed_point, int threads, uint8_t* out) {
   selected().u8(images, image_index, M, F, out_h, out_w, fixed_point, threads, out);
 }
 
@@ -118,8 +113,8 @@ void warp_affine_f32_nchw(const ImageView* images, const int64_t* image_index, c
                           int64_t F, int64_t out_h, int64_t out_w, const float* mean,
                           const float* std, const int* channel, bool fixed_point, int threads,
                           float* out) {
-  selected().f32(images, image_index, M, F, out_h, out_w, mean, std, channel, fixed_point,
-                 threads, out);
+  selected().f32(images, image_index, M, F, out_h, out_w, mean, std, channel, fixed_point, threads,
+                 out);
 }
 
 void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float* assign_D,
@@ -142,8 +137,8 @@ std::string check_list_run(const ListRun& run, int64_t nlist, int64_t code_size,
   return v2::check_list_run(run, nlist, code_size, codes_bytes, ids_bytes);
 }
 
-void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off,
-                   const int64_t* dst_off, const int64_t* nbytes, int64_t nseg) {
+void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off, const int64_t* dst_off,
+                   const int64_t* nbytes, int64_t nseg) {
   v2::copy_segments(src, dst, src_off, dst_off, nbytes, nseg);
 }
 #else
@@ -152,8 +147,8 @@ std::string check_list_run(const ListRun& run, int64_t nlist, int64_t code_size,
   return FASTFACE_ISA_NS::check_list_run(run, nlist, code_size, codes_bytes, ids_bytes);
 }
 
-void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off,
-                   const int64_t* dst_off, const int64_t* nbytes, int64_t nseg) {
+void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off, const int64_t* dst_off,
+                   const int64_t* nbytes, int64_t nseg) {
   FASTFACE_ISA_NS::copy_segments(src, dst, src_off, dst_off, nbytes, nseg);
 }
 #endif

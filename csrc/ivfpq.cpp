@@ -1,11 +1,11 @@
 #include "ivfpq.h"
 
-#include "topk.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#include "topk.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -170,9 +170,8 @@ inline bool excluded(const int64_t* exclude, int64_t n_exclude, int64_t id) {
 
 // Scans one list segment of n codes into the heap; base is added to each sum.
 template <bool kIP>
-void scan_segment(const float* lut, int64_t M, const uint8_t* codes, const uint8_t* ids,
-                  int64_t n, float base, const int64_t* exclude, int64_t n_exclude,
-                  TopK<kIP>& heap) {
+void scan_segment(const float* lut, int64_t M, const uint8_t* codes, const uint8_t* ids, int64_t n,
+                  float base, const int64_t* exclude, int64_t n_exclude, TopK<kIP>& heap) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     const uint8_t* c = codes + j * M;
@@ -195,8 +194,8 @@ void scan_segment(const float* lut, int64_t M, const uint8_t* codes, const uint8
 template <bool kIP>
 void search_impl(const PQCodec& c, const float* q, int64_t nq, const float* assign_D,
                  const int64_t* assign_I, int64_t nprobe, const ListRun* runs, int64_t nruns,
-                 const int64_t* exclude, int64_t n_exclude, int64_t k, int64_t max_copies,
-                 float* D, int64_t* I) {
+                 const int64_t* exclude, int64_t n_exclude, int64_t k, int64_t max_copies, float* D,
+                 int64_t* I) {
   // an id held max_copies times: the best entry of each of the k best ids is among
   // the max_copies * (k - 1) + 1 best entries
   const int64_t kh = max_copies * (k - 1) + 1;
@@ -242,7 +241,8 @@ std::string check_list_run(const ListRun& run, int64_t nlist, int64_t code_size,
                            int64_t codes_bytes, int64_t ids_bytes) {
   for (int64_t l = 0; l < nlist; ++l) {
     const int64_t n = run.count[l], co = run.codes_off[l], io = run.ids_off[l];
-    if (n < 0 || co < 0 || io < 0) return "list " + std::to_string(l) + ": negative count or offset";
+    if (n < 0 || co < 0 || io < 0)
+      return "list " + std::to_string(l) + ": negative count or offset";
     if (n > 0 && (n > (codes_bytes - co) / code_size || n > (ids_bytes - io) / 8 ||
                   co > codes_bytes || io > ids_bytes)) {
       return "list " + std::to_string(l) + ": " + std::to_string(n) +
@@ -257,18 +257,19 @@ void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float
                    const int64_t* exclude, int64_t n_exclude, int64_t k, int64_t max_copies,
                    float* D, int64_t* I) {
   if (codec.inner_product) {
-    search_impl<true>(codec, q, nq, assign_D, assign_I, nprobe, runs, nruns, exclude, n_exclude,
-                      k, max_copies, D, I);
+    search_impl<true>(codec, q, nq, assign_D, assign_I, nprobe, runs, nruns, exclude, n_exclude, k,
+                      max_copies, D, I);
   } else {
-    search_impl<false>(codec, q, nq, assign_D, assign_I, nprobe, runs, nruns, exclude,
-                       n_exclude, k, max_copies, D, I);
+    search_impl<false>(codec, q, nq, assign_D, assign_I, nprobe, runs, nruns, exclude, n_exclude, k,
+                       max_copies, D, I);
   }
 }
 
-void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off,
-                   const int64_t* dst_off, const int64_t* nbytes, int64_t nseg) {
+void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off, const int64_t* dst_off,
+                   const int64_t* nbytes, int64_t nseg) {
   for (int64_t i = 0; i < nseg; ++i) {
-    if (nbytes[i] > 0) std::memcpy(dst + dst_off[i], src + src_off[i], static_cast<size_t>(nbytes[i]));
+    if (nbytes[i] > 0)
+      std::memcpy(dst + dst_off[i], src + src_off[i], static_cast<size_t>(nbytes[i]));
   }
 }
 

@@ -65,7 +65,7 @@ void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float
 // Copies nseg byte ranges: nbytes[i] bytes from src + src_off[i] to
 // dst + dst_off[i]. Ranges must lie inside both buffers (checked by the
 // caller). Used to lay inverted lists out (file -> memory, merging runs).
-void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off,
-                   const int64_t* dst_off, const int64_t* nbytes, int64_t nseg);
+void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off, const int64_t* dst_off,
+                   const int64_t* nbytes, int64_t nseg);
 
 }  // namespace fastface

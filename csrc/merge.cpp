@@ -20,8 +20,7 @@ bool better(const Entry& a, const Entry& b) {
 
 template <bool kLarger>
 void merge_one(const float* D, const int64_t* I, int64_t nparts, int64_t nq, int64_t k_in,
-               int64_t k_out, int64_t q, std::vector<Entry>& buf, float* out_D,
-               int64_t* out_I) {
+               int64_t k_out, int64_t q, std::vector<Entry>& buf, float* out_D, int64_t* out_I) {
   buf.clear();
   const int64_t stride = nq * k_in;
   for (int64_t s = 0; s < nparts; ++s) {
@@ -50,8 +49,8 @@ void merge_one(const float* D, const int64_t* I, int64_t nparts, int64_t nq, int
   } else {
     std::partial_sort(buf.begin(), buf.begin() + n, buf.end(), better<kLarger>);
   }
-  const float pad = kLarger ? -std::numeric_limits<float>::infinity()
-                            : std::numeric_limits<float>::infinity();
+  const float pad =
+      kLarger ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < k_out; ++t) {
     out_D[q * k_out + t] = t < n ? buf[t].first : pad;
     out_I[q * k_out + t] = t < n ? buf[t].second : -1;

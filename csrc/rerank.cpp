@@ -160,7 +160,8 @@ inline float score_row(const float* qpad, const T* v, int64_t nfull, int64_t tai
   if (NB == 0 && tail > 0) {
     T buf[kLanes];
     std::memset(static_cast<void*>(buf), 0, sizeof buf);
-    std::memcpy(static_cast<void*>(buf), v + blocks * kLanes, static_cast<size_t>(tail) * sizeof(T));
+    std::memcpy(static_cast<void*>(buf), v + blocks * kLanes,
+                static_cast<size_t>(tail) * sizeof(T));
     const Lanes x = load(buf);
     mul_add(dot, load(qpad + blocks * kLanes), x);
     if (kL2) mul_add(sq, x, x);
@@ -226,9 +227,8 @@ void rerank_impl(const float* q, int64_t nq, const T* base, int64_t n, int64_t d
 }
 
 template <bool kL2, class T>
-void rerank_d(const float* q, int64_t nq, const T* base, int64_t n, int64_t d,
-              const int64_t* cand, int64_t m, const RowMap& map, int64_t k, float* D,
-              int64_t* I) {
+void rerank_d(const float* q, int64_t nq, const T* base, int64_t n, int64_t d, const int64_t* cand,
+              int64_t m, const RowMap& map, int64_t k, float* D, int64_t* I) {
   // the dimensions of common embeddings get a kernel with the loop count fixed
   switch (d % kLanes == 0 ? d / kLanes : 0) {
     case 1:

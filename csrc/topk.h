@@ -94,8 +94,8 @@ class TopK {
         if (I_[order[by_id[t]]] == I_[order[by_id[t - 1]]]) dup[by_id[t]] = 1;
       }
     }
-    const float pad = kIP ? -std::numeric_limits<float>::infinity()
-                          : std::numeric_limits<float>::infinity();
+    const float pad =
+        kIP ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
     int64_t out = 0;
     for (int64_t r = 0; r < n_ && out < k_out; ++r) {
       if (unique_ids && n_ > 1 && dup[r]) continue;

@@ -44,6 +44,7 @@ SHARD = 1100  # 5000 vectors: shards of 1100, 1100, 1100, 1100 and an open one o
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
     ray.init(
+        address="local",  # a fresh local Ray, never one another job on this machine started
         num_cpus=2,
         object_store_memory=80 * 2**20,
         include_dashboard=False,

@@ -365,42 +365,50 @@ def test_removed_then_compacted_vector_leaves_no_copy(data, codecs, tmp_path: Pa
     assert reopened.ntotal == keep.size
 
 
-def test_soar_with_hnsw_coarse_quantizer_and_refused_with_opq(data) -> None:
-    """Options from index specs: an HNSW coarse quantizer spills like a flat one; OPQ is
-    refused with a message naming both options; the params round-trip through a dict."""
+def test_spilling_over_an_opq_hnsw_codec(data) -> None:
+    """With an OPQ rotation (and an HNSW coarse quantizer) residuals are taken in the rotated
+    space, where the centroids live; every list probed still gives the exact answer."""
     xb, xq = data
-    p = IVFPQParams(D_DIM, NLIST, M, metric="l2", store_vectors="float32", coarse_hnsw=16)
-    codec = Codec.train(p, xb).with_soar(1.0)
+    params = IVFPQParams(
+        D_DIM, NLIST, M, metric="l2", store_vectors="float32", opq=M, coarse_hnsw=16
+    )
+    codec = Codec.train(params, xb, seed=1).with_soar(1.0)
+    assert codec.rotation is not None
+    x = xb[:200]
+    first, _ = codec.encode(x)
+    got = spill_lists(codec, x, first, 1.0)
+    assert (got != first).all()
+    # NumPy twin in float64, in the rotated space
+    xr = (x @ codec.rotation.T).astype(np.float64)
+    C = codec.centroids.astype(np.float64)
+    _, cand = codec.assign(x, min(NLIST, SPILL_CANDIDATES + 1))
+    for i in range(x.shape[0]):
+        c = cand[i][cand[i] >= 0]
+        r = xr[i] - C[first[i]]
+        rp = xr[i] - C[c]
+        loss = (rp**2).sum(1) + (rp @ r) ** 2 / (r @ r)
+        loss[c == first[i]] = np.inf
+        assert loss[c == got[i]][0] <= loss.min() + 1e-5 * max(1.0, abs(loss.min()))
     index = _soar_index(codec, xb)
-    lists, ids = _entries(index)
-    assert ids.size == 2 * xb.shape[0]
-    order = np.lexsort((lists, ids))
-    assert (lists[order].reshape(-1, 2)[:, 0] != lists[order].reshape(-1, 2)[:, 1]).all()
+    assert index.list_sizes().sum() == 2 * xb.shape[0]
     gD, gI = ground_truth(xb, xq, 10, metric="l2")
     D, I = index.search(xq, 10, nprobe=NLIST, rerank=xb.shape[0] // 10)
     np.testing.assert_array_equal(I, gI)
     np.testing.assert_allclose(D, gD, rtol=1e-5, atol=1e-5)
-    q = IVFPQParams.from_dict(codec.params.to_dict())
-    assert q.soar_lambda == 1.0 and q.coarse_hnsw == 16
-    assert "soar_lambda" not in IVFPQParams(D_DIM, NLIST, M).to_dict()
-    with pytest.raises(ValueError, match=r"soar_lambda.*opq"):
-        IVFPQParams(D_DIM, NLIST, M, opq=M, soar_lambda=1.0)
 
 
-def test_streaming_build_with_spilling_commits_and_reopens(data, tmp_path: Path) -> None:
-    """ShardedIndex.build (streamed, several commits and shards) keeps both entries of
-    every vector in the shard files; the reopened index equals brute force at full probe."""
+def test_streaming_build_of_a_spilled_index(data, tmp_path: Path) -> None:
+    """``ShardedIndex.build`` (streamed, committed per shard, shards mapped back from their
+    files) holds two entries per vector and gives the exact answer with every list probed."""
     xb, xq = data
-    np.save(tmp_path / "xb.npy", xb)
-    p = IVFPQParams(D_DIM, NLIST, M, metric="ip", store_vectors="float16", soar_lambda=1.0)
-    ShardedIndex.build(
-        tmp_path / "xb.npy", tmp_path / "ix", p, shard_size=1500, chunk_size=700, commit_every=1
-    ).close()
-    ix = ShardedIndex.open(tmp_path / "ix")
-    assert ix.params.soar_lambda == 1.0 and ix.ntotal == xb.shape[0] and ix.nshards > 1
-    for shard in ix.shards():
-        _, ids = _entries(shard)
-        assert ids.size == 2 * shard.ntotal
-    gI = ground_truth(xb.astype(np.float16).astype(np.float32), xq, 10, metric="ip")[1]
-    _, I = ix.search(xq, 10, nprobe=NLIST, rerank=xb.shape[0] // 10)
+    params = IVFPQParams(D_DIM, NLIST, M, store_vectors="float32", soar_lambda=1.0)
+    index = ShardedIndex.build(xb, tmp_path / "b", params, shard_size=1500, progress=False)
+    assert index.nshards == 3 and index.ntotal == xb.shape[0]
+    assert sum(int(s.list_sizes().sum()) for s in index.shards()) == 2 * xb.shape[0]
+    _, gI = ground_truth(xb, xq, 10)
+    I = index.search(xq, 10, nprobe=NLIST, rerank=xb.shape[0] // 10)[1]
     np.testing.assert_array_equal(I, gI)
+    index.close()
+    again = ShardedIndex.open(tmp_path / "b")
+    np.testing.assert_array_equal(again.search(xq, 10, nprobe=NLIST, rerank=500)[1], gI)
+    again.close()

@@ -126,10 +126,9 @@ FF_HD void sample_pixel(const AlignArgs& a, int64_t f, int64_t y, int64_t x, int
     const int32_t p01 = (y0 && x1) ? row0[(ix + 1) * 3 + c] : 0;
     const int32_t p10 = (y1 && x0) ? row1[ix * 3 + c] : 0;
     const int32_t p11 = (y1 && x1) ? row1[(ix + 1) * 3 + c] : 0;
-    rgb[c] = a.fixed_point
-                 ? blend_fixed(wx, wy, p00, p01, p10, p11)
-                 : blend_f32(al, be, static_cast<float>(p00), static_cast<float>(p01),
-                             static_cast<float>(p10), static_cast<float>(p11));
+    rgb[c] = a.fixed_point ? blend_fixed(wx, wy, p00, p01, p10, p11)
+                           : blend_f32(al, be, static_cast<float>(p00), static_cast<float>(p01),
+                                       static_cast<float>(p10), static_cast<float>(p11));
   }
 }
 

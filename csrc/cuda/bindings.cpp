@@ -24,11 +24,10 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-void align(uintptr_t pixels, uintptr_t offset, uintptr_t height, uintptr_t width,
-           uintptr_t stride, uintptr_t image_index, uintptr_t M, int64_t F, int64_t out_h,
-           int64_t out_w, bool fixed_point, uintptr_t out_u8, uintptr_t out_f32,
-           const std::array<float, 3>& mean, const std::array<float, 3>& std,
-           const std::array<int, 3>& channel, uintptr_t stream) {
+void align(uintptr_t pixels, uintptr_t offset, uintptr_t height, uintptr_t width, uintptr_t stride,
+           uintptr_t image_index, uintptr_t M, int64_t F, int64_t out_h, int64_t out_w,
+           bool fixed_point, uintptr_t out_u8, uintptr_t out_f32, const std::array<float, 3>& mean,
+           const std::array<float, 3>& std, const std::array<int, 3>& channel, uintptr_t stream) {
   fc::AlignArgs a{};
   a.pixels = ptr<const uint8_t>(pixels);
   a.offset = ptr<const int64_t>(offset);
@@ -53,9 +52,9 @@ void align(uintptr_t pixels, uintptr_t offset, uintptr_t height, uintptr_t width
 }
 
 void select_topk(uintptr_t scores, uintptr_t ids, int64_t rows, int64_t n, int k, bool larger,
-            uintptr_t out_D, uintptr_t out_I, uintptr_t stream) {
+                 uintptr_t out_D, uintptr_t out_I, uintptr_t stream) {
   fc::SelectArgs a{ptr<const float>(scores), ptr<const int64_t>(ids), rows, n, k, larger,
-                   ptr<float>(out_D), ptr<int64_t>(out_I)};
+                   ptr<float>(out_D),        ptr<int64_t>(out_I)};
   py::gil_scoped_release release;
   fc::launch_select(a, stream);
 }

@@ -21,12 +21,11 @@ void throw_cuda_error(int code, const char* name, const char* message, const cha
 }  // namespace cuda
 }  // namespace fastface
 
-#define FF_CUDA_CHECK(call)                                                                  \
-  do {                                                                                       \
-    const cudaError_t ff_err_ = (call);                                                      \
-    if (ff_err_ != cudaSuccess) {                                                            \
-      ::fastface::cuda::throw_cuda_error(static_cast<int>(ff_err_), cudaGetErrorName(ff_err_), \
-                                         cudaGetErrorString(ff_err_), #call, __FILE__,       \
-                                         __LINE__);                                          \
-    }                                                                                        \
+#define FF_CUDA_CHECK(call)                                                                       \
+  do {                                                                                            \
+    const cudaError_t ff_err_ = (call);                                                           \
+    if (ff_err_ != cudaSuccess) {                                                                 \
+      ::fastface::cuda::throw_cuda_error(static_cast<int>(ff_err_), cudaGetErrorName(ff_err_),    \
+                                         cudaGetErrorString(ff_err_), #call, __FILE__, __LINE__); \
+    }                                                                                             \
   } while (0)

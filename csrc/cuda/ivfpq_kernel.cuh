@@ -25,19 +25,19 @@ namespace fastface {
 namespace cuda {
 
 struct ScanArgs {
-  const float* q;            // (nq, d)
-  const int64_t* coarse_I;   // (nq, nprobe) list of each probe, -1: none
-  const float* coarse_D;     // (nq, nprobe) <q, c_l> (used for inner product with residuals)
-  const float* centroids;    // (nlist, d)
-  const float* codebook;     // (M, ksub, dsub)
-  const uint32_t* codes;     // (nblocks, W, 32) words
-  const uint32_t* live;      // (nblocks,) bit lane: slot is live
-  const int64_t* slot_ids;   // (nblocks * 32,) id of each slot, -1 for padding
-  const int64_t* list_block; // (nlist + 1,) first block of each list
+  const float* q;             // (nq, d)
+  const int64_t* coarse_I;    // (nq, nprobe) list of each probe, -1: none
+  const float* coarse_D;      // (nq, nprobe) <q, c_l> (used for inner product with residuals)
+  const float* centroids;     // (nlist, d)
+  const float* codebook;      // (M, ksub, dsub)
+  const uint32_t* codes;      // (nblocks, W, 32) words
+  const uint32_t* live;       // (nblocks,) bit lane: slot is live
+  const int64_t* slot_ids;    // (nblocks * 32,) id of each slot, -1 for padding
+  const int64_t* list_block;  // (nlist + 1,) first block of each list
   int64_t nq, d;
   int M, ksub, dsub, W, nprobe, nsplit, k;
   bool ip, by_residual;
-  float* out_D;              // (nq, nsplit, k)
+  float* out_D;  // (nq, nsplit, k)
   int64_t* out_I;
 };
 

@@ -60,8 +60,8 @@ int optin_shared(int dev) {
 template <class Kernel>
 void allow_shared(Kernel k, size_t bytes) {
   if (bytes > 48 * 1024) {
-    FF_CUDA_CHECK(
-        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    FF_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(bytes)));
   }
 }
 
@@ -139,7 +139,8 @@ void run_scan(const ScanArgs& a, uintptr_t stream) {
   allow_shared(scan_kernel<NBITS, HALF>, bytes);
   const int64_t blocks = a.nq * a.nsplit;
   if (blocks == 0) return;
-  scan_kernel<NBITS, HALF><<<static_cast<unsigned>(blocks), kThreads, bytes, as_stream(stream)>>>(a);
+  scan_kernel<NBITS, HALF>
+      <<<static_cast<unsigned>(blocks), kThreads, bytes, as_stream(stream)>>>(a);
   FF_CUDA_CHECK(cudaGetLastError());
 }
 

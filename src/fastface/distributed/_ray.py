@@ -38,7 +38,9 @@ def init(address: str | None = None, **kwargs: Any) -> None:
     else:
         log.info("starting a local Ray cluster")
         kwargs.setdefault("include_dashboard", False)
-        ray.init(**kwargs)
+        # "local": a new cluster of this process's own; ray.init() alone would join any
+        # cluster another job on this machine happens to run
+        ray.init(address="local", **kwargs)
 
 
 def ray_failure_types() -> tuple[type[BaseException], ...]:

@@ -23,8 +23,12 @@ The rules, in the order they are applied (the figures behind them are in
 5. Re-rank vectors in **float16 on disk** (``F16``): exact scores for the
    candidates, read from memory-mapped files, never counted in the budget.
 
-The search settings that reach ``target_recall`` on identity-clustered
-face-like data are returned with the spec (``nprobe``, ``rerank``).
+Search settings are returned with the spec (``nprobe``, ``rerank``) as a
+starting point: on fastface's identity-clustered synthetic faces they reach
+R@10 >= 0.95 at 1M vectors (flat coarse quantizer), but with an HNSW coarse
+quantizer at 10M-100M vectors measured recall stays below that even at
+nprobe 64 (``docs/scaling.md``, ``bench/results/scale.json``): measure on your
+own data (``fastface.eval``) before relying on a recall figure.
 """
 
 from __future__ import annotations
@@ -233,7 +237,9 @@ def auto_spec(
     why = (
         f"{sizes}: {coarse_why}; {codes_why}; {opq_why}; F16 re-rank vectors on disk "
         f"({_gib(n * 2 * d)}, not counted in RAM). Index in RAM about {_gib(ram)} "
-        f"({code + _IDS_BYTES} B/vector); for R@10 ~{target_recall:g} search with "
-        f"nprobe={nprobe}, rerank={rerank}"
+        f"({code + _IDS_BYTES} B/vector); start searching with nprobe={nprobe}, "
+        f"rerank={rerank} (aimed at R@10 ~{target_recall:g}, as measured at 1M; "
+        + ("not reached at 10M-100M with an HNSW coarse quantizer; " if hnsw else "")
+        + "measure on your data)"
     )
     return AutoSpec(params.spec, params, why, ram, disk, nprobe, rerank)

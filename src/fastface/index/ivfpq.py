@@ -214,6 +214,9 @@ class _State:
         return self.ids.n
 
     def _make_lookup(self) -> tuple[Any, ...]:
+        """``(srt, order, lo, span, table)``: sorted ids, their rows, and a dense table
+        ``table[id - lo] = row`` when the ids are compact (``None`` otherwise);
+        ``(None, None, lo, n, None)`` when the ids are ``lo, lo + 1, ...`` in row order."""
         arr = self.ids.array
         lo = int(arr[0])
         # consecutive ids in row order (what a build writes) need no table at all
@@ -228,6 +231,23 @@ class _State:
             table[srt - lo] = order
         return (srt, order, lo, span, table)
 
+    def row_map(self) -> tuple[int, int, npt.NDArray[np.int64] | None] | None:
+        """How the re-ranking kernel finds a candidate's row from its id: ``(lo, span,
+        table)`` (``table`` ``None`` when ids ``lo, lo + 1, ...`` are in row order), or
+        ``None`` when the ids are too sparse for a table (rows are then looked up first)."""
+        if self.rmap is False:
+            self.rmap = None
+            if self.n:
+                if self.lookup is None:
+                    self.lookup = self._make_lookup()
+                srt, _, lo, span, table = self.lookup
+                if srt is None:
+                    self.rmap = (lo, span, None)
+                elif table is not None:
+                    self.rmap = (lo, span, table)
+        rmap: tuple[int, int, npt.NDArray[np.int64] | None] | None = self.rmap
+        return rmap
+
     def id_bounds(self) -> tuple[int, int] | None:
         """Smallest and largest id held (``None`` when empty)."""
         if self.n == 0:
@@ -238,24 +258,6 @@ class _State:
         if srt is None:
             return lo, lo + span - 1
         return int(srt[0]), int(srt[-1])
-
-    def row_map(self) -> tuple[int, int, npt.NDArray[np.int64] | None] | None:
-        """How the re-ranking kernel finds a candidate's row from its id: ``(lo, span,
-        table)`` (``table`` ``None`` when ids ``lo, lo + 1, ...`` are in row order), or
-        ``None`` when the ids are too sparse for a table (rows are then looked up first)."""
-        if self.rmap is False:
-            self.rmap = None
-            if self.n:
-                if self.lookup is None:
-                    self.lookup = self._make_lookup()
-                srt, order, lo, span, table = self.lookup
-                if srt is None:
-                    self.rmap = (lo, span, None)
-                elif table is not None:
-                    identity = span == self.n and bool((order == np.arange(self.n)).all())
-                    self.rmap = (lo, span, None if identity else table)
-        rmap: tuple[int, int, npt.NDArray[np.int64] | None] | None = self.rmap
-        return rmap
 
     def rows_of(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         """Row of each id, ``-1`` for unknown ids. Dense table when ids are compact."""
@@ -428,10 +430,10 @@ class IVFPQIndex:
         ``params.opq`` it is wrapped in an ``IndexPreTransform`` of one
         rotation (as ``faiss.index_factory(d, params.spec)`` builds it, without
         the storage token). The lists are copied; ``index`` stays the caller's. ``ids`` gives the
-        row order of the vectors (default: the lists' order) and ``vectors``
-        their raw values in that order (required when ``params`` store
-        vectors and the index is not empty). With ``params.soar_lambda`` set
-        every id must be in exactly two lists.
+        row order of the vectors (default: the lists' order, each id where it
+        first appears) and ``vectors`` their raw values in that order
+        (required when ``params`` store vectors and the index is not empty).
+        With ``params.soar_lambda`` set every id must be in exactly two lists.
         """
         if not isinstance(params, IVFPQParams):
             raise TypeError(f"params: expected IVFPQParams, got {type(params).__name__}")
@@ -1445,8 +1447,8 @@ def load_shard(
         raise TypeError("load_shard: a flat shard has no shard file; use from_parts")
     buf = data.array()
     layout = faiss_format.parse(buf, data.name)
-    # the file counts list entries (two per vector with spilled assignment); it holds
-    # the codec's IVF part over a flat quantizer, never a rotation
+    # a shard file holds the codec's IVF part over a flat quantizer, never a rotation;
+    # it counts list entries: two per vector with spilled assignment
     file_params = dataclasses.replace(params, coarse_hnsw=None, opq=None)
     layout.check(file_params, ntotal=ntotal * params.max_copies, buf=buf if codec is None else None)
     if codec is None:

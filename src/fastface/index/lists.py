@@ -236,10 +236,10 @@ def scan(
     """Top-``k`` of the codes of ``runs`` in each query's assigned lists (validated inputs).
 
     ``exclude``: sorted int64 ids never returned. Exact under (better score,
-    lower id), so the runs' split and order never change the result. With an
-    OPQ codec the queries are rotated first (the lists hold rotated codes). With
+    lower id), so the runs' split and order never change the result. With
     spilled assignment (``codec.params.soar_lambda``) an id has two entries;
-    it is returned once, with the better score.
+    it is returned once, with the better score. With an OPQ codec the
+    queries are rotated first (the lists hold rotated codes).
     """
     Dq, Iq = assignment
     ex = _EMPTY_IDS if exclude is None else exclude

@@ -119,15 +119,16 @@ class IVFPQParams:
         Spilled assignment (SOAR): every vector is also stored in a second
         list, chosen among its nearest lists to minimise
         ``|r'|^2 + soar_lambda * <r', r / |r|>^2`` (``r``, ``r'``: its
-        residuals to the first and the second list's centroid), so that the
-        second residual is nearly orthogonal to the first: a query whose
-        nearest lists miss a neighbour's first list tends to find its second.
-        Fewer lists are probed for the same recall, at the cost of twice the
-        list entries (codes and ids); raw vectors are stored once. A search
-        returns each id once, with the better score of its two entries.
-        ``None`` (default): one list per vector, as FAISS. Needs ``nlist >= 2``
-        and 8-bit codes (fastface's own scan; FAISS's fast-scan lists cannot
-        hold a vector twice), and no OPQ rotation.
+        residuals to the first and the second list's centroid, in the codec's
+        rotated space with OPQ), so that the second residual is nearly
+        orthogonal to the first: a query whose nearest lists miss a
+        neighbour's first list tends to find its second. Fewer lists are
+        probed for the same recall, at the cost of twice the list entries
+        (codes and ids); raw vectors are stored once. A search returns each
+        id once, with the better score of its two entries. ``None``
+        (default): one list per vector, as FAISS. Needs ``nlist >= 2`` and
+        8-bit codes (fastface's own scan; FAISS's fast-scan lists cannot hold
+        a vector twice).
 
     Examples
     --------
@@ -195,11 +196,6 @@ class IVFPQParams:
                 raise ValueError(
                     "soar_lambda: spilled assignment needs a second list (nlist >= 2), got "
                     f"nlist={self.nlist}"
-                )
-            if self.opq is not None:
-                raise ValueError(
-                    "soar_lambda: spilled assignment is not available with an OPQ rotation "
-                    "(opq); leave one of them unset"
                 )
             object.__setattr__(self, "soar_lambda", float(lam))
 
@@ -355,9 +351,6 @@ class FlatParams:
     #: No codes: searches are exact.
     nbits = 0
     code_size = 0
-    #: One entry per vector: no spilled assignment.
-    max_copies = 1
-    soar_lambda = None
 
     @property
     def larger_is_better(self) -> bool:
@@ -370,6 +363,16 @@ class FlatParams:
     @property
     def plain(self) -> bool:
         return True
+
+    @property
+    def soar_lambda(self) -> None:
+        """A flat index has no lists: never spilled."""
+        return None
+
+    @property
+    def max_copies(self) -> int:
+        """Entries per vector: one (a flat shard stores each vector once)."""
+        return 1
 
     @property
     def spec(self) -> str:
@@ -860,5 +863,5 @@ class Codec:
 def _without_storage(p: CodecParams) -> dict[str, Any]:
     out = p.to_dict()
     out.pop("store_vectors", None)
-    out.pop("soar_lambda", None)  # spilling changes how vectors are added, not the codec
+    out.pop("soar_lambda", None)  # how vectors are added, not the codec
     return out

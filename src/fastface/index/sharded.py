@@ -584,6 +584,7 @@ class ShardedIndex:
                 vectors = None
                 if p.store_vectors is not None:
                     vec_vf = self._open_file(recs["vectors"], g)
+                    vec_vf.advise_random()  # re-ranking reads scattered rows
                     vectors = storage.npy_array(vec_vf, STORE_DTYPES[p.store_vectors], (count, p.d))
                 if isinstance(p, FlatParams):
                     check_unique_ids(ids, ids_vf.path)

@@ -38,6 +38,7 @@ def spill_lists(
     """The second list of each row of ``x`` (float32 ``(n, d)``, validated), never ``first``.
 
     ``first`` is each row's own list (as :meth:`Codec.encode` assigns it).
+    Residuals are taken in the codec's space (after its OPQ rotation, if any).
     """
     n = x.shape[0]
     out = np.empty(n, np.int64)
@@ -49,9 +50,9 @@ def spill_lists(
     cc = np.einsum("ij,ij->i", C, C)
     lam = np.float32(soar_lambda)
     for lo in range(0, n, _BLOCK):
-        xb = x[lo : lo + _BLOCK]
         fb = first[lo : lo + _BLOCK]
-        _, cand = codec.assign(xb, T)
+        _, cand = codec.assign(x[lo : lo + _BLOCK], T)
+        xb = codec.rotate(x[lo : lo + _BLOCK])  # the centroids' space (OPQ rotates)
         r = xb - C[fb]
         rr = np.einsum("ij,ij->i", r, r)
         inv = np.where(rr > 0, 1.0 / np.maximum(rr, np.finfo(np.float32).tiny), 0.0).astype(
