@@ -572,7 +572,7 @@ def _readonly(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
 EF_MIN = 32
 EF_PER_PROBE = 2
 #: HNSW search depth when encoding (the one nearest list of each added vector).
-EF_ADD = 16
+EF_ADD = 64
 
 
 def hnsw_ef(nprobe: int) -> int:
