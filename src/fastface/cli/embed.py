@@ -82,26 +82,6 @@ def _write_private(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-def _model_meta(spec: Any) -> dict[str, Any]:
-    a = spec.alignment
-    return {
-        "name": spec.name,
-        "version": spec.version,
-        "d": spec.d,
-        "threshold": spec.threshold,
-        "threshold_source": spec.threshold_source,
-        "normalized": spec.normalized,
-        "alignment": {
-            "template": a.template,
-            "size": a.size,
-            "landmarks": a.landmarks,
-            "mean": list(a.mean),
-            "std": list(a.std),
-            "rgb": a.rgb,
-        },
-    }
-
-
 def _rows(res: Any, paths: list[str]) -> dict[str, Any]:
     return {
         "embeddings": res.embeddings,
@@ -230,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
     unreadable = [e for e in res.errors if e.kind in ("decode", "failed")]
     for e in res.errors:
         print(f"fastface embed: {e.source}: {e.kind}: {e.reason}", file=sys.stderr)
-    model = _model_meta(res.spec)
+    model = res.spec.record()
     files = _encode(out, _rows(res, paths), model)
     for path, data in files.items():
         _write_private(path, data)

@@ -50,27 +50,6 @@ class EmbedReport:
     seconds: float = 0.0
 
 
-def model_record(spec: Any) -> dict[str, Any]:
-    """The model metadata ``fastface embed`` stores with its vectors (``fastface.model``)."""
-    a = spec.alignment
-    return {
-        "name": spec.name,
-        "version": spec.version,
-        "d": spec.d,
-        "threshold": spec.threshold,
-        "threshold_source": spec.threshold_source,
-        "normalized": spec.normalized,
-        "alignment": {
-            "template": a.template,
-            "size": a.size,
-            "landmarks": a.landmarks,
-            "mean": list(a.mean),
-            "std": list(a.std),
-            "rgb": a.rgb,
-        },
-    }
-
-
 def make_embedder(
     model: str,
     *,
@@ -131,7 +110,7 @@ class _FaceWorker:
             min_face_size=opts["min_face_size"],
             progress=False,
         )
-        self.model = model_record(self.pipe.spec)
+        self.model = self.pipe.spec.record()
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         from ..faces import Face, ImageError
@@ -347,7 +326,7 @@ def embed_images(
                     errors += json.loads(r["errors"])
                     next_start += batch_size
         if not model_meta:  # no image at all: the model's record all the same
-            model_meta = model_record(make_embedder(**_embedder_kw(opts)).spec)
+            model_meta = make_embedder(**_embedder_kw(opts)).spec.record()
             writer.write(_faces_table([], [], [], int(model_meta["d"])), model_meta)
         writer.commit({"fastface.errors": json.dumps(errors)})
     except BaseException:

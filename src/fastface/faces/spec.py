@@ -266,6 +266,27 @@ class ModelSpec:
                 f"threshold: expected a cosine similarity in [-1, 1], got {self.threshold!r}"
             )
 
+    def record(self) -> dict[str, Any]:
+        """This description as JSON-ready metadata (stored with embeddings by ``fastface embed``
+        and ``fastface.distributed.embed_images`` as ``fastface.model``)."""
+        a = self.alignment
+        return {
+            "name": self.name,
+            "version": self.version,
+            "d": self.d,
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "normalized": self.normalized,
+            "alignment": {
+                "template": a.template,
+                "size": a.size,
+                "landmarks": a.landmarks,
+                "mean": list(a.mean),
+                "std": list(a.std),
+                "rgb": a.rgb,
+            },
+        }
+
 
 @dataclass(frozen=True)
 class Detections:

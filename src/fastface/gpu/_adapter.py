@@ -101,12 +101,12 @@ def from_cpu(
             f"from_cpu: expected an IVFPQIndex or ShardedIndex, got {type(index).__name__}"
         )
     params = shards[0].params
-    if getattr(params, "kind", "ivfpq") == "flat":
+    if params.kind == "flat":
         raise ValueError(
             "from_cpu: a flat index has no codes to search on the GPU; use an IVF-PQ spec "
             "(e.g. reencode the index with 'IVF1024,PQ32')"
         )
-    if getattr(params, "opq", None) is not None:
+    if params.opq is not None:
         raise ValueError(
             "from_cpu: the GPU kernels do not apply an OPQ rotation yet; "
             "use a spec without 'OPQ' for an index searched on the GPU"
