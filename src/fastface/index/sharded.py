@@ -732,11 +732,7 @@ class ShardedIndex:
         """Which of ``ids`` (integers) are searchable in this index."""
         st = self._state
         arr = np.asarray(ids)
-        flat = as_id_array(arr)
-        found = _stored(st, flat)
-        if len(st.tombstones):
-            found &= ~st.tombstones.contains(flat)
-        return found.reshape(arr.shape)
+        return self._live(st, as_id_array(arr)).reshape(arr.shape)
 
     def stored(self, ids: npt.ArrayLike) -> npt.NDArray[np.bool_]:
         """Which of ``ids`` some shard file holds, removed-but-uncompacted ones included."""
