@@ -12,6 +12,7 @@
 
 #include "align.h"
 #include "build_info.h"
+#include "coarse.h"
 #include "ivfpq.h"
 #include "merge.h"
 #include "rerank.h"
@@ -44,6 +45,51 @@ py::tuple merge_topk(const f32c& D, const i64c& I, int64_t k, bool larger_is_bet
   {
     py::gil_scoped_release release;
     fastface::merge_topk(d, i, nparts, nq, k_in, k, larger_is_better, od, oi);
+  }
+  return py::make_tuple(out_D, out_I);
+}
+
+py::tuple select_topk(const f32c& S, int64_t k, bool larger_is_better, const f32c& row_norms,
+                      const f32c& col_norms) {
+  require(S.ndim() == 2, "select_topk: S must be 2-D");
+  require(k > 0, "select_topk: k must be positive");
+  const int64_t nq = S.shape(0), n = S.shape(1);
+  const bool l2 = col_norms.size() > 0;
+  require(!l2 || (col_norms.ndim() == 1 && col_norms.shape(0) == n && row_norms.ndim() == 1 &&
+                  row_norms.shape(0) == nq),
+          "select_topk: norms must have one entry per row and per column");
+  f32c out_D({nq, k});
+  i64c out_I({nq, k});
+  const float* s = S.data();
+  const float* rn = l2 ? row_norms.data() : nullptr;
+  const float* cn = l2 ? col_norms.data() : nullptr;
+  float* od = out_D.mutable_data();
+  int64_t* oi = out_I.mutable_data();
+  {
+    py::gil_scoped_release release;
+    fastface::select_topk(s, nq, n, k, larger_is_better, rn, cn, od, oi);
+  }
+  return py::make_tuple(out_D, out_I);
+}
+
+py::tuple coarse_topk(const f32c& q, const f32c& ct, const f32c& cnorms, int64_t k) {
+  require(q.ndim() == 2 && ct.ndim() == 2, "coarse_topk: q and ct must be 2-D");
+  const int64_t nq = q.shape(0), d = q.shape(1), n = ct.shape(1);
+  require(ct.shape(0) == d, "coarse_topk: centroids and queries differ in dimension");
+  require(k > 0 && n > 0, "coarse_topk: k and the number of centroids must be positive");
+  const bool l2 = cnorms.size() > 0;
+  require(!l2 || (cnorms.ndim() == 1 && cnorms.shape(0) == n),
+          "coarse_topk: one norm per centroid");
+  f32c out_D({nq, k});
+  i64c out_I({nq, k});
+  const float* qp = q.data();
+  const float* cp = ct.data();
+  const float* np_ = l2 ? cnorms.data() : nullptr;
+  float* od = out_D.mutable_data();
+  int64_t* oi = out_I.mutable_data();
+  {
+    py::gil_scoped_release release;
+    fastface::coarse_topk(qp, nq, d, cp, n, np_, k, od, oi);
   }
   return py::make_tuple(out_D, out_I);
 }
@@ -272,6 +318,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k"), py::arg("max_copies") = 1,
         "Exact top-k (better score, then lower id) of 8-bit PQ codes in the probed lists of "
         "every run, each id once; see ivfpq.h. Inputs checked in Python.");
+  m.def("select_topk", &select_topk, py::arg("S").noconvert(), py::arg("k"),
+        py::arg("larger_is_better"), py::arg("row_norms").noconvert(),
+        py::arg("col_norms").noconvert(),
+        "Top-k columns of each row of a (nq, n) float32 matrix as (nq, k) scores and column "
+        "numbers: better score first, equal scores by lower column; with norms (non-empty), "
+        "S holds inner products and the scores are squared L2. Checked in Python.");
+  m.def("coarse_topk", &coarse_topk, py::arg("q").noconvert(), py::arg("ct").noconvert(),
+        py::arg("cnorms").noconvert(), py::arg("k"),
+        "The k best centroids of each query (centroids transposed, (d, n)); squared L2 when "
+        "cnorms (one per centroid) is non-empty, else inner product. See coarse.h.");
   m.def("rerank", &rerank, py::arg("q").noconvert(), py::arg("base"), py::arg("cand").noconvert(),
         py::arg("rows").noconvert(), py::arg("lo"), py::arg("span"), py::arg("table").noconvert(),
         py::arg("l2"), py::arg("k"),

@@ -1,4 +1,5 @@
-// Run-time choice among the SIMD kernels (alignment, the IVF-PQ scan, re-ranking)
+// Run-time choice among the SIMD kernels (alignment, coarse assignment, the IVF-PQ scan,
+// re-ranking)
 // compiled for several x86-64 levels (see CMakeLists.txt). A portable build carries v2 (the
 // baseline every x86-64 CPU since 2009 has), v3 (AVX2 + FMA) and v4 (AVX-512); the first call picks
 // the highest level the CPU supports, or a lower one named by the environment variable FASTFACE_ISA
@@ -11,6 +12,7 @@
 #include <cstring>
 
 #include "align.h"
+#include "coarse.h"
 #include "ivfpq.h"
 #include "rerank.h"
 
@@ -33,6 +35,8 @@
               const RowMap& map, bool l2, int64_t k, float* D, int64_t* I);                        \
   void copy_segments(const uint8_t* src, uint8_t* dst, const int64_t* src_off,                     \
                      const int64_t* dst_off, const int64_t* nbytes, int64_t nseg);                 \
+  void coarse_topk(const float* q, int64_t nq, int64_t d, const float* ct, int64_t n,              \
+                   const float* cnorms, int64_t k, float* D, int64_t* I);                          \
   }
 
 namespace fastface {
@@ -51,6 +55,7 @@ using WarpU8 = decltype(&warp_affine_u8);
 using WarpF32 = decltype(&warp_affine_f32_nchw);
 using Search8 = decltype(&ivfpq8_search);
 using Rerank = decltype(&rerank);
+using Coarse = decltype(&coarse_topk);
 
 struct Variant {
   const char* name;
@@ -58,10 +63,14 @@ struct Variant {
   WarpF32 f32;
   Search8 search8;
   Rerank rerank;
+  Coarse coarse;
 };
 
-#define FASTFACE_VARIANT(NAME, NS) \
-  Variant { NAME, &NS::warp_affine_u8, &NS::warp_affine_f32_nchw, &NS::ivfpq8_search, &NS::rerank }
+#define FASTFACE_VARIANT(NAME, NS)                                                         \
+  Variant {                                                                                \
+    NAME, &NS::warp_affine_u8, &NS::warp_affine_f32_nchw, &NS::ivfpq8_search, &NS::rerank, \
+        &NS::coarse_topk                                                                   \
+  }
 
 #if FASTFACE_DISPATCH
 int cpu_level() {
@@ -128,6 +137,11 @@ void ivfpq8_search(const PQCodec& codec, const float* q, int64_t nq, const float
 void rerank(const float* q, int64_t nq, const VectorTable& base, const int64_t* cand, int64_t m,
             const RowMap& map, bool l2, int64_t k, float* D, int64_t* I) {
   selected().rerank(q, nq, base, cand, m, map, l2, k, D, I);
+}
+
+void coarse_topk(const float* q, int64_t nq, int64_t d, const float* ct, int64_t n,
+                 const float* cnorms, int64_t k, float* D, int64_t* I) {
+  selected().coarse(q, nq, d, ct, n, cnorms, k, D, I);
 }
 
 // No SIMD in these two: the baseline variant serves every CPU.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -57,7 +58,133 @@ void merge_one(const float* D, const int64_t* I, int64_t nparts, int64_t nq, int
   }
 }
 
+// An integer key whose unsigned order is the float order, better first (smaller
+// L2, larger inner product). -0 is keyed as +0 (they compare equal).
+template <bool kLarger>
+inline uint32_t order_key(float s) {
+  float v = (kLarger ? -s : s) + 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Reused buffers of select_one (one per thread).
+struct SelectScratch {
+  std::vector<uint64_t> keys, spare;  // (key << 32) | column
+  std::vector<uint32_t> k32, cur;
+};
+
+// Stable sort of (key << 32 | column) entries by key: four passes of 8 bits
+// (least significant first) over the key, so equal keys keep their order.
+void radix_sort_by_key(std::vector<uint64_t>& a, std::vector<uint64_t>& spare) {
+  spare.resize(a.size());
+  for (int shift = 32; shift < 64; shift += 8) {
+    int64_t count[257] = {0};
+    for (const uint64_t v : a) ++count[((v >> shift) & 0xffu) + 1];
+    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+    for (const uint64_t v : a) spare[count[(v >> shift) & 0xffu]++] = v;
+    a.swap(spare);
+  }
+}
+
+// Top-k columns of one row (scores already computed into `row`). Every entry is
+// packed as (key << 32) | column, so one integer comparison applies the whole
+// tie rule. A small k keeps a bounded heap whose root (the worst entry kept)
+// rejects most columns with one comparison; a large k finds the k-th best key
+// (a radix select: linear, without the unpredictable branches of a partition),
+// takes the entries better than it and, in column order, as many of those equal
+// to it as fit, and sorts them by key with a stable radix sort.
+template <bool kLarger>
+void select_one(const float* row, int64_t n, int64_t k, SelectScratch& sc, float* out_D,
+                int64_t* out_I) {
+  const int64_t m = std::min(k, n);
+  std::vector<uint64_t>& keys = sc.keys;
+  keys.clear();
+  const auto entry = [row](int64_t j) {
+    return (static_cast<uint64_t>(order_key<kLarger>(row[j])) << 32) | static_cast<uint32_t>(j);
+  };
+  if (m > 0 && 8 * m <= n) {
+    for (int64_t j = 0; j < m; ++j) keys.push_back(entry(j));
+    std::make_heap(keys.begin(), keys.end());  // front: the worst entry kept
+    for (int64_t j = m; j < n; ++j) {
+      const uint64_t e = entry(j);
+      if (e >= keys.front()) continue;
+      std::pop_heap(keys.begin(), keys.end());
+      keys.back() = e;
+      std::push_heap(keys.begin(), keys.end());
+    }
+    std::sort_heap(keys.begin(), keys.end());  // best first
+  } else if (m > 0) {
+    std::vector<uint32_t>& k32 = sc.k32;
+    k32.resize(static_cast<size_t>(n));
+    for (int64_t j = 0; j < n; ++j) k32[j] = order_key<kLarger>(row[j]);
+    uint32_t kth = 0xffffffffu;
+    int64_t ties = m;  // entries equal to kth still to take
+    if (m < n) {
+      // radix select: the byte of the m-th smallest key, most significant first,
+      // each pass over the keys that still share the bytes found so far
+      std::vector<uint32_t>& cur = sc.cur;
+      cur.assign(k32.begin(), k32.end());
+      int64_t need = m;  // rank of the wanted key among cur (1-based)
+      for (int shift = 24; shift >= 0; shift -= 8) {
+        int64_t count[256] = {0};
+        for (const uint32_t v : cur) ++count[(v >> shift) & 0xffu];
+        uint32_t b = 0;
+        while (need > count[b]) need -= count[b++];
+        int64_t o = 0;
+        for (const uint32_t v : cur) {  // keep the bucket (a store and an add: no branch)
+          cur[o] = v;
+          o += ((v >> shift) & 0xffu) == b;
+        }
+        cur.resize(static_cast<size_t>(o));
+      }
+      kth = cur[0];  // every key left equals it; `need` of them belong to the top m
+      ties = need;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t key = k32[j];
+      if (key < kth || (key == kth && ties-- > 0)) {
+        keys.push_back((static_cast<uint64_t>(key) << 32) | static_cast<uint32_t>(j));
+      }
+    }
+    radix_sort_by_key(keys, sc.spare);
+  }
+  const float pad =
+      kLarger ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t col = t < m ? static_cast<int64_t>(keys[t] & 0xffffffffu) : -1;
+    out_D[t] = t < m ? row[col] : pad;
+    out_I[t] = col;
+  }
+}
+
 }  // namespace
+
+void select_topk(const float* S, int64_t nq, int64_t n, int64_t k, bool larger_is_better,
+                 const float* row_norms, const float* col_norms, float* out_D, int64_t* out_I) {
+#pragma omp parallel if (nq > 16)
+  {
+    SelectScratch scratch;
+    std::vector<float> dis;
+    if (col_norms != nullptr) dis.resize(static_cast<size_t>(n));
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < nq; ++q) {
+      const float* row = S + q * n;
+      if (col_norms != nullptr) {  // squared L2 from inner products, as FAISS's flat search
+        for (int64_t j = 0; j < n; ++j) {
+          const float v = (row_norms[q] + col_norms[j]) - 2.0f * row[j];
+          dis[j] = v < 0.0f ? 0.0f : v;
+        }
+        row = dis.data();
+      }
+      if (larger_is_better) {
+        select_one<true>(row, n, k, scratch, out_D + q * k, out_I + q * k);
+      } else {
+        select_one<false>(row, n, k, scratch, out_D + q * k, out_I + q * k);
+      }
+    }
+  }
+}
 
 void merge_topk(const float* D, const int64_t* I, int64_t nparts, int64_t nq, int64_t k_in,
                 int64_t k_out, bool larger_is_better, float* out_D, int64_t* out_I) {

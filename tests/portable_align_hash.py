@@ -2,7 +2,8 @@
 
 The hash covers the align crops (both kernels, both outputs), exact re-ranking
 (float32 and float16 vectors with subnormals, every specialised dimension and
-others) and, given a saved index directory as argv[1], 8-bit IVF-PQ scans (one
+others), exhaustive coarse assignment (inner product and L2, full and partial
+centroid blocks) and, given a saved index directory as argv[1], 8-bit IVF-PQ scans (one
 list per vector, and spilled: two) of its saved queries with its saved coarse
 assignment (so that nothing FAISS computes on this CPU enters).
 Kept as a script so that it can run in a child process with another
@@ -46,6 +47,13 @@ for d in (8, 32, 50, 64, 96, 128, 200, 256, 512):
             D, I = fastface._native.rerank(q, base.astype(dtype), cand, 9, l2=l2, lo=0, span=200)
             digest.update(D.tobytes())
             digest.update(I.tobytes())
+for d, n, k in ((16, 64, 8), (50, 200, 64), (128, 1000, 300)):
+    q = rng.standard_normal((9, d)).astype(np.float32)
+    c = rng.standard_normal((n, d)).astype(np.float32)
+    for norms in (None, (c * c).sum(1).astype(np.float32)):
+        D, I = fastface._native.coarse_topk(q, np.ascontiguousarray(c.T), k, centroid_norms=norms)
+        digest.update(D.tobytes())
+        digest.update(I.tobytes())
 if len(sys.argv) > 1:
     from fastface import IVFPQIndex
 

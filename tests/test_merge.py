@@ -1,11 +1,12 @@
-"""The one top-k merge against a NumPy reference: better score, then lower id."""
+"""The one top-k merge, and the row selection of coarse assignment, against NumPy references:
+better score, then lower id."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fastface._native import merge_topk
+from fastface._native import coarse_topk, merge_topk, select_topk
 
 
 def merge_reference(
@@ -91,3 +92,128 @@ def test_merge_rejects_bad_shapes() -> None:
         merge_topk(
             np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.int64), 0, larger_is_better=True
         )
+
+
+def select_reference(S: np.ndarray, k: int, larger: bool) -> tuple[np.ndarray, np.ndarray]:
+    nq, n = S.shape
+    out_D = np.full((nq, k), -np.inf if larger else np.inf, np.float32)
+    out_I = np.full((nq, k), -1, np.int64)
+    for q in range(nq):
+        order = np.lexsort((np.arange(n), -S[q] if larger else S[q]))[:k]
+        out_D[q, : order.size] = S[q, order]
+        out_I[q, : order.size] = order
+    return out_D, out_I
+
+
+@pytest.mark.parametrize("larger", [True, False])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (7, 3), (64, 8), (64, 64), (40, 50), (300, 120)])
+def test_select_matches_numpy(larger: bool, ties: bool, n: int, k: int) -> None:
+    """Both branches (bounded heap for k <= n / 8, partition otherwise), ties, -0 == +0,
+    rows shorter than k (padded)."""
+    rng = np.random.default_rng([n, k, ties])
+    if ties:
+        S = rng.integers(-2, 3, size=(40, n)).astype(np.float32)
+        S[S == 0] = np.where(rng.random(int((S == 0).sum())) < 0.5, -0.0, 0.0)
+    else:
+        S = rng.standard_normal((40, n)).astype(np.float32)
+    got = select_topk(S, k, larger_is_better=larger)
+    want = select_reference(S, k, larger)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_select_squared_l2_from_inner_products() -> None:
+    """With norms the scores are max(|x|^2 + |c|^2 - 2 x.c, 0), as FAISS's flat search
+    computes them; the selection then equals NumPy's on those scores."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((50, 16)).astype(np.float32)
+    c = np.concatenate([rng.standard_normal((99, 16)), x[:1]]).astype(np.float32)  # 0 distance
+    ip = x @ c.T
+    xn, cn = (x * x).sum(1), (c * c).sum(1)
+    dis = np.maximum((xn[:, None] + cn[None, :]) - np.float32(2) * ip, np.float32(0))
+    D, I = select_topk(ip, 10, larger_is_better=False, l2_norms=(xn, cn))
+    wD, wI = select_reference(dis, 10, False)
+    np.testing.assert_array_equal(I, wI)
+    np.testing.assert_array_equal(D, wD)
+    assert I[0, 0] == 99 and 0.0 <= D[0, 0] < 1e-4
+    import faiss
+
+    flat = faiss.IndexFlatL2(16)
+    flat.add(c)
+    fD, fI = flat.search(x, 10)
+    np.testing.assert_allclose(D, fD, rtol=1e-5, atol=1e-4)
+    assert (fI == I).mean() > 0.99
+
+
+def test_select_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        select_topk(np.zeros(4, np.float32), 2, larger_is_better=True)
+    with pytest.raises(ValueError, match="k must be a positive"):
+        select_topk(np.zeros((2, 4), np.float32), 0, larger_is_better=True)
+    with pytest.raises(ValueError, match="norms"):
+        select_topk(
+            np.zeros((2, 4), np.float32),
+            1,
+            larger_is_better=False,
+            l2_norms=(np.zeros(2), np.zeros(3)),
+        )
+
+
+def coarse_reference(q: np.ndarray, c: np.ndarray, k: int, l2: bool) -> tuple:
+    """The coarse kernel's arithmetic in NumPy: float32 products added in order of the
+    dimension (no fused multiply-add), then the L2 form and the selection."""
+    dot = np.zeros((q.shape[0], c.shape[0]), np.float32)
+    qn = np.zeros(q.shape[0], np.float32)
+    for t in range(q.shape[1]):
+        dot = dot + q[:, t, None] * c[None, :, t]
+        qn = qn + q[:, t] * q[:, t]
+    if not l2:
+        return select_reference(dot, k, True)
+    cn = (c.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    dis = np.maximum((qn[:, None] + cn[None, :]) - np.float32(2) * dot, np.float32(0))
+    return select_reference(dis, k, False)
+
+
+@pytest.mark.parametrize("l2", [False, True])
+@pytest.mark.parametrize(("nq", "d", "n", "k"), [(1, 8, 5, 8), (7, 16, 64, 8), (9, 33, 130, 100)])
+def test_coarse_assignment_equals_numpy_twin(l2: bool, nq: int, d: int, n: int, k: int) -> None:
+    """Exhaustive coarse scoring to the bit (full and partial blocks of centroids and of
+    queries), duplicated centroids tied by lower number, k > n padded."""
+    rng = np.random.default_rng([nq, d, n])
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    c = rng.standard_normal((n, d)).astype(np.float32)
+    c[n // 2] = c[0]  # a tie
+    norms = (c.astype(np.float64) ** 2).sum(1).astype(np.float32) if l2 else None
+    got = coarse_topk(q, np.ascontiguousarray(c.T), k, centroid_norms=norms)
+    want = coarse_reference(q, c, k, l2)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_flat_codec_assignment_agrees_with_faiss() -> None:
+    """Codec.assign of a flat coarse quantizer (fastface's kernel) against FAISS's own
+    quantizer search: the same lists up to float32 rounding at near-ties."""
+    import faiss
+
+    from fastface import IVFPQIndex, IVFPQParams
+
+    rng = np.random.default_rng(5)
+    xb = rng.standard_normal((3000, 32)).astype(np.float32)
+    xq = rng.standard_normal((200, 32)).astype(np.float32)
+    for metric in ("l2", "ip"):
+        index = IVFPQIndex(IVFPQParams(32, 64, 8, metric=metric, store_vectors=None))
+        index.train(xb)
+        Dq, Iq = index.codec.assign(xq, 20)
+        fD, fI = index.codec.coarse_quantizer().search(xq, 20)
+        assert (Iq == fI).mean() > 0.99
+        np.testing.assert_allclose(Dq, fD, rtol=1e-5, atol=1e-4)
+        assert isinstance(faiss.downcast_index(index.codec.coarse_quantizer()), faiss.IndexFlat)
+
+
+def test_coarse_rejects_bad_input() -> None:
+    q = np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match="do not match"):
+        coarse_topk(q, np.zeros((5, 3), np.float32), 1)
+    with pytest.raises(ValueError, match="k must be a positive"):
+        coarse_topk(q, np.zeros((4, 3), np.float32), 0)

@@ -24,10 +24,12 @@ _C: Any = importlib.import_module("._C", __package__)  # the compiled extension 
 __all__ = [
     "ListRun",
     "build_info",
+    "coarse_topk",
     "copy_segments",
     "ivfpq8_search",
     "merge_topk",
     "rerank",
+    "select_topk",
     "warp_affine_f32_nchw",
     "warp_affine_u8",
 ]
@@ -114,6 +116,76 @@ def merge_topk(
     D = np.ascontiguousarray(D, dtype=np.float32)
     I = np.ascontiguousarray(I, dtype=np.int64)
     out_D, out_I = _C.merge_topk(D, I, int(k), bool(larger_is_better))
+    return out_D, out_I
+
+
+def coarse_topk(
+    q: npt.NDArray[np.float32],
+    centroids_t: npt.NDArray[np.float32],
+    k: int,
+    *,
+    centroid_norms: npt.NDArray[np.float32] | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The ``k`` best of ``n`` centroids for each query, scored exhaustively (``csrc/coarse.h``).
+
+    ``q`` ``(nq, d)`` and the centroids transposed, ``(d, n)``, float32 and
+    C-contiguous. Inner product, larger first; with ``centroid_norms`` (``(n,)``,
+    squared) the squared L2 distance ``max(|q|^2 + |c|^2 - 2 q.c, 0)``, smaller
+    first. Equal scores by lower centroid; ``-1`` pads when ``k > n``. The sums
+    run in a fixed order (the same bits on every instruction-set level), in
+    fastface's own threads, without BLAS.
+    """
+    if q.ndim != 2 or centroids_t.ndim != 2 or q.shape[1] != centroids_t.shape[0]:
+        raise ValueError(
+            f"coarse_topk: queries {q.shape} and transposed centroids {centroids_t.shape} "
+            "do not match"
+        )
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise ValueError(f"coarse_topk: k must be a positive int, got {k!r}")
+    norms = np.empty(0, np.float32) if centroid_norms is None else centroid_norms
+    out: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] = _C.coarse_topk(
+        np.ascontiguousarray(q, np.float32),
+        np.ascontiguousarray(centroids_t, np.float32),
+        np.ascontiguousarray(norms, np.float32),
+        int(k),
+    )
+    return out
+
+
+def select_topk(
+    S: npt.ArrayLike,
+    k: int,
+    *,
+    larger_is_better: bool,
+    l2_norms: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Top-``k`` columns of each row of a score matrix ``S`` ``(nq, n)``, as ``(nq, k)``.
+
+    Scores and column numbers, better first (larger when ``larger_is_better``),
+    **equal scores by lower column** (the order of :func:`merge_topk`); rows
+    with fewer than ``k`` columns are padded with ``-1`` and ``-inf``
+    (``+inf``). With ``l2_norms=(row_norms, col_norms)`` (squared norms,
+    ``(nq,)`` and ``(n,)``), ``S`` holds inner products and the scores are the
+    squared distances ``max(row + col - 2 S, 0)``, computed as FAISS's flat
+    search computes them. C++ with the GIL released, parallel over rows.
+    """
+    S = np.ascontiguousarray(S, dtype=np.float32)
+    if S.ndim != 2:
+        raise ValueError(f"select_topk: expected a 2-D score matrix, got shape {S.shape}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise ValueError(f"select_topk: k must be a positive int, got {k!r}")
+    empty = np.empty(0, np.float32)
+    rn, cn = empty, empty
+    if l2_norms is not None:
+        rn = np.ascontiguousarray(l2_norms[0], dtype=np.float32)
+        cn = np.ascontiguousarray(l2_norms[1], dtype=np.float32)
+        if rn.shape != (S.shape[0],) or cn.shape != (S.shape[1],):
+            raise ValueError(
+                f"select_topk: norms shaped {rn.shape} and {cn.shape} do not match S {S.shape}"
+            )
+    if S.shape[1] >= 2**32:
+        raise ValueError("select_topk: at most 2**32 - 1 columns")
+    out_D, out_I = _C.select_topk(S, int(k), bool(larger_is_better), rn, cn)
     return out_D, out_I
 
 

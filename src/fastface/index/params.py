@@ -602,6 +602,8 @@ class Codec:
 
     __slots__ = (
         "_bytes",
+        "_cnorms",
+        "_ct",
         "_faiss",
         "_ivf",
         "_pq_t",
@@ -626,6 +628,8 @@ class Codec:
         self._pq_t: npt.NDArray[np.float32] | None = None
         self._bytes: bytes | None = None
         self._twin_bytes: bytes | None = None
+        self._cnorms: npt.NDArray[np.float32] | None = None
+        self._ct: npt.NDArray[np.float32] | None = None
         index: Any = faiss.clone_index(faiss_index)
         index.reset()  # a codec holds no vectors
         self._faiss: Any = index
@@ -764,8 +768,27 @@ class Codec:
         if self._quantizer is None:
             n = x.shape[0]
             return np.zeros((n, nprobe), np.float32), np.zeros((n, nprobe), np.int64)
+        if getattr(self.params, "coarse_hnsw", None) is None:
+            return self._flat_assign(self.rotate(x), nprobe)
         Dq, Iq = self._coarse_search(self.rotate(x), nprobe, ef_search)
         return np.ascontiguousarray(Dq, np.float32), np.ascontiguousarray(Iq, np.int64)
+
+    def _flat_assign(
+        self, xr: npt.NDArray[np.float32], nprobe: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Exhaustive coarse assignment in fastface's own kernel (``csrc/coarse.h``): the
+        scores FAISS's flat search computes (``|x|^2 + |c|^2 - 2 x.c`` for L2, floored at
+        0), the ``nprobe`` best selected in linear time (FAISS keeps a heap of
+        ``nprobe``), ties by lower list. No BLAS call: the idle threads of NumPy's BLAS
+        spin for a while after each product and slow the scan that follows."""
+        from .._native import coarse_topk
+
+        if self._ct is None:
+            C = self.centroids.astype(np.float64)
+            l2 = self._quantizer.metric_type == faiss.METRIC_L2
+            self._cnorms = (C * C).sum(1).astype(np.float32) if l2 else None
+            self._ct = np.ascontiguousarray(self.centroids.T)
+        return coarse_topk(xr, self._ct, nprobe, centroid_norms=self._cnorms)
 
     def encode(
         self, x: npt.NDArray[np.float32], lists: npt.NDArray[np.int64] | None = None
