@@ -446,6 +446,13 @@ def cmd_faiss(args: argparse.Namespace) -> None:
         a0 = anon_bytes()
         index = ShardedIndex.open(path, mmap=True)
         ff_anon = anon_bytes() - a0
+        # codes in RAM (the default open): sealed shards' lists packed list by list, the
+        # re-rank vectors still memory-mapped from disk
+        a0 = anon_bytes()
+        t0 = time.perf_counter()
+        index_ram = ShardedIndex.open(path)
+        res["fastface_ram_open_s"] = time.perf_counter() - t0
+        ff_ram_anon = anon_bytes() - a0
         x = None
         if refine:
             x = np.empty((n, D), np.float32)
@@ -461,12 +468,14 @@ def cmd_faiss(args: argparse.Namespace) -> None:
         gc.collect()
         res["faiss_anon_gib"] = (anon_bytes() - a1) / 2**30 + (n * D * 4 if refine else 0) / 2**30
         res["fastface_anon_gib"] = ff_anon / 2**30
+        res["fastface_ram_anon_gib"] = ff_ram_anon / 2**30
         log.info(
-            "faiss %s: refine=%s anon %.2f GiB (fastface %.2f)",
+            "faiss %s: refine=%s anon %.2f GiB (fastface %.2f mmap, %.2f codes in RAM)",
             label(n),
             refine,
             res["faiss_anon_gib"],
             res["fastface_anon_gib"],
+            res["fastface_ram_anon_gib"],
         )
         timed = bench_lock(args.lock)
         timed.__enter__()
@@ -474,23 +483,32 @@ def cmd_faiss(args: argparse.Namespace) -> None:
             rr = rerank if refine else None
             if not refine and rerank != points(n)[0][1]:
                 continue
-            t_ff, t_fa = [], []
+            t_ff, t_ram, t_fa = [], [], []
             out_ff = index.search(xq, K, nprobe=nprobe, rerank=rerank)
+            out_ram = index_ram.search(xq, K, nprobe=nprobe, rerank=rerank)
             out_fa = faiss_search(fidx, xq, nprobe, rr)
             for _ in range(args.repeat):  # interleaved rounds
                 t = time.perf_counter()
                 out_ff = index.search(xq, K, nprobe=nprobe, rerank=rerank)
                 t_ff.append(time.perf_counter() - t)
                 t = time.perf_counter()
+                out_ram = index_ram.search(xq, K, nprobe=nprobe, rerank=rerank)
+                t_ram.append(time.perf_counter() - t)
+                t = time.perf_counter()
                 out_fa = faiss_search(fidx, xq, nprobe, rr)
                 t_fa.append(time.perf_counter() - t)
-            for method, tt, out in (("fastface", t_ff, out_ff), ("faiss", t_fa, out_fa)):
+            for method, tt, out in (
+                ("fastface", t_ff, out_ff),
+                ("fastface-ram", t_ram, out_ram),
+                ("faiss", t_fa, out_fa),
+            ):
                 sec = float(np.median(tt))
+                ours = method.startswith("fastface")
                 row = {
-                    "method": method if method == "fastface" or refine else "faiss-no-refine",
+                    "method": method if ours or refine else "faiss-no-refine",
                     "cache": "warm",
                     "nprobe": nprobe,
-                    "rerank": rerank if method == "fastface" or refine else None,
+                    "rerank": rerank if ours or refine else None,
                     "recall_at_10": recall10(out[1], gt),
                     "qps": NQ / sec,
                     "ms_per_query": 1e3 * sec / NQ,
@@ -499,6 +517,7 @@ def cmd_faiss(args: argparse.Namespace) -> None:
                 log.info("faiss %s: %s", label(n), json.dumps(row))
         timed.__exit__(None, None, None)
         index.close()
+        index_ram.close()
         save_json(w / "faiss.json", res)
 
 
@@ -799,16 +818,21 @@ def cmd_report(args: argparse.Namespace) -> None:
                         "peak_rss_gib": search.get("search_peak_rss_gib"),
                     }
                 )
-        for method in ("fastface", "faiss", "faiss-no-refine"):
+        for method in ("fastface", "fastface-ram", "faiss", "faiss-no-refine"):
             rows = [r for r in fa.get("rows", []) if r["method"] == method]
             b = best_point(rows)
             if b is None:
                 continue
             name = {
-                "fastface": "fastface (same run as FAISS, warm)",
+                "fastface": "fastface, mmap (same run as FAISS, warm)",
+                "fastface-ram": "fastface, codes in RAM (same run as FAISS, warm)",
                 "faiss": "FAISS IndexRefineFlat (float32 in RAM)",
                 "faiss-no-refine": "FAISS same codec, codes only (no refine)",
             }[method]
+            anon = {
+                "fastface": search.get("search_peak_anon_gib"),
+                "fastface-ram": fa.get("fastface_ram_anon_gib"),
+            }.get(method, fa.get("faiss_anon_gib"))
             summary.append(
                 {
                     "n": n,
@@ -817,16 +841,15 @@ def cmd_report(args: argparse.Namespace) -> None:
                     "qps": b["qps"],
                     "nprobe": b["nprobe"],
                     "rerank": b["rerank"],
-                    # fastface: the search run's peak (mmap: the files' pages are page cache)
-                    "peak_anon_gib": search.get("search_peak_anon_gib")
-                    if method == "fastface"
-                    else fa.get("faiss_anon_gib"),
+                    # fastface mmap: the search run's peak (the files' pages are page cache);
+                    # codes in RAM: what opening added; FAISS: codes, lists and refine rows
+                    "peak_anon_gib": anon,
                     "peak_rss_gib": search.get("search_peak_rss_gib")
                     if method == "fastface"
-                    else fa.get("faiss_anon_gib"),
-                    "build_s": build_s if method == "fastface" else None,
+                    else anon,
+                    "build_s": build_s if method.startswith("fastface") else None,
                     "disk_bytes_per_vector": search.get("disk_bytes_per_vector")
-                    if method == "fastface"
+                    if method.startswith("fastface")
                     else None,
                 }
             )
