@@ -46,7 +46,10 @@ PQ codes per vector, ``B = M_fs / 2`` for FAISS's fast-scan ``M_fs``):
 - ``fastface pq8+soar (same M)``: ``fastface pq8`` (``M_fs / 2``) with spilled
   assignment: twice the code bytes of the others, to isolate what SOAR buys;
 - ``fastface fs (numba rerank)``: ``fastface fs`` re-ranked by the earlier
-  Numba kernel (what the native kernel replaced), for the attribution.
+  Numba kernel (what the native kernel replaced), for the attribution;
+- ``fastface fs (faiss coarse)``: ``fastface fs`` with the coarse assignment
+  made by FAISS's flat quantizer (what fastface's own coarse kernel replaced),
+  then fastface's scan and re-ranking, for the attribution.
 
 The summary gives, per shape and recall target (R@10 >= 0.9, 0.95, 0.99), the
 best QPS of each method, its configuration and its ratio to the best FAISS
@@ -324,6 +327,14 @@ def numba_rerank_search(index: ShardedIndex, xq: np.ndarray, k: int, nprobe: int
     return D, I
 
 
+def faiss_coarse_search(index: ShardedIndex, xq: np.ndarray, k: int, nprobe: int, f: int) -> Any:
+    """``search`` with the coarse assignment FAISS's flat quantizer makes (a heap of
+    ``nprobe`` per query, after a BLAS product): the route before fastface's kernel."""
+    Dq, Iq = index.codec.coarse_quantizer().search(xq, nprobe)
+    _, cand = index.scan(xq, k * f, (Dq, Iq))
+    return index.rescore(xq, cand, k)
+
+
 def configs_for(
     shape: Shape, methods: list[str], args: argparse.Namespace, work: Path
 ) -> tuple[list[Config], dict[str, Any]]:
@@ -379,6 +390,7 @@ def configs_for(
             variants: dict[str, tuple[str, int, dict[str, Any]]] = {
                 "fastface fs": ("fs", M_fs, fs),
                 "fastface fs (numba rerank)": ("fs", M_fs, fs),
+                "fastface fs (faiss coarse)": ("fs", M_fs, fs),
                 "fastface pq8": ("pq8", M_fs // 2, pq8),
                 "fastface pq8+soar": ("pq8soar", M_fs // 4, {**pq8, **soar}),
                 "fastface pq8+soar (same M)": ("pq8soarM", M_fs // 2, {**pq8, **soar}),
@@ -391,11 +403,14 @@ def configs_for(
             builds[name] = info
             keep.append(index)
             numba = name.endswith("(numba rerank)")
+            fcoarse = name.endswith("(faiss coarse)")
             for p in nprobes:
                 for f in args.rerank:
                     fn: Callable[[], Any]
                     if numba:
                         fn = lambda i=index, p=p, f=f: numba_rerank_search(i, xq, k, p, f)  # noqa: E731
+                    elif fcoarse:
+                        fn = lambda i=index, p=p, f=f: faiss_coarse_search(i, xq, k, p, f)  # noqa: E731
                     else:
                         fn = lambda i=index, p=p, f=f: i.search(xq, k, nprobe=p, rerank=f)  # noqa: E731
                     configs.append(Config(name, {"nprobe": p, "rerank": f}, fn))
@@ -411,6 +426,7 @@ ALL_METHODS = [
     "fastface pq8+soar",
     "fastface pq8+soar (same M)",
     "fastface fs (numba rerank)",
+    "fastface fs (faiss coarse)",
 ]
 
 
