@@ -211,6 +211,36 @@ def test_flat_codec_assignment_agrees_with_faiss() -> None:
         assert isinstance(faiss.downcast_index(index.codec.coarse_quantizer()), faiss.IndexFlat)
 
 
+@pytest.mark.parametrize("own", [True, False])
+def test_flat_assignment_routes_to_the_path_the_rule_picks(monkeypatch, own: bool) -> None:
+    """Codec.assign runs fastface's kernel where own_coarse_kernel_pays says so (exactly
+    its result), else FAISS's flat search (exactly FAISS's); the rule itself: small d
+    always, larger d once nprobe >= 2 d and nprobe >= nlist / 8."""
+    from fastface import IVFPQIndex, IVFPQParams
+    from fastface.index import params as params_mod
+
+    assert params_mod.own_coarse_kernel_pays(48, 4096, 1)
+    assert params_mod.own_coarse_kernel_pays(128, 2048, 512)
+    assert not params_mod.own_coarse_kernel_pays(128, 2048, 32)
+    assert not params_mod.own_coarse_kernel_pays(128, 8192, 512)
+    assert not params_mod.own_coarse_kernel_pays(512, 2048, 512)
+    rng = np.random.default_rng(6)
+    xb = rng.standard_normal((3000, 32)).astype(np.float32)
+    xq = rng.standard_normal((50, 32)).astype(np.float32)
+    index = IVFPQIndex(IVFPQParams(32, 64, 8, metric="l2", store_vectors=None))
+    index.train(xb)
+    codec = index.codec
+    monkeypatch.setattr(params_mod, "own_coarse_kernel_pays", lambda d, nlist, nprobe: own)
+    Dq, Iq = codec.assign(xq, 10)
+    if own:
+        cn = (codec.centroids.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        want = coarse_topk(xq, np.ascontiguousarray(codec.centroids.T), 10, centroid_norms=cn)
+    else:
+        want = codec.coarse_quantizer().search(xq, 10)
+    np.testing.assert_array_equal(Iq, want[1])
+    np.testing.assert_array_equal(Dq, want[0])
+
+
 def test_coarse_rejects_bad_input() -> None:
     q = np.zeros((2, 4), np.float32)
     with pytest.raises(ValueError, match="do not match"):
