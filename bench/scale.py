@@ -796,10 +796,13 @@ def cmd_report(args: argparse.Namespace) -> None:
             "coarse": load_json(w / "coarse.json"),
         }
         per_n.append(entry)
+        disk = search.get("disk_bytes_per_vector")
+        if disk is None and (w / "index").is_dir():  # no search run here: the files
+            disk = sum(f.stat().st_size for f in index_files(w / "index")) / n
         common = {
             "n": n,
             "build_s": build_s,
-            "disk_bytes_per_vector": search.get("disk_bytes_per_vector"),
+            "disk_bytes_per_vector": disk,
             "open_s": search.get("open_s"),
         }
         for cache in ("warm", "cold"):
@@ -832,7 +835,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                 "faiss-no-refine": "FAISS same codec, codes only (no refine)",
             }[method]
             anon = {
-                "fastface": search.get("search_peak_anon_gib"),
+                "fastface": search.get("search_peak_anon_gib", fa.get("fastface_anon_gib")),
                 "fastface-ram": fa.get("fastface_ram_anon_gib"),
             }.get(method, fa.get("faiss_anon_gib"))
             summary.append(
@@ -850,9 +853,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                     if method == "fastface"
                     else anon,
                     "build_s": build_s if method.startswith("fastface") else None,
-                    "disk_bytes_per_vector": search.get("disk_bytes_per_vector")
-                    if method.startswith("fastface")
-                    else None,
+                    "disk_bytes_per_vector": disk if method.startswith("fastface") else None,
                 }
             )
     payload = {
@@ -914,18 +915,37 @@ def plot(per_n: list[dict[str, Any]], path: Path) -> None:
                     label=f"fastface {lab} {cache}"
                     + (" (R@10 vs reference)" if e["search"]["recall_basis"] != "exact" else ""),
                 )
-        for method, marker in (("faiss", "s"), ("faiss-no-refine", "x")):
+        for method, marker, style in (
+            ("faiss", "s", "--"),
+            ("faiss-no-refine", "x", "--"),
+            ("fastface-ram", "^", "-."),
+        ):
             rows = [r for r in e["faiss"].get("rows", []) if r["method"] == method]
             front = _pareto(rows)
+            if front:
+                name = "fastface codes in RAM" if method == "fastface-ram" else method
+                ax[0].plot(
+                    [r["recall_at_10"] for r in front],
+                    [r["qps"] for r in front],
+                    style,
+                    marker=marker,
+                    ms=4,
+                    color=c,
+                    label=f"{name} {lab} (same run as FAISS)"
+                    if method == "fastface-ram"
+                    else f"{name} {lab}",
+                )
+        if not e["search"].get("rows"):  # no search run at this N: FAISS's run's mmap rows
+            front = _pareto([r for r in e["faiss"].get("rows", []) if r["method"] == "fastface"])
             if front:
                 ax[0].plot(
                     [r["recall_at_10"] for r in front],
                     [r["qps"] for r in front],
-                    "--",
-                    marker=marker,
-                    ms=4,
+                    "-",
+                    marker="o",
+                    ms=3,
                     color=c,
-                    label=f"{method} {lab}",
+                    label=f"fastface {lab} mmap (same run as FAISS)",
                 )
     ax[0].set_xlabel("R@10")
     ax[0].set_ylabel("queries per second (batch of 1,000, 2 cores)")
