@@ -191,6 +191,28 @@ def test_dedup_single_ivfpq_index(planted) -> None:
     _check_against_truth(r, x, origin)
 
 
+def test_dedup_walks_an_hnsw_quantizer_as_deep_as_the_add(planted, monkeypatch) -> None:
+    """With an HNSW coarse quantizer, dedup assigns every vector at least as deep as the
+    add did (EF_ADD), and finds the planted groups."""
+    from fastface.index import params as params_mod
+
+    x, origin = planted
+    index = IVFPQIndex(IVFPQParams(32, 16, 8, coarse_hnsw=8, store_vectors="float32"))
+    index.train(x)
+    index.add(x)
+    depths: list[int | None] = []
+    real = params_mod.Codec.assign
+
+    def spy(self, xx, nprobe, *, ef_search=None):
+        depths.append(ef_search)
+        return real(self, xx, nprobe, ef_search=ef_search)
+
+    monkeypatch.setattr(params_mod.Codec, "assign", spy)
+    res = dedup(index, THR, nprobe=2)
+    assert depths and all(e is not None and e >= params_mod.EF_ADD for e in depths)
+    assert (res.labels == res.labels[origin]).all()
+
+
 def test_bad_input(tmp_path, planted) -> None:
     x, _ = planted
     for bad in (1.5, -1.0, float("nan")):

@@ -510,7 +510,12 @@ class _CodecLists:
         self.nlist = codec.params.nlist
 
     def assign(self, x: npt.NDArray[np.float32], nprobe: int) -> tuple[Any, npt.NDArray[np.int64]]:
-        return self.codec.assign(x, nprobe)
+        # an HNSW coarse quantizer is walked as deep as when the vectors were added: a
+        # vector's first probe is its resident list here, and a shallower walk than the
+        # add's puts near copies in lists that neither one's probes reach
+        from .index.params import EF_ADD, hnsw_ef
+
+        return self.codec.assign(x, nprobe, ef_search=max(EF_ADD, hnsw_ef(nprobe)))
 
 
 class _KMeansLists:
