@@ -124,7 +124,11 @@ def cmd_build(args: argparse.Namespace) -> None:
         stats.setdefault("sessions", [])
         if stats["spec"] != spec:
             raise SystemExit(f"{w}: was built with {stats['spec']!r}, not {spec!r}")
-        session: dict[str, Any] = {"started": time.time(), "meta": bench_meta()}
+        session: dict[str, Any] = {
+            "started": time.time(),
+            "meta": bench_meta(),
+            "train_size": args.train_size,
+        }
         stats["sessions"].append(session)
         save_json(stats_path, stats)
         index_dir = w / "index"
@@ -140,6 +144,7 @@ def cmd_build(args: argparse.Namespace) -> None:
                 chunk_size=args.chunk_size,
                 commit_every=shard_size,
                 progress=False,
+                train_size=args.train_size,
             )
             index.close()
         session.update(
@@ -1023,6 +1028,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--n", nargs="+", default=["1M"])
     b.add_argument("--spec", help="index spec (default: auto_spec(n, 128, memory_budget='8G'))")
     b.add_argument("--chunk-size", type=int, default=204_800)
+    b.add_argument(
+        "--train-size",
+        type=int,
+        help="rows sampled to train the codec (default: the library's, at most 2 GiB)",
+    )
     b.set_defaults(func=cmd_build)
     t = sub.add_parser("truth", help="exact top-100 of the 1,000 queries (resumable)")
     t.add_argument("--n", nargs="+", default=["1M"])
