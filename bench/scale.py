@@ -903,55 +903,30 @@ def plot(per_n: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(17, 5))
+
+    def front(rows: list[dict[str, Any]], style: str, **kw: Any) -> None:
+        """The Pareto front of some search rows on the recall-speed panel, if any."""
+        pts = _pareto(rows)
+        if pts:
+            ax[0].plot([r["recall_at_10"] for r in pts], [r["qps"] for r in pts], style, **kw)
+
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
     for c, e in zip(colors, per_n, strict=False):
         lab = label(e["n"])
+        ref = " (R@10 vs reference)" if e["search"].get("recall_basis") != "exact" else ""
         for cache, style in (("warm", "-"), ("cold", ":")):
             rows = [r for r in e["search"].get("rows", []) if r["cache"] == cache]
-            front = _pareto(rows)
-            if front:
-                ax[0].plot(
-                    [r["recall_at_10"] for r in front],
-                    [r["qps"] for r in front],
-                    style,
-                    marker="o",
-                    ms=3,
-                    color=c,
-                    label=f"fastface {lab} {cache}"
-                    + (" (R@10 vs reference)" if e["search"]["recall_basis"] != "exact" else ""),
-                )
-        for method, marker, style in (
-            ("faiss", "s", "--"),
-            ("faiss-no-refine", "x", "--"),
-            ("fastface-ram", "^", "-."),
-        ):
-            rows = [r for r in e["faiss"].get("rows", []) if r["method"] == method]
-            front = _pareto(rows)
-            if front:
-                name = "fastface codes in RAM" if method == "fastface-ram" else method
-                ax[0].plot(
-                    [r["recall_at_10"] for r in front],
-                    [r["qps"] for r in front],
-                    style,
-                    marker=marker,
-                    ms=4,
-                    color=c,
-                    label=f"{name} {lab} (same run as FAISS)"
-                    if method == "fastface-ram"
-                    else f"{name} {lab}",
-                )
+            front(rows, style, marker="o", ms=3, color=c, label=f"fastface {lab} {cache}{ref}")
+        same_run = [
+            ("faiss", "s", "--", f"faiss {lab}"),
+            ("faiss-no-refine", "x", "--", f"faiss-no-refine {lab}"),
+            ("fastface-ram", "^", "-.", f"fastface codes in RAM {lab} (same run as FAISS)"),
+        ]
         if not e["search"].get("rows"):  # no search run at this N: FAISS's run's mmap rows
-            front = _pareto([r for r in e["faiss"].get("rows", []) if r["method"] == "fastface"])
-            if front:
-                ax[0].plot(
-                    [r["recall_at_10"] for r in front],
-                    [r["qps"] for r in front],
-                    "-",
-                    marker="o",
-                    ms=3,
-                    color=c,
-                    label=f"fastface {lab} mmap (same run as FAISS)",
-                )
+            same_run.append(("fastface", "o", "-", f"fastface {lab} mmap (same run as FAISS)"))
+        for method, marker, style, name in same_run:
+            rows = [r for r in e["faiss"].get("rows", []) if r["method"] == method]
+            front(rows, style, marker=marker, ms=3 if marker == "o" else 4, color=c, label=name)
     ax[0].set_xlabel("R@10")
     ax[0].set_ylabel("queries per second (batch of 1,000, 2 cores)")
     ax[0].set_yscale("log")
