@@ -598,14 +598,7 @@ class ShardedIndex:
                 # pages never held all at once; 4-bit: FAISS copies the lists
                 data = self._open_file(recs["index"], g)
                 index = load_shard(p, codec, data, vectors, ntotal=count, ids=ids, read_only=True)
-                if not self._mmap and not sealed and p.nbits == 8:
-                    index = IVFPQIndex.from_parts(
-                        codec,
-                        index.ids,
-                        runs=(lists.concat(index.list_runs, p.nlist, p.code_size),),
-                        vectors=index.vectors,
-                        read_only=True,
-                    )
+                index = self._own_lists(index, sealed)
             if count:
                 next_id = max(next_id, int(ids.max()) + 1)
             shards.append(_Shard(number, sealed, index, recs))
@@ -647,6 +640,21 @@ class ShardedIndex:
             next_id = man.next_id
         state = _State(g, codec, man.codec, tuple(shards), tomb, man.tombstones, man.build, next_id)
         return self._with_packs(state, rebuild=True)
+
+    def _own_lists(self, index: IVFPQIndex, sealed: bool) -> IVFPQIndex:
+        """The open shard of an in-memory 8-bit index with its lists copied out of the
+        file's mapping into one run (sealed shards join a pack instead; memory-mapped
+        indexes and 4-bit codes keep what ``load_shard`` gave)."""
+        p = self.params
+        if self._mmap or sealed or p.nbits != 8:
+            return index
+        return IVFPQIndex.from_parts(
+            index.codec,
+            index.ids,
+            runs=(lists.concat(index.list_runs, p.nlist, p.code_size),),
+            vectors=index.vectors,
+            read_only=True,
+        )
 
     def _acquire_lock(self) -> None:
         self._lock = storage.WriterLock(self.path, mode=self._file_mode)
@@ -1586,14 +1594,7 @@ class ShardedIndex:
                 data = storage.open_verified(stage, files["index"])
                 index = load_shard(p, codec, data, vectors, ntotal=count, ids=ids, read_only=True)
                 sealed = count == self.shard_size
-                if not self._mmap and not sealed and p.nbits == 8:
-                    index = IVFPQIndex.from_parts(
-                        codec,
-                        index.ids,
-                        runs=(lists.concat(index.list_runs, p.nlist, p.code_size),),
-                        vectors=index.vectors,
-                        read_only=True,
-                    )
+                index = self._own_lists(index, sealed)
                 new_shards.append(_Shard(number, sealed, index, dict(files)))
             merged = sorted([*st.shards, *new_shards], key=lambda s: s.number)
             for s in merged[:-1]:
