@@ -95,15 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where data and indexes are written",
     )
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/ann[-quick].json)")
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="also search each index with RayShardedIndex (Ray actors serving the shards) on "
-        "the cluster at ADDRESS, or on a local Ray when none is given",
-    )
+    from ..cli._ray import add_ray_option
+
+    add_ray_option(p, "also search each index with RayShardedIndex (Ray actors serving the shards)")
     p.add_argument("--no-plot", action="store_true")
 
 
