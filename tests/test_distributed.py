@@ -236,6 +236,21 @@ def test_killed_actor_during_a_stream_of_queries(index_dir, data) -> None:
         assert all(_same(r, want) and r.complete for r in results)
 
 
+def test_a_restarting_actor_gets_the_rounds_timeout(index_dir, data) -> None:
+    """Ray answers "unavailable" at once while it restarts a killed actor: the search must
+    wait for it within `timeout`, not spend its retries in an instant and give up."""
+    xq = data[1]
+    want = ShardedIndex.open(index_dir).search(xq, 10, nprobe=16)
+    with RayShardedIndex(
+        index_dir, actors=2, replicas=1, num_cpus_per_actor=0.25, timeout=60, retries=1
+    ) as rx:
+        for _ in range(3):
+            for reps in rx.actors():
+                ray.kill(reps[0], no_restart=False)
+            got = rx.search(xq, 10, nprobe=16)  # straight after the kill: both restarting
+            assert _same(got, want) and got.complete
+
+
 def test_shard_that_stays_down_raises_or_is_reported(index_dir, data) -> None:
     xq = data[1]
     with RayShardedIndex(index_dir, actors=2, num_cpus_per_actor=0.5, retries=1) as rx:

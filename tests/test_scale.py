@@ -547,4 +547,15 @@ def test_rerank_vectors_are_mapped_for_random_reads(tmp_path) -> None:
         assert all("rr" in v for v in vec.values()), vec
         # the code lists are scanned front to back: read-around stays on for them
         assert not any("rr" in v for v in codes.values()), codes
+        # shards adopted from staging (a distributed build) are mapped the same way
+        path = tmp_path / "adopted"
+        with ShardedIndex.create(path, index.codec, shard_size=1000) as w:
+            recs = [ShardedIndex.stage_shard(path, i, s) for i, s in enumerate(index.shards())]
+            assert w.adopt(recs) == [0, 1, 2]
+            adopted = {
+                k: v
+                for k, v in flags().items()
+                if k.endswith(".f16.npy") and k in {f.name for f in path.glob("*.f16.npy")}
+            }
+            assert len(adopted) == 3 and all("rr" in v for v in adopted.values()), adopted
     assert (I >= 0).all()

@@ -245,7 +245,9 @@ class RayShardedIndex:
         (or a retry) is tried.
     retries : int
         Rounds over a group's replicas before its shards count as
-        unavailable (a restarting actor gets each round's ``timeout``).
+        unavailable. A round lasts up to ``timeout``: an actor that Ray is
+        restarting (it answers "unavailable" at once) is asked again, with a
+        growing pause up to 1 s, until the round's time is up.
     max_restarts : int
         How often Ray restarts a dead actor (``-1``: always).
     address : str, optional
@@ -489,10 +491,22 @@ class RayShardedIndex:
             method_ref = getattr(actor, method)
             inflight[method_ref.remote(*args, gen)] = (g, time.monotonic() + self.timeout)
 
-        def failed(g: int, why: str) -> None:
+        # a round gives each group `timeout` seconds: an actor that Ray is restarting answers
+        # "unavailable" at once, so the round's last replica is asked again, with a growing
+        # pause, until the round's time is up (instead of spending every retry in an instant)
+        round_end = dict.fromkeys(groups, time.monotonic() + self.timeout)
+        polls = dict.fromkeys(groups, 0)
+        later: list[tuple[float, int]] = []  # (when, group): asked again after a pause
+
+        def failed(g: int, why: str, restarting: bool = False) -> None:
             self._suspect[g][replica(g)] = time.monotonic()
-            attempts[g] += 1
             errors[g] = why
+            now = time.monotonic()
+            if restarting and attempts[g] % nrep == nrep - 1 and now < round_end[g]:
+                polls[g] += 1
+                later.append((min(now + min(0.05 * 2 ** polls[g], 1.0), round_end[g]), g))
+                return
+            attempts[g] += 1
             if attempts[g] < (self.retries + 1) * nrep:
                 log.warning(
                     "%s: shards %s: attempt %d failed (%s); trying again",
@@ -501,15 +515,27 @@ class RayShardedIndex:
                     attempts[g],
                     why,
                 )
-                if attempts[g] % nrep == 0:
-                    time.sleep(min(0.05 * attempts[g], 1.0))  # every replica failed once: pause
-                submit(g)
+                if attempts[g] % nrep == 0:  # every replica failed once: pause, a new round
+                    pause = min(0.05 * attempts[g], 1.0)
+                    round_end[g] = now + pause + self.timeout
+                    polls[g] = 0
+                    later.append((now + pause, g))
+                else:
+                    submit(g)
 
         for g in groups:
             submit(g)
-        while inflight:
+        while inflight or later:
             now = time.monotonic()
+            for item in [x for x in later if x[0] <= now]:
+                later.remove(item)
+                submit(item[1])
+            if not inflight:
+                time.sleep(max(0.0, min(t for t, _ in later) - now))
+                continue
             wait_s = max(0.0, min(dl for _, dl in inflight.values()) - now)
+            if later:
+                wait_s = min(wait_s, max(0.0, min(t for t, _ in later) - now))
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=wait_s)
             if not done:
                 now = time.monotonic()
@@ -523,7 +549,7 @@ class RayShardedIndex:
             try:
                 ans = ray.get(ref)
             except failures as e:
-                failed(g, _brief(e))
+                failed(g, _brief(e), isinstance(e, ray.exceptions.ActorUnavailableError))
                 continue
             except ray.exceptions.RayTaskError as e:
                 raise e.as_instanceof_cause() from None

@@ -31,7 +31,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -579,28 +579,15 @@ class ShardedIndex:
                 continue
             with self._entry(f"shards[{i}].files"):
                 assert codec is not None
-                ids_vf = self._open_file(recs["ids"], g, in_memory=True)
-                ids = storage.npy_array(ids_vf, np.int64, (count,), mmap=False)
-                vectors = None
-                if p.store_vectors is not None:
-                    vec_vf = self._open_file(recs["vectors"], g)
-                    vec_vf.advise_random()  # re-ranking reads scattered rows
-                    vectors = storage.npy_array(vec_vf, STORE_DTYPES[p.store_vectors], (count, p.d))
-                if isinstance(p, FlatParams):
-                    check_unique_ids(ids, ids_vf.path)
-                    index = IVFPQIndex.from_parts(codec, ids, vectors=vectors, read_only=True)
-                    shards.append(_Shard(number, sealed, index, recs))
-                    if count:
-                        next_id = max(next_id, int(ids.max()) + 1)
-                    continue
-                # hashed, then mapped: in memory, sealed shards' lists are packed from the
-                # mappings (below) and the open shard's copied, one copy each, the files'
-                # pages never held all at once; 4-bit: FAISS copies the lists
-                data = self._open_file(recs["index"], g)
-                index = load_shard(p, codec, data, vectors, ntotal=count, ids=ids, read_only=True)
-                index = self._own_lists(index, sealed)
+                index = self._shard_from_files(
+                    codec,
+                    recs,
+                    count,
+                    sealed,
+                    lambda rec, mem: self._open_file(rec, g, in_memory=mem),
+                )
             if count:
-                next_id = max(next_id, int(ids.max()) + 1)
+                next_id = max(next_id, int(index.ids.max()) + 1)
             shards.append(_Shard(number, sealed, index, recs))
         tomb = IdSet(())
         if man.tombstones is not None:
@@ -640,6 +627,38 @@ class ShardedIndex:
             next_id = man.next_id
         state = _State(g, codec, man.codec, tuple(shards), tomb, man.tombstones, man.build, next_id)
         return self._with_packs(state, rebuild=True)
+
+    def _shard_from_files(
+        self,
+        codec: Codec,
+        recs: Mapping[str, storage.FileRecord],
+        count: int,
+        sealed: bool,
+        open_file: Callable[[storage.FileRecord, bool], storage.VerifiedFile],
+    ) -> IVFPQIndex:
+        """One shard from its verified files, the same way for opening and for adopting.
+
+        ``open_file(record, in_memory)`` verifies and opens one file. Ids are
+        read into memory; raw vectors stay mapped, advised for random reads
+        (re-ranking reads scattered rows).
+        """
+        p = self.params
+        ids_vf = open_file(recs["ids"], True)
+        ids = storage.npy_array(ids_vf, np.int64, (count,), mmap=False)
+        vectors = None
+        if p.store_vectors is not None:
+            vec_vf = open_file(recs["vectors"], False)
+            vec_vf.advise_random()
+            vectors = storage.npy_array(vec_vf, STORE_DTYPES[p.store_vectors], (count, p.d))
+        if isinstance(p, FlatParams):
+            check_unique_ids(ids, ids_vf.path)
+            return IVFPQIndex.from_parts(codec, ids, vectors=vectors, read_only=True)
+        # hashed, then mapped: in memory, sealed shards' lists are packed from the mappings
+        # (see _with_packs) and the open shard's copied, one copy each, the files' pages
+        # never held all at once; 4-bit: FAISS copies the lists
+        data = open_file(recs["index"], False)
+        index = load_shard(p, codec, data, vectors, ntotal=count, ids=ids, read_only=True)
+        return self._own_lists(index, sealed)
 
     def _own_lists(self, index: IVFPQIndex, sealed: bool) -> IVFPQIndex:
         """The open shard of an in-memory 8-bit index with its lists copied out of the
@@ -1585,16 +1604,14 @@ class ShardedIndex:
                         f"records: shard {number} holds {count} vectors, more than "
                         f"shard_size={self.shard_size}"
                     )
-                ids_vf = storage.open_verified(stage, files["ids"], in_memory=True)
-                ids = storage.npy_array(ids_vf, np.int64, (count,), mmap=False)
-                vectors = None
-                if p.store_vectors is not None:
-                    vec_vf = storage.open_verified(stage, files["vectors"])
-                    vectors = storage.npy_array(vec_vf, STORE_DTYPES[p.store_vectors], (count, p.d))
-                data = storage.open_verified(stage, files["index"])
-                index = load_shard(p, codec, data, vectors, ntotal=count, ids=ids, read_only=True)
                 sealed = count == self.shard_size
-                index = self._own_lists(index, sealed)
+                index = self._shard_from_files(
+                    codec,
+                    files,
+                    count,
+                    sealed,
+                    lambda rec, mem: storage.open_verified(stage, rec, in_memory=mem),
+                )
                 new_shards.append(_Shard(number, sealed, index, dict(files)))
             merged = sorted([*st.shards, *new_shards], key=lambda s: s.number)
             for s in merged[:-1]:
