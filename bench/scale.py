@@ -251,6 +251,10 @@ def index_files(path: Path) -> list[Path]:
     return [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
 
 
+def vector_files(path: Path) -> list[Path]:
+    return [p for p in index_files(path) if p.name.endswith((".f16.npy", ".f32.npy"))]
+
+
 def drop_cache(path: Path) -> None:
     """Evict the index files' pages from the page cache (those not mapped in a process)."""
     for p in index_files(path):
@@ -260,6 +264,66 @@ def drop_cache(path: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _libc() -> Any:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
+
+
+def evict_mapped(index: Any) -> None:
+    """Take the re-rank vectors of an open index out of the page cache, the index left open.
+
+    ``posix_fadvise`` skips pages a process maps, so each shard's vector mapping is first
+    paged out (``MADV_PAGEOUT``, Linux >= 5.4), then its file's pages are dropped."""
+    import ctypes
+
+    libc = _libc()
+    madv_pageout = 21
+    for shard in index.shards():
+        v = shard.vectors
+        if v is None or not v.nbytes:
+            continue
+        addr = v.ctypes.data - v.ctypes.data % _PAGE
+        size = v.ctypes.data + v.nbytes - addr
+        if libc.madvise(addr, size, madv_pageout) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"madvise(MADV_PAGEOUT): {os.strerror(err)}")
+    drop_cache(index.path)
+
+
+def resident_fraction(files: list[Path]) -> float:
+    """Fraction of these files' pages in the page cache (``mincore`` on a fresh mapping)."""
+    import ctypes
+    import mmap
+
+    libc = _libc()
+    total = resident = 0
+    for p in files:
+        size = p.stat().st_size
+        if not size:
+            continue
+        # a private mapping (ctypes needs a writable buffer); nothing is written or read
+        with open(p, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+            pages = (size + _PAGE - 1) // _PAGE
+            vec = (ctypes.c_ubyte * pages)()
+            buf = (ctypes.c_char * 1).from_buffer(m)
+            addr = ctypes.addressof(buf)
+            rc = libc.mincore(addr, size, vec)
+            del buf
+            if rc != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mincore: {os.strerror(err)}")
+            resident += int((np.frombuffer(vec, np.uint8) & 1).sum())
+            total += pages
+    return resident / max(total, 1)
 
 
 def anon_bytes() -> int:
@@ -275,12 +339,6 @@ def recall10(I: np.ndarray, gt: np.ndarray) -> float:
     I = I[: gt.shape[0]]
     hits = [np.intersect1d(I[i, :K], gt[i, :K]).size for i in range(I.shape[0])]
     return float(np.sum(hits)) / (I.shape[0] * K)
-
-
-def points(n: int) -> list[tuple[int, int]]:
-    nprobes = [4, 8, 16, 32, 64]
-    reranks = [2, 4, 8]
-    return [(p, r) for p in nprobes for r in reranks]
 
 
 def faiss_with_codes(index: Any, refine: np.ndarray | None) -> Any:
@@ -340,12 +398,15 @@ def cmd_search(args: argparse.Namespace) -> None:
         disk = sum(p.stat().st_size for p in index_files(path))
         res["disk_bytes"] = disk
         res["disk_bytes_per_vector"] = disk / n
-        # open: cold (files evicted first), memory-mapped, every file's checksum verified
+        # open: cold (files evicted first), every file's checksum verified; memory-mapped,
+        # or the default (codes packed in RAM, re-rank vectors mapped from disk)
+        mmap = args.open == "mmap"
+        res["open"] = args.open
         gc.collect()
         drop_cache(path)
         a0 = anon_bytes()
         t0 = time.perf_counter()
-        index = ShardedIndex.open(path, mmap=True)
+        index = ShardedIndex.open(path, mmap=mmap)
         res["open_s"] = time.perf_counter() - t0
         res["open_anon_gib"] = (anon_bytes() - a0) / 2**30
         res["nshards"] = index.nshards
@@ -353,14 +414,27 @@ def cmd_search(args: argparse.Namespace) -> None:
         log.info("search %s: opened %s in %.1f s", label(n), res["spec"], res["open_s"])
         with bench_lock(args.lock), PeakRSS(interval=0.2) as mem:
             for cache in args.cache:
-                pts = [(p, r) for p, r in points(n) if p in args.nprobe and r in args.rerank]
+                pts = [(p, r) for p in args.nprobe for r in args.rerank]
                 if cache == "cold":
-                    pts = [(p, r) for p, r in pts if p in args.cold_nprobe and r == 4]
+                    pts = [
+                        (p, r) for p, r in pts if p in args.cold_nprobe and r == args.cold_rerank
+                    ]
                 for nprobe, rerank in pts:
                     times = []
                     out = None
+                    resident = []
                     for _ in range(args.repeat if cache == "warm" else args.cold_repeat):
-                        if cache == "cold":
+                        if cache == "cold" and not mmap:
+                            # codes stay in RAM: the re-rank rows leave the page cache
+                            # (pages just faulted in may sit in a per-CPU LRU batch that
+                            # MADV_PAGEOUT skips: ~2% at 20k rows; a second pass takes them)
+                            for _ in range(3):
+                                evict_mapped(index)
+                                left = resident_fraction(vector_files(path))
+                                if left == 0.0:
+                                    break
+                            resident.append(left)
+                        elif cache == "cold":
                             # pages this process has mapped are not evicted by fadvise: close,
                             # evict, reopen (open reads every file to verify it), evict again
                             index.close()
@@ -384,6 +458,8 @@ def cmd_search(args: argparse.Namespace) -> None:
                         "qps": NQ / sec,
                         "ms_per_query": 1e3 * sec / NQ,
                     }
+                    if resident:  # checked: the cold run starts with the rows evicted
+                        row["vectors_resident_before"] = resident
                     res["rows"].append(row)
                     log.info("search %s: %s", label(n), json.dumps(row))
         if args.reference:
@@ -449,7 +525,7 @@ def cmd_faiss(args: argparse.Namespace) -> None:
         res: dict[str, Any] = {"n": n, "meta": bench_meta(), "rows": [], "refine": refine}
         gc.collect()
         a0 = anon_bytes()
-        index = ShardedIndex.open(path, mmap=True)
+        index = ShardedIndex.open(path, mmap=True) if "fastface" in args.methods else None
         ff_anon = anon_bytes() - a0
         # codes in RAM (the default open): sealed shards' lists packed list by list, the
         # re-rank vectors still memory-mapped from disk
@@ -467,46 +543,48 @@ def cmd_faiss(args: argparse.Namespace) -> None:
                 x[lo : lo + step] = gen.rows(lo, min(lo + step, n))[0]
         a1 = anon_bytes()
         t0 = time.perf_counter()
-        fidx = faiss_with_codes(index, x)
+        fidx = faiss_with_codes(index or index_ram, x)
         res["faiss_load_s"] = time.perf_counter() - t0
         del x
         gc.collect()
         res["faiss_anon_gib"] = (anon_bytes() - a1) / 2**30 + (n * D * 4 if refine else 0) / 2**30
-        res["fastface_anon_gib"] = ff_anon / 2**30
+        res["fastface_anon_gib"] = ff_anon / 2**30 if index is not None else None
         res["fastface_ram_anon_gib"] = ff_ram_anon / 2**30
         log.info(
-            "faiss %s: refine=%s anon %.2f GiB (fastface %.2f mmap, %.2f codes in RAM)",
+            "faiss %s: refine=%s anon %.2f GiB (fastface %s mmap, %.2f codes in RAM)",
             label(n),
             refine,
             res["faiss_anon_gib"],
-            res["fastface_anon_gib"],
+            "-" if index is None else f"{res['fastface_anon_gib']:.2f}",
             res["fastface_ram_anon_gib"],
         )
         timed = bench_lock(args.lock)
         timed.__enter__()
-        for nprobe, rerank in points(n):
+        # (the index, queries and FAISS index bound now: these loop over N)
+        runs: dict[str, Any] = {
+            "fastface": lambda p, r, _rr, ix=index, q=xq: ix.search(q, K, nprobe=p, rerank=r),
+            "fastface-ram": lambda p, r, _rr, ix=index_ram, q=xq: ix.search(
+                q, K, nprobe=p, rerank=r
+            ),
+            "faiss": lambda p, _r, rr, fx=fidx, q=xq: faiss_search(fx, q, p, rr),
+        }
+        runs = {m: f for m, f in runs.items() if m in args.methods}
+        pts = [(p, r) for p in args.nprobe for r in args.rerank]
+        for nprobe, rerank in pts:
             rr = rerank if refine else None
-            if not refine and rerank != points(n)[0][1]:
-                continue
-            t_ff, t_ram, t_fa = [], [], []
-            out_ff = index.search(xq, K, nprobe=nprobe, rerank=rerank)
-            out_ram = index_ram.search(xq, K, nprobe=nprobe, rerank=rerank)
-            out_fa = faiss_search(fidx, xq, nprobe, rr)
+            # FAISS without refine has no rerank: once per nprobe, at the first rerank
+            todo = {
+                m: f for m, f in runs.items() if m != "faiss" or refine or rerank == args.rerank[0]
+            }
+            times: dict[str, list[float]] = {m: [] for m in todo}
+            outs = {m: f(nprobe, rerank, rr) for m, f in todo.items()}  # warm-up
             for _ in range(args.repeat):  # interleaved rounds
-                t = time.perf_counter()
-                out_ff = index.search(xq, K, nprobe=nprobe, rerank=rerank)
-                t_ff.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                out_ram = index_ram.search(xq, K, nprobe=nprobe, rerank=rerank)
-                t_ram.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                out_fa = faiss_search(fidx, xq, nprobe, rr)
-                t_fa.append(time.perf_counter() - t)
-            for method, tt, out in (
-                ("fastface", t_ff, out_ff),
-                ("fastface-ram", t_ram, out_ram),
-                ("faiss", t_fa, out_fa),
-            ):
+                for m, f in todo.items():
+                    t = time.perf_counter()
+                    outs[m] = f(nprobe, rerank, rr)
+                    times[m].append(time.perf_counter() - t)
+            for method in todo:
+                tt, out = times[method], outs[method]
                 sec = float(np.median(tt))
                 ours = method.startswith("fastface")
                 row = {
@@ -521,7 +599,8 @@ def cmd_faiss(args: argparse.Namespace) -> None:
                 res["rows"].append(row)
                 log.info("faiss %s: %s", label(n), json.dumps(row))
         timed.__exit__(None, None, None)
-        index.close()
+        if index is not None:
+            index.close()
         index_ram.close()
         save_json(w / "faiss.json", res)
 
@@ -817,7 +896,9 @@ def cmd_report(args: argparse.Namespace) -> None:
                 summary.append(
                     {
                         **common,
-                        "method": f"fastface ({search.get('spec')}, mmap, {cache} cache)"
+                        "method": f"fastface ({search.get('spec')}, "
+                        + ("codes in RAM" if search.get("open") == "ram" else "mmap")
+                        + f", {cache} cache)"
                         + ("" if basis == "exact" else ", R@10 vs reference"),
                         "recall_basis": basis,
                         "recall_at_10": b["recall_at_10"],
@@ -957,7 +1038,7 @@ def plot(per_n: list[dict[str, Any]], path: Path) -> None:
         if e["search"].get("search_peak_anon_gib")
     ]
     if pts:
-        ax[2].plot(*zip(*pts, strict=True), marker="o", label="search peak anon GiB (mmap)")
+        ax[2].plot(*zip(*pts, strict=True), marker="o", label="search peak anon GiB")
     pts = [
         (e["n"], e["search"]["disk_bytes_per_vector"] / 100)
         for e in per_n
@@ -1018,6 +1099,13 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("search", help="R@10 against QPS, warm and cold page cache")
     s.add_argument("--n", nargs="+", default=["1M"])
     s.add_argument("--cache", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
+    s.add_argument(
+        "--open",
+        choices=["ram", "mmap"],
+        default="mmap",
+        help="mmap: codes and vectors mapped; ram: the library's default open (codes packed "
+        "in RAM, re-rank vectors mapped); cold then evicts the vectors, the index stays open",
+    )
     s.add_argument("--repeat", type=int, default=3)
     s.add_argument("--cold-repeat", type=int, default=1)
     s.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
@@ -1034,8 +1122,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs="+",
         default=[8, 16, 32, 64],
-        help="cold cache: only these nprobe, at rerank=4 (each run reopens the index)",
+        help="cold cache: only these nprobe, at --cold-rerank (mmap: each run reopens the index)",
     )
+    s.add_argument("--cold-rerank", type=int, default=4)
     s.set_defaults(func=cmd_search)
     rc = sub.add_parser("recall", help="R@10 of a search run made before the ground truth")
     rc.add_argument("--n", nargs="+", default=["1M"])
@@ -1043,6 +1132,15 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("faiss", help="FAISS with the same codec and codes, interleaved")
     f.add_argument("--n", nargs="+", default=["1M"])
     f.add_argument("--repeat", type=int, default=3)
+    f.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    f.add_argument("--rerank", type=int, nargs="+", default=[2, 4, 8])
+    f.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["fastface", "fastface-ram", "faiss"],
+        default=["fastface", "fastface-ram", "faiss"],
+        help="fastface: memory-mapped; fastface-ram: codes in RAM (the default open)",
+    )
     f.add_argument(
         "--faiss-ram",
         type=int,
