@@ -142,3 +142,29 @@ def test_flat_train_is_a_checked_no_op(tmp_path, small_data) -> None:
         one.train(xb.astype(np.int32))
     one.add(xb)
     assert one.search(xq, 1)[1][:, 0].min() >= 0
+
+
+def test_flat_shards_are_staged_and_adopted(tmp_path) -> None:
+    """A distributed build stages shards and one writer adopts them: a flat shard has no
+    FAISS file (its vectors are its data), so it stages ids and vectors only."""
+    x = np.random.default_rng(3).standard_normal((250, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # each row's nearest is itself
+    src = ShardedIndex.build(x, tmp_path / "a", "Flat", shard_size=100)
+    path = tmp_path / "b"
+    with ShardedIndex.create(path, src.codec, shard_size=100) as w:
+        recs = [ShardedIndex.stage_shard(path, i, s) for i, s in enumerate(src.shards())]
+        assert all(sorted(r["files"]) == ["ids", "vectors"] for r in recs)
+        victim = path / ".staging" / recs[2]["files"]["vectors"]["file"]
+        good = victim.read_bytes()
+        victim.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+        with pytest.raises(CorruptIndexError, match="SHA-256"):
+            w.adopt(recs)
+        assert w.nshards == 0  # nothing adopted
+        victim.write_bytes(good)
+        assert w.adopt(recs) == [0, 1, 2]
+    with ShardedIndex.open(path) as b:
+        assert b.shard_counts == [100, 100, 50]
+        D, I = b.search(x, 5)
+        D0, I0 = src.search(x, 5)
+        assert (I == I0).all() and (D == D0).all()
+        assert (I[:, 0] == np.arange(250)).all()

@@ -1507,10 +1507,12 @@ class ShardedIndex:
         stem = f"shard-{number:06d}"
         with contextlib.suppress(FileNotFoundError):
             (stage / f"{stem}.json").unlink()  # the files change: the old record must go first
-        files = {
-            "index": storage.atomic_write(stage / f"{stem}.faiss", shard.serialize(), mode=mode),
-            "ids": storage.atomic_write_npy(stage / f"{stem}.npy", shard.ids, mode=mode),
-        }
+        files = {}
+        if not isinstance(shard.params, FlatParams):  # a flat shard's vectors are its data
+            files["index"] = storage.atomic_write(
+                stage / f"{stem}.faiss", shard.serialize(), mode=mode
+            )
+        files["ids"] = storage.atomic_write_npy(stage / f"{stem}.npy", shard.ids, mode=mode)
         if shard.params.store_vectors is not None:
             vec = shard.vectors
             assert vec is not None  # store_vectors is set
@@ -1597,7 +1599,8 @@ class ShardedIndex:
                 raise FileNotFoundError(f"{self.path / STAGING}: nothing is staged")
             new_shards: list[_Shard] = []
             for number, count, files in entries:
-                if files.keys() != ({"index", "ids"} | ({"vectors"} if p.store_vectors else set())):
+                want = {"ids"} | ({"vectors"} if p.store_vectors else set())
+                if files.keys() != want | (set() if isinstance(p, FlatParams) else {"index"}):
                     raise ValueError(f"records: shard {number} has files {sorted(files)}")
                 if count > self.shard_size:
                     raise ValueError(
