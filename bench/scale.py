@@ -762,6 +762,75 @@ def cmd_coarse(args: argparse.Namespace) -> None:
         save_json(w / "coarse.json", res)
 
 
+def cmd_dedup_coverage(args: argparse.Namespace) -> None:
+    """Which planted pairs dedup can find: a pair is checked when one vector's resident list
+    (its first probe) is among the other's ``nprobe`` probes; dedup scores checked pairs
+    exactly, so the share of covered pairs is its planted-pair recall. Probes from the HNSW
+    walk at several depths and from exact assignment over every centroid (the walk timed)."""
+    import faiss
+
+    from fastface import ShardedIndex
+
+    n = parse_n(args.n[0])
+    w = work(args, n)
+    setup_logging(w / "dedup-coverage.log")
+    z = np.load(w / "planted.npz")
+    copies, origin = z["copies"], z["origin"]
+    uo, inv = np.unique(origin, return_inverse=True)
+    gen = dataset(n)
+    xo = np.empty((uo.size, D), np.float32)
+    step = 4096 * PER_IDENTITY * 5
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        sel = np.flatnonzero((uo >= lo) & (uo < hi))
+        if sel.size:
+            xo[sel] = gen.rows(lo, hi)[0][uo[sel] - lo]
+    # as dedup reads them: float16 rows from the index files, made unit length
+    pair = [xo[inv].astype(np.float16).astype(np.float32), copies.astype(np.float16)]
+    a, b = (np.ascontiguousarray(v, np.float32) for v in pair)
+    for v in (a, b):
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+    kmax = max(args.nprobe)
+    res: dict[str, Any] = {
+        "n": n + copies.shape[0],
+        "pairs": int(copies.shape[0]),
+        "pair_cos_min": float((a * b).sum(1).min()),
+        "meta": bench_meta(),
+        "rows": [],
+    }
+    with ShardedIndex.open(w / "dedup-index", mmap=True) as index:
+        codec = index.codec
+        res["spec"] = index.params.spec
+        probes: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+        with bench_lock(args.lock):
+            for ef in args.ef:
+                t0 = time.perf_counter()
+                pa = codec.assign(a, kmax, ef_search=ef)[1]
+                pb = codec.assign(b, kmax, ef_search=ef)[1]
+                probes[f"hnsw ef {ef}"] = (pa, pb, time.perf_counter() - t0)
+        cent = np.asarray(codec.centroids, np.float32)
+        ip = index.params.metric == "ip"
+        flat = faiss.IndexFlatIP(D) if ip else faiss.IndexFlatL2(D)
+        flat.add(cent)
+        t0 = time.perf_counter()
+        ea = flat.search(codec.rotate(a), kmax)[1]
+        eb = flat.search(codec.rotate(b), kmax)[1]
+        probes["exact"] = (ea, eb, time.perf_counter() - t0)
+    for name, (pa, pb, sec) in probes.items():
+        row: dict[str, Any] = {
+            "assignment": name,
+            "seconds_for_all_pairs": sec,
+            "vectors_per_s": 2 * a.shape[0] / sec,
+            "first_probe_is_exact_nearest": float((pa[:, 0] == ea[:, 0]).mean()),
+        }
+        for nprobe in args.nprobe:
+            hit = (pa[:, :nprobe] == pb[:, :1]).any(1) | (pb[:, :nprobe] == pa[:, :1]).any(1)
+            row[f"covered_nprobe_{nprobe}"] = float(hit.mean())
+        res["rows"].append(row)
+        log.info("dedup coverage %s: %s", label(n), json.dumps(row))
+    save_json(w / "dedup-coverage.json", res)
+
+
 # --- bounds --------------------------------------------------------------------------------------
 def cmd_bounds(args: argparse.Namespace) -> None:
     """Memory bandwidth (a large copy) and random 4 KiB read IOPS of the disk (O_DIRECT)."""
@@ -1158,6 +1227,13 @@ def main(argv: list[str] | None = None) -> int:
     dd.add_argument("--threshold", type=float, default=0.9)
     dd.add_argument("--nprobe", type=int, nargs="+", default=[2])
     dd.set_defaults(func=cmd_dedup)
+    dc = sub.add_parser(
+        "dedup-coverage", help="planted pairs dedup can reach: HNSW depths against exact lists"
+    )
+    dc.add_argument("--n", nargs=1, default=["10M"])
+    dc.add_argument("--ef", type=int, nargs="+", default=[32, 64, 128, 256])
+    dc.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    dc.set_defaults(func=cmd_dedup_coverage)
     co = sub.add_parser("coarse", help="true neighbours' lists: HNSW against exact assignment")
     co.add_argument("--n", nargs="+", default=["10M"])
     co.add_argument("--queries", type=int, default=100)
