@@ -831,6 +831,46 @@ def cmd_dedup_coverage(args: argparse.Namespace) -> None:
     save_json(w / "dedup-coverage.json", res)
 
 
+def cmd_add_depth(args: argparse.Namespace) -> None:
+    """How often the HNSW walk over the centroids finds a row's nearest list, per depth
+    (the add walks at ``EF_ADD``), and how fast: rows of the index's own data."""
+    from fastface import ShardedIndex
+
+    for n in map(parse_n, args.n):
+        w = work(args, n)
+        setup_logging(w / "add-depth.log")
+        with ShardedIndex.open(w / "index", mmap=True) as index:
+            codec = index.codec
+            x = dataset(n).rows(n // 2, n // 2 + args.rows)[0]
+            xr = codec.rotate(x)
+            cent = np.asarray(codec.centroids, np.float32)
+            if index.params.metric == "ip":
+                exact = np.argmax(xr @ cent.T, axis=1)
+            else:
+                exact = np.argmin((cent * cent).sum(1) - 2 * (xr @ cent.T), axis=1)
+            res: dict[str, Any] = {
+                "n": n,
+                "nlist": index.params.nlist,
+                "rows": args.rows,
+                "meta": bench_meta(),
+                "depths": [],
+            }
+            with bench_lock(args.lock):
+                for ef in args.ef:
+                    codec.assign(x[:256], 1, ef_search=ef)  # warm up
+                    t0 = time.perf_counter()
+                    got = codec.assign(x, 1, ef_search=ef)[1][:, 0]
+                    sec = time.perf_counter() - t0
+                    row = {
+                        "ef": ef,
+                        "nearest_list_share": float((got == exact).mean()),
+                        "rows_per_s": x.shape[0] / sec,
+                    }
+                    res["depths"].append(row)
+                    log.info("add depth %s: %s", label(n), json.dumps(row))
+        save_json(w / "add-depth.json", res)
+
+
 # --- bounds --------------------------------------------------------------------------------------
 def cmd_bounds(args: argparse.Namespace) -> None:
     """Memory bandwidth (a large copy) and random 4 KiB read IOPS of the disk (O_DIRECT)."""
@@ -947,6 +987,8 @@ def cmd_report(args: argparse.Namespace) -> None:
             "dedup": dd,
             "dedup_existing": load_json(w / "dedup-existing.json"),
             "coarse": load_json(w / "coarse.json"),
+            "add_depth": load_json(w / "add-depth.json"),
+            "dedup_coverage": load_json(w / "dedup-coverage.json"),
         }
         per_n.append(entry)
         disk = search.get("disk_bytes_per_vector")
@@ -1234,6 +1276,11 @@ def main(argv: list[str] | None = None) -> int:
     dc.add_argument("--ef", type=int, nargs="+", default=[32, 64, 128, 256])
     dc.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     dc.set_defaults(func=cmd_dedup_coverage)
+    ad = sub.add_parser("add-depth", help="HNSW walk depth against nearest-list share, speed")
+    ad.add_argument("--n", nargs="+", default=["10M"])
+    ad.add_argument("--rows", type=int, default=20_000)
+    ad.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256, 512])
+    ad.set_defaults(func=cmd_add_depth)
     co = sub.add_parser("coarse", help="true neighbours' lists: HNSW against exact assignment")
     co.add_argument("--n", nargs="+", default=["10M"])
     co.add_argument("--queries", type=int, default=100)

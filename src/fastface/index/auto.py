@@ -26,9 +26,12 @@ The rules, in the order they are applied (the figures behind them are in
 Search settings are returned with the spec (``nprobe``, ``rerank``) as a
 starting point: on fastface's identity-clustered synthetic faces they reach
 R@10 0.95 at 1M vectors (flat coarse quantizer) and at 10M (HNSW coarse
-quantizer, nprobe 64; ``docs/scaling.md``); 100M was not re-measured since
-the quantizer's encoding depth was raised. Measure on your own data
-(``fastface.eval``) before relying on a recall figure.
+quantizer, nprobe 64; ``docs/scaling.md``). At 100M they do not: the 65,536
+lists chosen here were not rebuilt since the encoding depth was raised, and
+262,144 lists, rebuilt, stopped near R@10 0.80 at nprobe 512 (an HNSW walk
+over that many centroids misplaces about 30% of the vectors it adds).
+Measure on your own data (``fastface.eval``) before relying on a recall
+figure.
 """
 
 from __future__ import annotations
