@@ -191,6 +191,14 @@ class _Manifest:
     sealed: bool  # carried a checksum that verified (format 2); format 1 had none
 
 
+def _shard_file_kinds(params: CodecParams) -> set[str]:
+    """The files a shard has: its FAISS lists (none for a flat shard, whose vectors are its
+    data), its ids in row order, and its raw vectors when the index stores them."""
+    return ({"ids"} if params.kind == "flat" else {"index", "ids"}) | (
+        {"vectors"} if params.store_vectors else set()
+    )
+
+
 def _check_manifest(man: dict[str, Any], path: Path) -> _Manifest:
     unknown = set(man) - _MANIFEST_KEYS - {"checksum"}
     if unknown:
@@ -221,9 +229,7 @@ def _check_manifest(man: dict[str, Any], path: Path) -> _Manifest:
             raise _fail(path, f"{f}.sealed", "expected true or false")
         count = _int(entry["count"], path, f"{f}.count", 0, shard_size)
         files = entry["files"]
-        want = ({"ids"} if params.kind == "flat" else {"index", "ids"}) | (
-            {"vectors"} if params.store_vectors else set()
-        )
+        want = _shard_file_kinds(params)
         if not isinstance(files, dict) or set(files) != want:
             raise _fail(path, f"{f}.files", f"expected the files {sorted(want)}")
         recs = {k: _record(files[k], path, f"{f}.files.{k}", k) for k in sorted(want)}
@@ -1508,7 +1514,7 @@ class ShardedIndex:
         with contextlib.suppress(FileNotFoundError):
             (stage / f"{stem}.json").unlink()  # the files change: the old record must go first
         files = {}
-        if not isinstance(shard.params, FlatParams):  # a flat shard's vectors are its data
+        if shard.params.kind != "flat":  # a flat shard's vectors are its data
             files["index"] = storage.atomic_write(
                 stage / f"{stem}.faiss", shard.serialize(), mode=mode
             )
@@ -1599,8 +1605,7 @@ class ShardedIndex:
                 raise FileNotFoundError(f"{self.path / STAGING}: nothing is staged")
             new_shards: list[_Shard] = []
             for number, count, files in entries:
-                want = {"ids"} | ({"vectors"} if p.store_vectors else set())
-                if files.keys() != want | (set() if isinstance(p, FlatParams) else {"index"}):
+                if files.keys() != _shard_file_kinds(p):
                     raise ValueError(f"records: shard {number} has files {sorted(files)}")
                 if count > self.shard_size:
                     raise ValueError(
