@@ -71,6 +71,17 @@ def dataset(n: int) -> Any:
     )
 
 
+def rows_at(gen: Any, ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` (sorted, unique) of the generator, made block by block up to the last."""
+    out = np.empty((ids.size, D), np.float32)
+    step = 4096 * PER_IDENTITY * 5  # whole blocks of the generator
+    for lo in range(0, int(ids[-1]) + 1 if ids.size else 0, step):
+        sel = np.flatnonzero((ids >= lo) & (ids < lo + step))
+        if sel.size:
+            out[sel] = gen.rows(lo, min(lo + step, gen.n))[0][ids[sel] - lo]
+    return out
+
+
 def queries(n: int) -> tuple[np.ndarray, np.ndarray]:
     return dataset(n).queries(NQ, seed=1)
 
@@ -637,13 +648,7 @@ def cmd_dedup(args: argparse.Namespace) -> None:
         gen = dataset(n)
         rng = np.random.default_rng(11)
         originals = np.sort(rng.choice(n, size=n // 100, replace=False))
-        xo = np.empty((originals.size, D), np.float32)
-        step = 4096 * PER_IDENTITY * 5
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
-            sel = originals[(originals >= lo) & (originals < hi)]
-            if sel.size:
-                xo[np.searchsorted(originals, sel)] = gen.rows(lo, hi)[0][sel - lo]
+        xo = rows_at(gen, originals)
         y, origin = plant_duplicates(xo, 1.0, copies=(1, 3), cos=(0.95, 0.99), seed=12)
         copies = y[originals.size :]
         np.savez(planted, copies=copies, origin=originals[origin[originals.size :]])
@@ -777,14 +782,7 @@ def cmd_dedup_coverage(args: argparse.Namespace) -> None:
     z = np.load(w / "planted.npz")
     copies, origin = z["copies"], z["origin"]
     uo, inv = np.unique(origin, return_inverse=True)
-    gen = dataset(n)
-    xo = np.empty((uo.size, D), np.float32)
-    step = 4096 * PER_IDENTITY * 5
-    for lo in range(0, n, step):
-        hi = min(lo + step, n)
-        sel = np.flatnonzero((uo >= lo) & (uo < hi))
-        if sel.size:
-            xo[sel] = gen.rows(lo, hi)[0][uo[sel] - lo]
+    xo = rows_at(dataset(n), uo)
     # as dedup reads them: float16 rows from the index files, made unit length
     pair = [xo[inv].astype(np.float16).astype(np.float32), copies.astype(np.float16)]
     a, b = (np.ascontiguousarray(v, np.float32) for v in pair)
