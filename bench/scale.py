@@ -767,12 +767,21 @@ def cmd_coarse(args: argparse.Namespace) -> None:
         save_json(w / "coarse.json", res)
 
 
+def exact_quantizer(index: Any) -> Any:
+    """A FAISS flat index over the codec's centroids, in the index's metric: the exact
+    nearest lists of (rotated) rows, to compare the HNSW walk with."""
+    import faiss
+
+    flat = faiss.IndexFlatIP(D) if index.params.metric == "ip" else faiss.IndexFlatL2(D)
+    flat.add(np.asarray(index.codec.centroids, np.float32))
+    return flat
+
+
 def cmd_dedup_coverage(args: argparse.Namespace) -> None:
     """Which planted pairs dedup can find: a pair is checked when one vector's resident list
     (its first probe) is among the other's ``nprobe`` probes; dedup scores checked pairs
     exactly, so the share of covered pairs is its planted-pair recall. Probes from the HNSW
     walk at several depths and from exact assignment over every centroid (the walk timed)."""
-    import faiss
 
     from fastface import ShardedIndex
 
@@ -806,10 +815,7 @@ def cmd_dedup_coverage(args: argparse.Namespace) -> None:
                 pa = codec.assign(a, kmax, ef_search=ef)[1]
                 pb = codec.assign(b, kmax, ef_search=ef)[1]
                 probes[f"hnsw ef {ef}"] = (pa, pb, time.perf_counter() - t0)
-        cent = np.asarray(codec.centroids, np.float32)
-        ip = index.params.metric == "ip"
-        flat = faiss.IndexFlatIP(D) if ip else faiss.IndexFlatL2(D)
-        flat.add(cent)
+        flat = exact_quantizer(index)
         t0 = time.perf_counter()
         ea = flat.search(codec.rotate(a), kmax)[1]
         eb = flat.search(codec.rotate(b), kmax)[1]
@@ -841,11 +847,7 @@ def cmd_add_depth(args: argparse.Namespace) -> None:
             codec = index.codec
             x = dataset(n).rows(n // 2, n // 2 + args.rows)[0]
             xr = codec.rotate(x)
-            cent = np.asarray(codec.centroids, np.float32)
-            if index.params.metric == "ip":
-                exact = np.argmax(xr @ cent.T, axis=1)
-            else:
-                exact = np.argmin((cent * cent).sum(1) - 2 * (xr @ cent.T), axis=1)
+            exact = exact_quantizer(index).search(xr, 1)[1][:, 0]
             res: dict[str, Any] = {
                 "n": n,
                 "nlist": index.params.nlist,
