@@ -20,7 +20,7 @@ from fastface.datasets import SyntheticFaces
 from fastface.errors import CorruptIndexError
 from fastface.eval import assert_results_agree, ground_truth, recall_at_k
 from fastface.index import Codec, SpecError, faiss_format, train
-from fastface.index.params import hnsw_ef
+from fastface.index.params import NEST_PROBE_ADD, NEST_PROBE_MIN, hnsw_ef, nest_probe
 
 SPEC = "OPQ8,IVF32_HNSW8,PQ8,F16"
 
@@ -41,6 +41,8 @@ def codec_hnsw_opq(small_data):
         "IVF64_HNSW16,PQ16x4fs,F16",
         "OPQ16,IVF1024_HNSW32,PQ16,F16",
         "OPQ8,IVF16,PQ8x4fs",
+        "IVF1024_IVF32,PQ16,F16",
+        "OPQ8,IVF64_IVF8,PQ8x4fs",
     ],
 )
 def test_spec_round_trips(spec) -> None:
@@ -77,6 +79,9 @@ def test_spec_spellings_and_defaults() -> None:
         ("OPQ8_64,IVF64,PQ8", "OPQ8_64", "not supported"),
         ("IVF64_HNSW,PQ8", "IVF64_HNSW", "coarse quantizer"),
         ("IVF64_HNSW2,PQ8", "IVF64_HNSW2", "HNSW links per node"),
+        ("IVF64_IVF64,PQ8", "IVF64_IVF64", "top level of 64 lists"),
+        ("IVF64_IVF1,PQ8", "IVF64_IVF1", "it must have 2..63"),
+        ("IVF64_HNSW8_IVF8,PQ8", "IVF64_HNSW8_IVF8", "coarse quantizer"),
         ("IVF0,PQ8", "IVF0", "lists"),
         ("IVF64,PQ8x4", "PQ8x4", "write PQ<M>x4fs"),
         ("IVF64,PQ8fs", "PQ8fs", "4 bits"),
@@ -93,6 +98,21 @@ def test_bad_specs_name_the_token(spec, token, why) -> None:
         parse_spec(spec, 32)
     assert err.value.token == token
     assert isinstance(err.value, ValueError) and repr(spec) in str(err.value)
+
+
+def test_two_level_params_are_checked() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        IVFPQParams(32, 64, 8, coarse_hnsw=8, coarse_ivf=8)
+    with pytest.raises(ValueError, match=r"2\.\.nlist-1"):
+        IVFPQParams(32, 64, 8, coarse_ivf=64)
+    with pytest.raises(TypeError, match="coarse_ivf"):
+        IVFPQParams.from_dict({"d": 32, "nlist": 64, "M": 8, "coarse_ivf": "8"})
+    p = IVFPQParams(32, 64, 8, coarse_ivf=8)
+    assert not p.plain and not p.coarse_flat and p.spec == "IVF64_IVF8,PQ8,F16"
+    # a query searches enough top lists for about 4 nprobe candidate lists, >= 16, <= top
+    assert nest_probe(8, 262144, 4096) == NEST_PROBE_MIN
+    assert nest_probe(512, 262144, 4096) == 32
+    assert nest_probe(64, 128, 8) == 8
 
 
 def test_spec_type_errors() -> None:
@@ -426,6 +446,152 @@ def test_routed_rescore_equals_every_shard_rescore(tmp_path, small_data, codec32
         )
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
+
+
+# --- the two-level coarse quantizer (coarse_ivf) ---------------------------------------------
+NEST_SPEC = "IVF128_IVF8,PQ8,F16"
+
+
+@pytest.fixture(scope="module")
+def codec_nested(small_data):
+    return Codec.train(parse_spec(NEST_SPEC, 32), small_data[0])
+
+
+def _nested_twin(codec, x, nprobe, top_probe):
+    """The two-level assignment by brute force: each centroid belongs to its nearest top
+    centroid; a row's lists are its best ``nprobe`` among the groups of its ``top_probe``
+    nearest top centroids (inner product, ties by lower number)."""
+    nested = faiss.downcast_index(codec.coarse_quantizer())
+    top = nested.quantizer.reconstruct_n(0, nested.nlist)
+    C = codec.centroids
+    parent = np.argmax(C @ top.T, axis=1)
+    groups = np.argsort(-(x @ top.T), axis=1, kind="stable")[:, :top_probe]
+    S = x @ C.T
+    allowed = (parent[None, :, None] == groups[:, None, :]).any(axis=2)
+    S = np.where(allowed, S, -np.inf)
+    I = np.argsort(-S, axis=1, kind="stable")[:, :nprobe]
+    return np.take_along_axis(S, I, 1), I
+
+
+def test_two_level_assignment_has_a_slow_twin(codec_nested, small_data) -> None:
+    xb, _, xq, _ = small_data
+    c = codec_nested
+    nested = faiss.downcast_index(c.coarse_quantizer())
+    assert isinstance(nested, faiss.IndexIVFFlat) and nested.nlist == 8 and nested.ntotal == 128
+    # adds: the nearest centroid among the groups of the NEST_PROBE_ADD nearest top centroids
+    lists, _ = c.encode(xb[:500])
+    _, want = _nested_twin(c, xb[:500], 1, NEST_PROBE_ADD)
+    assert (lists == want[:, 0]).mean() > 0.995
+    # queries: the best nprobe among the groups of nest_probe(...) top centroids
+    for nprobe in (4, 16):
+        D, I = c.assign(xq, nprobe)
+        _, want = _nested_twin(c, xq, nprobe, nest_probe(nprobe, 128, 8))
+        assert (want == I).mean() > 0.99
+        np.testing.assert_allclose(D, np.take_along_axis(xq @ c.centroids.T, I, 1), atol=1e-5)
+    # every centroid is stored once under its own number, so nothing is lost by the grouping
+    np.testing.assert_array_equal(nested.reconstruct_n(0, 128), c.centroids)
+
+
+def test_two_level_sharded_search_recall_and_files(tmp_path, small_data, codec_nested) -> None:
+    xb, _, xq, _ = small_data
+    one = IVFPQIndex(codec_nested)
+    one.add(xb)
+    _, gt = ground_truth(xb, xq, 10)
+    assert recall_at_k(one.search(xq, 10, nprobe=32, rerank=8)[1], gt, 10) >= 0.95
+    with ShardedIndex.create(tmp_path / "i", codec_nested, shard_size=900) as index:
+        index.add(xb)
+        got = index.search(xq, 10, nprobe=8, rerank=4)
+    np.testing.assert_array_equal(got[1], one.search(xq, 10, nprobe=8, rerank=4)[1])
+    man = json.loads((tmp_path / "i" / "manifest.json").read_text())
+    assert man["spec"] == NEST_SPEC
+    for mmap in (False, True):
+        with ShardedIndex.open(tmp_path / "i", mmap=mmap) as again:
+            assert again.codec == codec_nested
+            np.testing.assert_array_equal(again.search(xq, 10, nprobe=8, rerank=4)[1], got[1])
+    # shard files are plain IVF-PQ files; the codec file is FAISS's own nested quantizer
+    shard = tmp_path / "i" / man["shards"][0]["files"]["index"]["file"]
+    assert isinstance(faiss.downcast_index(faiss.read_index(str(shard)).quantizer), faiss.IndexFlat)
+    full = faiss.read_index(str(tmp_path / "i" / man["codec"]["file"]))
+    assert isinstance(faiss.downcast_index(full.quantizer), faiss.IndexIVFFlat)
+    one.save(tmp_path / "one.faiss")
+    back = IVFPQIndex.load(tmp_path / "one.faiss", mmap=True)
+    np.testing.assert_array_equal(back.search(xq, 10, nprobe=8)[1], one.search(xq, 10, nprobe=8)[1])
+
+
+def test_two_level_shard_agrees_with_faiss(small_data, codec_nested) -> None:
+    """fastface's scan against FAISS's own index with the same nested quantizer."""
+    xb, _, xq, _ = small_data
+    index = IVFPQIndex(codec_nested)
+    index.add(xb)
+    ref = index.to_faiss()
+    assert isinstance(faiss.downcast_index(ref.quantizer), faiss.IndexIVFFlat)
+    for nprobe in (1, 8):
+        qp = faiss.SearchParametersIVF(nprobe=nest_probe(nprobe, 128, 8))
+        Df, If = ref.search(
+            xq, 10, params=faiss.SearchParametersIVF(nprobe=nprobe, quantizer_params=qp)
+        )
+        assert_results_agree(index.search(xq, 10, nprobe=nprobe), (Df, If), atol=1e-4)
+    back = IVFPQIndex.from_faiss(parse_spec("IVF128_IVF8,PQ8", 32), ref)
+    np.testing.assert_array_equal(back.search(xq, 5, nprobe=8)[1], index.search(xq, 5, nprobe=8)[1])
+
+
+def test_two_level_fourcc_fields_are_checked(codec_nested) -> None:
+    raw = codec_nested.to_bytes()
+    layout = faiss_format.parse(raw, "c")
+    layout.check(codec_nested.params, ntotal=0, buf=raw)
+    assert layout.nested["top"] == 8 and layout.hnsw is None
+    with pytest.raises(CorruptIndexError, match=r"quantizer\.ivf"):
+        layout.check(IVFPQParams(32, 128, 8), ntotal=0)
+    with pytest.raises(CorruptIndexError, match=r"quantizer\.ivf\.nlist"):
+        layout.check(IVFPQParams(32, 128, 8, coarse_ivf=16), ntotal=0)
+    dmap_at = layout.nested["direct_map_off"]
+    assert int.from_bytes(raw[dmap_at : dmap_at + 8], "little") == int(
+        faiss.downcast_index(codec_nested.coarse_quantizer()).direct_map.array.at(0)
+    )
+
+    def broken(off: int, value: bytes) -> bytes:
+        data = bytearray(raw)
+        data[off : off + len(value)] = value
+        return bytes(data)
+
+    # the direct map points where FAISS reads a centroid: a crafted entry is refused
+    with pytest.raises(CorruptIndexError, match="direct_map"):
+        faiss_format.parse(broken(dmap_at, (7 << 32 | 10**6).to_bytes(8, "little")), "c")
+    # a centroid stored twice (another's number) is refused
+    ids_at = int(layout.nested["codes_off"][0] + layout.nested["sizes"][0] * 4 * 32)
+    other = int.from_bytes(raw[ids_at + 8 : ids_at + 16], "little")
+    with pytest.raises(CorruptIndexError, match=r"lists\.ids"):
+        faiss_format.parse(broken(ids_at, other.to_bytes(8, "little")), "c")
+    # a non-finite centroid in the lists is refused by the value check
+    bad = broken(int(layout.nested["codes_off"][1]), np.float32(np.nan).tobytes())
+    with pytest.raises(CorruptIndexError, match="centroids"):
+        faiss_format.parse(bad, "c").check(codec_nested.params, ntotal=0, buf=bad)
+
+
+def test_two_level_codec_fuzz_never_kills_the_process(tmp_path, small_data, codec_nested) -> None:
+    xb = small_data[0]
+    with ShardedIndex.create(tmp_path / "z", codec_nested, shard_size=500) as index:
+        index.add(xb[:600])
+    man = json.loads((tmp_path / "z" / "manifest.json").read_text())
+    raw = (tmp_path / "z" / man["codec"]["file"]).read_bytes()
+    at = raw.find(b"IwFl")
+    rng = np.random.default_rng(9)
+    offsets = [int(o) for o in rng.integers(at, at + 1200, 120)]  # headers, top, map
+    offsets += [int(o) for o in rng.integers(at, len(raw), 80)]  # the lists
+    cases = [(o, int(rng.integers(256))) for o in offsets]
+    proc = subprocess.run(
+        [sys.executable, "-c", FUZZ_CHILD, str(tmp_path / "z"), json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    status = proc.stdout.split("\n")[:-1]
+    assert proc.returncode == 0, (
+        f"child died at case {len(status)}: {cases[len(status)]}: {proc.stderr[-2000:]}"
+    )
+    assert len(status) == len(cases)
+    assert not [s for s in status if s not in ("opened", "corrupt")], status
+    assert status.count("corrupt") > 50
 
 
 # --- file format: the new kinds are checked before FAISS reads them ---------------------------

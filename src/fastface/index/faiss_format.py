@@ -43,7 +43,14 @@ may add two parts that shard files never have, both checked here too:
   max_level, efConstruction, efSearch, upper_beam: i32 each), then its flat
   storage (``IxFI``/``IxF2``). Every neighbour must be a node or -1, every
   node's level and offsets must agree with the per-level neighbour counts:
-  FAISS's search follows these numbers without checking them.
+  FAISS's search follows these numbers without checking them;
+- or a two-level quantizer (``coarse_ivf``): ``IwFl`` (an ``IndexIVFFlat``
+  over the centroids): index header, top nlist u64, nprobe u64, its flat
+  quantizer of top centroids, a direct map (type 1, one ``list << 32 |
+  offset`` per centroid), then ``ilar`` lists whose codes are the centroids
+  (``4 d`` bytes each) and whose ids are the centroid numbers. Every
+  centroid must be stored exactly once and the direct map must point at
+  it: FAISS reconstructs centroids through the map without checks.
 
 A flat index's codec file is an empty ``IxFI``/``IxF2`` (:func:`parse_flat`).
 """
@@ -65,7 +72,7 @@ __all__ = ["FlatLayout", "IVFPQLayout", "ilar_section", "parse", "parse_flat"]
 
 _KINDS = {b"IwPQ": 8, b"IwPf": 4}
 _QUANTIZERS = {b"IxFI": 0, b"IxF2": 1}  # fourcc -> FAISS metric
-_PRETRANSFORM, _LINEAR, _HNSW_FLAT = b"IxPT", b"LTra", b"IHNf"
+_PRETRANSFORM, _LINEAR, _HNSW_FLAT, _IVF_FLAT = b"IxPT", b"LTra", b"IHNf", b"IwFl"
 _MAX_HNSW_LEVELS = 64
 _ILAR, _ILBL, _FULL, _SPRS = b"ilar", b"ilbl", b"full", b"sprs"
 
@@ -170,6 +177,9 @@ class IVFPQLayout:
     transform: dict[str, int] | None = None
     #: HNSW coarse quantizer of a codec file: M (links per node above level 0), levels, ntotal
     hnsw: dict[str, int] | None = None
+    #: two-level quantizer of a codec file: top (lists), nprobe, byte offsets of the top
+    #: centroids, the direct map and each list's centroids, list sizes
+    nested: dict[str, Any] | None = None
 
     def _fail(self, fld: str, got: Any, want: Any) -> CorruptIndexError:
         return CorruptIndexError(
@@ -203,8 +213,12 @@ class IVFPQLayout:
             want.append(("ntotal", self.ntotal, ntotal))
         opq = getattr(params, "opq", None)
         hnsw_m = getattr(params, "coarse_hnsw", None)
+        top = getattr(params, "coarse_ivf", None)
         want.append(("opq", self.transform is not None, opq is not None))
         want.append(("quantizer.hnsw", self.hnsw is not None, hnsw_m is not None))
+        want.append(("quantizer.ivf", self.nested is not None, top is not None))
+        if self.nested is not None:
+            want.append(("quantizer.ivf.nlist", self.nested["top"], top))
         if self.transform is not None:
             want += [
                 ("opq.d_in", self.transform["d_in"], params.d),
@@ -225,15 +239,26 @@ class IVFPQLayout:
             for fld, want_v in (("bbs", 32), ("implem", 0), ("qbs2", 0)):
                 if self.fastscan.get(fld) != want_v:
                     raise self._fail(f"fastscan.{fld}", self.fastscan.get(fld), want_v)
+        if self.nested is not None and not 1 <= self.nested["nprobe"] <= self.nested["top"]:
+            raise self._fail("quantizer.ivf.nprobe", self.nested["nprobe"], f"1..{top}")
         if buf is not None:
-            checks = [
-                (
-                    "quantizer.centroids",
-                    self.centroids_off,
-                    self.quantizer_d * self.quantizer_ntotal,
-                ),
-                ("pq.centroids", self.pq_off, self.pq_d << self.pq_nbits),
-            ]
+            checks = [("pq.centroids", self.pq_off, self.pq_d << self.pq_nbits)]
+            if self.nested is None:
+                checks.append(
+                    (
+                        "quantizer.centroids",
+                        self.centroids_off,
+                        self.quantizer_d * self.quantizer_ntotal,
+                    )
+                )
+            else:  # the centroids are the top level's lists, one contiguous run per list
+                nested = self.nested
+                checks.append(
+                    ("quantizer.ivf.centroids", nested["top_off"], nested["top"] * self.d)
+                )
+                for off, size in zip(nested["codes_off"], nested["sizes"], strict=True):
+                    if size:
+                        checks.append(("quantizer.centroids", int(off), int(size) * self.d))
             if self.transform is not None:
                 checks.append(("opq.A", self.transform["A_off"], params.d * params.d))
             for fld, off, count in checks:
@@ -287,22 +312,22 @@ def parse(buf: Any, path: str) -> IVFPQLayout:
     nprobe = r.u64("nprobe")
     qkind = r.fourcc("quantizer.kind")
     hnsw = None
-    if qkind == _HNSW_FLAT:
+    nested = None
+    if qkind == _IVF_FLAT:
+        nested = _parse_nested(r)
+        qd, qn, qmetric = nested["d"], nested["ntotal"], nested["metric"]
+        centroids_off = -1
+    elif qkind == _HNSW_FLAT:
         hnsw = _parse_hnsw(r)
         qkind = r.fourcc("quantizer.storage.kind")
         if qkind not in _QUANTIZERS:
             raise r.fail("quantizer.storage.kind", f"{qkind!r} is not a flat storage (IxFI/IxF2)")
     elif qkind not in _QUANTIZERS:
-        raise r.fail("quantizer.kind", f"{qkind!r} is not a flat or HNSW quantizer")
-    qd, qn, _, qmetric = _index_header(r, "quantizer.")
-    if _QUANTIZERS[qkind] != qmetric:
-        raise r.fail("quantizer.metric", f"{qmetric} disagrees with its kind {qkind!r}")
+        raise r.fail("quantizer.kind", f"{qkind!r} is not a flat, HNSW or two-level quantizer")
+    if nested is None:
+        qd, qn, centroids_off, qmetric = _parse_flat_quantizer(r, qkind, "quantizer.")
     if hnsw is not None and (qn != hnsw["ntotal"] or qd != hnsw["d"] or qmetric != hnsw["metric"]):
         raise r.fail("quantizer.hnsw", "the graph and its storage disagree on d, size or metric")
-    words = r.count("quantizer.centroids", 4)
-    if words != qd * qn:
-        raise r.fail("quantizer.centroids", f"{words} floats, expected {qd} x {qn}")
-    centroids_off = r.skip(4 * words, "quantizer.centroids")
     dm_type = r.unpack("<B", "direct_map.type")
     if dm_type != 0:
         raise r.fail("direct_map.type", f"{dm_type} (fastface writes no direct map)")
@@ -365,7 +390,73 @@ def parse(buf: Any, path: str) -> IVFPQLayout:
         fastscan=fastscan,
         transform=transform,
         hnsw=hnsw,
+        nested=nested,
     )
+
+
+def _parse_flat_quantizer(r: _Reader, qkind: bytes, prefix: str) -> tuple[int, int, int, int]:
+    """A flat quantizer after its fourcc: ``(d, ntotal, offset of the vectors, metric)``."""
+    qd, qn, _, qmetric = _index_header(r, prefix)
+    if _QUANTIZERS[qkind] != qmetric:
+        raise r.fail(f"{prefix}metric", f"{qmetric} disagrees with its kind {qkind!r}")
+    words = r.count(f"{prefix}centroids", 4)
+    if words != qd * qn:
+        raise r.fail(f"{prefix}centroids", f"{words} floats, expected {qd} x {qn}")
+    return qd, qn, r.skip(4 * words, f"{prefix}centroids"), qmetric
+
+
+def _parse_nested(r: _Reader) -> dict[str, Any]:
+    """``IwFl``: the two-level quantizer, every number FAISS follows when searching it or
+    reconstructing a centroid checked (the lists hold each centroid once, the map finds it)."""
+    p = "quantizer.ivf."
+    d, n, is_trained, metric = _index_header(r, p)
+    if not is_trained:
+        raise r.fail(f"{p}is_trained", "an untrained top level")
+    top = r.u64(f"{p}nlist")
+    if not 1 <= top <= 1 << 26:
+        raise r.fail(f"{p}nlist", f"{top} is out of range (1..2**26)")
+    nprobe = r.u64(f"{p}nprobe")
+    qkind = r.fourcc(f"{p}quantizer.kind")
+    if qkind not in _QUANTIZERS:
+        raise r.fail(f"{p}quantizer.kind", f"{qkind!r} is not a flat quantizer (IxFI/IxF2)")
+    td, tn, top_off, tmetric = _parse_flat_quantizer(r, qkind, f"{p}quantizer.")
+    if td != d or tn != top or tmetric != metric:
+        raise r.fail(f"{p}quantizer", f"{tn} x {td} centroids do not fit {top} lists of d={d}")
+    dm_type = r.unpack("<B", f"{p}direct_map.type")
+    if dm_type != 1:
+        raise r.fail(f"{p}direct_map.type", f"{dm_type}, expected 1 (an array)")
+    dmap_off = r.pos + 8  # past the count
+    dmap = r.vector("<i8", f"{p}direct_map")
+    if dmap.size != n:
+        raise r.fail(f"{p}direct_map", f"{dmap.size} entries for {n} centroids")
+    if r.fourcc(f"{p}lists.kind") != _ILAR:
+        raise r.fail(f"{p}lists.kind", "not array lists (ilar)")
+    sizes, codes_off, ids_off = _parse_ilar(r, top, 4 * d)
+    if int(sizes.sum()) != n:
+        raise r.fail(f"{p}lists.total", f"{int(sizes.sum())} centroids, the header says {n}")
+    ids = np.concatenate(
+        [np.frombuffer(r.mv, "<i8", int(c), int(o)) for o, c in zip(ids_off, sizes, strict=True)]
+        or [np.empty(0, np.int64)]
+    )
+    if not np.array_equal(np.sort(ids), np.arange(n)):
+        raise r.fail(f"{p}lists.ids", "the centroid numbers are not each stored once")
+    where = np.empty(n, np.int64)  # list << 32 | offset of each centroid, as the map says
+    owner = np.repeat(np.arange(top, dtype=np.int64), sizes)
+    offset = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    where[ids] = (owner << 32) | offset
+    if not np.array_equal(where, dmap):
+        raise r.fail(f"{p}direct_map", "does not point at the stored centroids")
+    return {
+        "d": d,
+        "ntotal": n,
+        "metric": metric,
+        "top": top,
+        "nprobe": nprobe,
+        "top_off": top_off,
+        "direct_map_off": dmap_off,
+        "sizes": sizes,
+        "codes_off": codes_off,
+    }
 
 
 def _parse_pretransform(r: _Reader) -> dict[str, int]:

@@ -426,7 +426,9 @@ class IVFPQIndex:
     ) -> IVFPQIndex:
         """Wrap a trained (and possibly filled) FAISS ``IndexIVFPQ`` / ``IndexIVFPQFastScan``.
 
-        With ``params.coarse_hnsw`` its quantizer is an ``IndexHNSWFlat``; with
+        With ``params.coarse_hnsw`` its quantizer is an ``IndexHNSWFlat``, with
+        ``params.coarse_ivf`` an ``IndexIVFFlat`` over the centroids (with a
+        direct map); with
         ``params.opq`` it is wrapped in an ``IndexPreTransform`` of one
         rotation (as ``faiss.index_factory(d, params.spec)`` builds it, without
         the storage token). The lists are copied; ``index`` stays the caller's. ``ids`` gives the
@@ -1221,7 +1223,13 @@ def _check_faiss_kind(params: IVFPQParams, index: Any) -> Any:
             f"{type(inner).__name__}"
         )
     quantizer = faiss.downcast_index(inner.quantizer)
-    want_q = faiss.IndexHNSWFlat if params.coarse_hnsw is not None else faiss.IndexFlat
+    want_q = (
+        faiss.IndexHNSWFlat
+        if params.coarse_hnsw is not None
+        else faiss.IndexIVFFlat
+        if params.coarse_ivf is not None
+        else faiss.IndexFlat
+    )
     if not isinstance(quantizer, want_q):
         raise TypeError(
             f"index: expected a faiss.{want_q.__name__} coarse quantizer for {params.spec!r}, got "
@@ -1232,7 +1240,7 @@ def _check_faiss_kind(params: IVFPQParams, index: Any) -> Any:
 
 def _with_flat_quantizer(codec: Codec, ivf: Any) -> Any:
     """``ivf`` (a filled copy of the codec's IVF part) with a flat coarse quantizer."""
-    if codec.params.coarse_hnsw is None:  # type: ignore[union-attr]
+    if codec.params.coarse_flat:  # type: ignore[union-attr]
         return ivf
     flat: Any = faiss.IndexFlat(codec.params.d, METRICS[codec.params.metric])
     flat.add(np.ascontiguousarray(codec.centroids))
@@ -1254,7 +1262,7 @@ class _CoarseFromCodec:
         self.saved: Any = None
 
     def __enter__(self) -> Any:
-        if self.codec.params.coarse_hnsw is not None:  # type: ignore[union-attr]
+        if not self.codec.params.coarse_flat:  # type: ignore[union-attr]
             self.saved = self.fidx.quantizer
             self.fidx.quantizer = self.codec.coarse_quantizer()
         return self.fidx
@@ -1449,7 +1457,7 @@ def load_shard(
     layout = faiss_format.parse(buf, data.name)
     # a shard file holds the codec's IVF part over a flat quantizer, never a rotation;
     # it counts list entries: two per vector with spilled assignment
-    file_params = dataclasses.replace(params, coarse_hnsw=None, opq=None)
+    file_params = dataclasses.replace(params, coarse_hnsw=None, coarse_ivf=None, opq=None)
     layout.check(file_params, ntotal=ntotal * params.max_copies, buf=buf if codec is None else None)
     if codec is None:
         if not params.plain:

@@ -211,6 +211,29 @@ def two_level_kmeans(
     return np.concatenate(parts)
 
 
+def top_level(
+    centroids: npt.NDArray[np.float32], top: int, metric: int, *, seed: int, notes: list[str]
+) -> Any:
+    """A two-level coarse quantizer: an ``IndexIVFFlat`` of ``top`` lists holding ``centroids``.
+
+    The top centroids are k-means over the centroids (FAISS); each centroid is
+    stored, under its own number, in the list of its nearest top centroid, and
+    a direct map lets FAISS reconstruct centroid ``i`` (the residuals of PQ).
+    """
+    d = centroids.shape[1]
+    q1: Any = faiss.IndexFlat(d, metric)
+    nested: Any = faiss.IndexIVFFlat(q1, d, top, metric)
+    nested.own_fields = True
+    q1.this.disown()  # the nested index owns its quantizer
+    nested.cp.seed = seed + 3
+    nested.cp.niter = _NITER_LEVEL2
+    _quiet(nested.cp, centroids.shape[0], top, "top level", notes)
+    nested.train(centroids)
+    nested.add(centroids)
+    nested.make_direct_map()
+    return nested
+
+
 def train_faiss_codec(
     params: IVFPQParams, x: npt.NDArray[np.float32], *, seed: int = 0, progress: bool = False
 ) -> Any:
@@ -223,6 +246,8 @@ def train_faiss_codec(
     names.append("coarse k-means" + (" (two levels)" if params.nlist > TWO_LEVEL_FROM else ""))
     if params.coarse_hnsw is not None:
         names.append("HNSW graph")
+    if params.coarse_ivf is not None:
+        names.append("top level")
     names.append("PQ codebooks")
     stages = _Stages(names, progress)
     notes: list[str] = []
@@ -262,9 +287,13 @@ def train_faiss_codec(
             stages.start("HNSW graph")
             quantizer = faiss.IndexHNSWFlat(d, params.coarse_hnsw, metric)
             quantizer.hnsw.efConstruction = 40
+        elif params.coarse_ivf is not None:
+            stages.start("top level")
+            quantizer = top_level(centroids, params.coarse_ivf, metric, seed=seed, notes=notes)
         else:
             quantizer = faiss.IndexFlat(d, metric)
-        quantizer.add(centroids)
+        if params.coarse_ivf is None:
+            quantizer.add(centroids)
         stages.start("PQ codebooks")
         ivf = params.new_faiss_index(quantizer)
         ivf.cp.seed = seed
