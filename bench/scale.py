@@ -378,14 +378,18 @@ def faiss_with_codes(index: Any, refine: np.ndarray | None) -> Any:
 def faiss_search(fidx: Any, xq: np.ndarray, nprobe: int, rerank: int | None) -> Any:
     import faiss
 
-    from fastface.index.params import hnsw_ef
+    from fastface.index.params import hnsw_ef, nest_probe
 
     ivfp = faiss.SearchParametersIVF(nprobe=nprobe)
     base = fidx.base_index if rerank is not None else fidx
-    quantizer = faiss.extract_index_ivf(base).quantizer
-    if isinstance(faiss.downcast_index(quantizer), faiss.IndexHNSW):
+    ivf = faiss.extract_index_ivf(base)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
         qp = faiss.SearchParametersHNSW()
         qp.efSearch = hnsw_ef(nprobe)  # the same beam as fastface's coarse pass
+        ivfp.quantizer_params = qp
+    elif isinstance(quantizer, faiss.IndexIVF):  # two-level: the same top lists as fastface
+        qp = faiss.SearchParametersIVF(nprobe=nest_probe(nprobe, ivf.nlist, quantizer.nlist))
         ivfp.quantizer_params = qp
     if rerank is None:
         return fidx.search(xq, K, params=ivfp)
@@ -871,6 +875,118 @@ def cmd_add_depth(args: argparse.Namespace) -> None:
         save_json(w / "add-depth.json", res)
 
 
+def truth_rows(w: Path, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the first ``m`` queries' true top-10 (sorted unique ids, rows), regenerated
+    one by one (~50 ms each at 100M) and kept in ``truth-rows.npz`` for the next run."""
+    cache = w / "truth-rows.npz"
+    ids = np.unique(np.load(w / "truth.npz")["I"][:m, :K].ravel())
+    if cache.exists():
+        z = np.load(cache)
+        if np.isin(ids, z["ids"]).all():
+            return ids, z["rows"][np.searchsorted(z["ids"], ids)]
+    gen = dataset(n)
+    rows = np.stack([gen.rows(int(i), int(i) + 1)[0][0] for i in ids])
+    np.savez(cache, ids=ids, rows=rows)
+    return ids, rows
+
+
+def cmd_quantizers(args: argparse.Namespace) -> None:
+    """Coarse quantizers over the built codec's centroids, side by side: exact (FAISS flat),
+    an HNSW32 graph (built here as the library builds it, efConstruction 40) and the
+    codec's two-level IVF when it has one. Per quantizer: the share of rows its add puts in
+    their nearest list and the add's speed, then how often the true top-10 of the queries
+    lie in the probed lists (each method's own add for the neighbours, its own probes for
+    the queries: what a search can reach before any scan) and the coarse pass's speed."""
+    import faiss
+
+    from fastface import ShardedIndex
+    from fastface.index.params import EF_ADD, NEST_PROBE_ADD, hnsw_ef, nest_probe
+
+    n = parse_n(args.n[0])
+    w = work(args, n)
+    setup_logging(w / "quantizers.log")
+    m = args.queries
+    gt = np.load(w / "truth.npz")["I"][:m, :K]
+    ids, rows = truth_rows(w, n, m)
+    pos = np.searchsorted(ids, gt)
+    with ShardedIndex.open(w / "index", mmap=True) as index:
+        codec = index.codec
+        p = index.params
+        C = np.ascontiguousarray(codec.centroids, np.float32)
+        xq = np.ascontiguousarray(codec.rotate(queries(n)[0][:m]), np.float32)
+        rr = np.ascontiguousarray(codec.rotate(rows), np.float32)
+        xa = np.ascontiguousarray(codec.rotate(dataset(n).rows(n // 2, n // 2 + args.rows)[0]))
+        metric = faiss.METRIC_INNER_PRODUCT if p.metric == "ip" else faiss.METRIC_L2
+        flat = faiss.IndexFlat(p.d, metric)
+        flat.add(C)
+        methods: dict[str, Any] = {"exact": (flat, None, lambda k: None)}
+        t0 = time.perf_counter()
+        hnsw = faiss.IndexHNSWFlat(p.d, 32, metric)
+        hnsw.hnsw.efConstruction = 40
+        hnsw.add(C)
+        hnsw_build = time.perf_counter() - t0
+
+        def hp(ef: int) -> Any:
+            sp = faiss.SearchParametersHNSW()
+            sp.efSearch = ef
+            return sp
+
+        methods["hnsw32"] = (hnsw, hp(EF_ADD), lambda k: hp(hnsw_ef(k)))
+        nested = faiss.downcast_index(codec.coarse_quantizer())
+        if isinstance(nested, faiss.IndexIVF):
+            top = nested.nlist
+            methods[f"ivf{top}"] = (
+                nested,
+                faiss.SearchParametersIVF(nprobe=NEST_PROBE_ADD),
+                lambda k, top=top: faiss.SearchParametersIVF(nprobe=nest_probe(k, p.nlist, top)),
+            )
+        res: dict[str, Any] = {
+            "n": n,
+            "nlist": p.nlist,
+            "spec": p.spec,
+            "queries": m,
+            "add_rows": args.rows,
+            "hnsw_build_s": hnsw_build,
+            "meta": bench_meta(),
+            "methods": {},
+        }
+        exact_add = flat.search(xa, 1)[1][:, 0]
+        with bench_lock(args.lock):
+            for name, (q, add_params, query_params) in methods.items():
+
+                def search(x: np.ndarray, k: int, sp: Any, q: Any = q) -> np.ndarray:
+                    return q.search(x, k) if sp is None else q.search(x, k, params=sp)
+
+                # the exact add is timed on a tenth of the rows: it is ~30x slower
+                sub = xa if name != "exact" else xa[: max(1, args.rows // 10)]
+                search(sub[:256], 1, add_params)  # warm up
+                t = time.perf_counter()
+                got = search(sub, 1, add_params)
+                add_s = time.perf_counter() - t
+                got = got[1][:, 0]
+                row: dict[str, Any] = {
+                    "add_nearest_list_share": float((got == exact_add[: sub.shape[0]]).mean()),
+                    "add_rows_per_s": sub.shape[0] / add_s,
+                    "probes": [],
+                }
+                home = search(rr, 1, add_params)[1][:, 0][pos]  # (m, 10) lists of the truth
+                for nprobe in args.nprobe:
+                    t = time.perf_counter()
+                    probes = search(xq, nprobe, query_params(nprobe))[1]
+                    sec = time.perf_counter() - t
+                    hit = np.mean([np.isin(home[i], probes[i]) for i in range(m)])
+                    row["probes"].append(
+                        {
+                            "nprobe": nprobe,
+                            "true_top10_in_probed_lists": float(hit),
+                            "coarse_queries_per_s": m / sec,
+                        }
+                    )
+                res["methods"][name] = row
+                log.info("quantizers %s %s: %s", label(n), name, json.dumps(row))
+    save_json(w / "quantizers.json", res)
+
+
 # --- bounds --------------------------------------------------------------------------------------
 def cmd_bounds(args: argparse.Namespace) -> None:
     """Memory bandwidth (a large copy) and random 4 KiB read IOPS of the disk (O_DIRECT)."""
@@ -988,6 +1104,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             "dedup_existing": load_json(w / "dedup-existing.json"),
             "coarse": load_json(w / "coarse.json"),
             "add_depth": load_json(w / "add-depth.json"),
+            "quantizers": load_json(w / "quantizers.json"),
             "dedup_coverage": load_json(w / "dedup-coverage.json"),
         }
         per_n.append(entry)
@@ -1286,6 +1403,14 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--queries", type=int, default=100)
     co.add_argument("--nprobe", type=int, nargs="+", default=[16, 64, 512])
     co.set_defaults(func=cmd_coarse)
+    qz = sub.add_parser(
+        "quantizers", help="exact, HNSW and two-level coarse quantizers on the built codec"
+    )
+    qz.add_argument("--n", nargs=1, default=["100M"])
+    qz.add_argument("--queries", type=int, default=1000)
+    qz.add_argument("--rows", type=int, default=20_000)
+    qz.add_argument("--nprobe", type=int, nargs="+", default=[64, 128, 256, 512])
+    qz.set_defaults(func=cmd_quantizers)
     bo = sub.add_parser("bounds", help="memory bandwidth and disk IOPS of this machine")
     bo.set_defaults(func=cmd_bounds)
     r = sub.add_parser("report", help="JSON summary and plot from what was measured")

@@ -3,9 +3,11 @@
 Two kinds of codec:
 
 - :class:`IVFPQParams`: inverted lists of product-quantized codes. The coarse
-  quantizer is flat (every query is compared with every centroid) or an HNSW
-  graph over the centroids (``coarse_hnsw``: large ``nlist``, 2**16 lists and
-  more); an optional OPQ rotation (``opq``) is applied before everything else.
+  quantizer is flat (every query is compared with every centroid), an HNSW
+  graph over the centroids (``coarse_hnsw``: large ``nlist``, 2**14 lists and
+  more), or a two-level IVF over the centroids (``coarse_ivf``: the largest
+  ``nlist``, measured at 262,144 lists); an optional OPQ rotation (``opq``) is
+  applied before everything else.
 - :class:`FlatParams`: no codes at all; the shards keep ids and raw vectors
   and are searched exactly. For small galleries (no training; re-encode to
   IVF-PQ later with :meth:`ShardedIndex.reencode <fastface.ShardedIndex.reencode>`).
@@ -18,6 +20,8 @@ An **index spec** names a whole codec in one string (:func:`parse_spec`,
     rotation := "OPQ" M                 OPQ rotation trained for M sub-quantizers
     coarse   := "IVF" nlist             flat coarse quantizer
               | "IVF" nlist "_HNSW" m   HNSW graph (m links per node) over the centroids
+              | "IVF" nlist "_IVF" top  two levels: the centroids grouped under top
+                                        centroids (FAISS: IVF<nlist>(IVF<top>,Flat))
     codes    := "PQ" M                  M codes of 8 bits (the native scan)
               | "PQ" M "x8"
               | "PQ" M "x4fs"           M codes of 4 bits, FAISS's fast-scan layout
@@ -29,7 +33,7 @@ The metric is not part of the spec (``metric="ip"`` or ``"l2"``, as FAISS's
 factory takes it separately).
 
 :class:`Codec` is a trained codec: the rotation, the coarse centroids (and
-their HNSW graph), the PQ codebooks, and the operations that depend only on
+their HNSW graph or top level), the PQ codebooks, and the operations that depend only on
 them (coarse assignment, encoding). A codec never changes once trained, so
 one object is shared, read-only, by every shard and every thread.
 """
