@@ -31,6 +31,6 @@ def test_index_examples_run(tmp_path, monkeypatch) -> None:
     D, I = namespace["D"], namespace["I"]
     assert D.shape == I.shape == (5, 10)  # type: ignore[attr-defined]
     assert (tmp_path / "gallery.idx" / "manifest.json").exists()
-    assert namespace["choice"].spec == "IVF65536_HNSW32,PQ32,F16"  # type: ignore[attr-defined]
+    assert namespace["choice"].spec == "IVF262144_IVF4096,PQ32,F16"  # type: ignore[attr-defined]
     assert namespace["big"].ntotal == 20_000  # type: ignore[attr-defined]
     assert namespace["small"].params.kind == "flat"  # type: ignore[attr-defined]

@@ -278,8 +278,11 @@ def test_auto_spec_choices() -> None:
     assert small.spec == "Flat,F16" and "float16" in small.reason
     mid = auto_spec(1_000_000, 128)
     assert mid.spec == "IVF8192,PQ32,F16" and "flat coarse quantizer" in mid.reason
+    ten = auto_spec(10_000_000, 128, memory_budget="8G")
+    assert ten.params.coarse_hnsw == 32 and ten.params.nlist == 32768 and "HNSW32" in ten.reason
     big = auto_spec(100_000_000, 128, memory_budget="8G")
-    assert big.params.coarse_hnsw == 32 and big.ram_bytes < 8 << 30 and "HNSW32" in big.reason
+    assert big.spec == "IVF262144_IVF4096,PQ32,F16" and big.ram_bytes < 8 << 30
+    assert "two-level" in big.reason and (big.nprobe, big.rerank) == (128, 4)
     tight = auto_spec(100_000_000, 128, memory_budget="2.5G")
     assert tight.params.code_size + 16 <= 2.5 * 2**30 / 1e8 and tight.params.M < 32
     tiny = auto_spec(100_000_000, 128, memory_budget="1.9G")
