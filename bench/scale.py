@@ -889,101 +889,159 @@ def truth_rows(w: Path, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, rows
 
 
+def compare_quantizers(
+    codec: Any, xa: np.ndarray, rr: np.ndarray, home_of: np.ndarray, xq: np.ndarray, args: Any
+) -> dict[str, Any]:
+    """Exact, HNSW32 and the codec's two-level quantizer over ``codec``'s centroids: per
+    method the add's nearest-list share and speed on rows ``xa``, then the share of the
+    true top-10 (rows ``rr``; ``home_of`` (queries, 10) indexes them) in the queries'
+    probed lists and the coarse pass's speed. All inputs rotated already."""
+    import faiss
+
+    from fastface.index.params import EF_ADD, NEST_PROBE_ADD, hnsw_ef, nest_probe
+
+    p = codec.params
+    C = np.ascontiguousarray(codec.centroids, np.float32)
+    metric = faiss.METRIC_INNER_PRODUCT if p.metric == "ip" else faiss.METRIC_L2
+    flat = faiss.IndexFlat(p.d, metric)
+    flat.add(C)
+    methods: dict[str, Any] = {"exact": (flat, None, lambda k: None)}
+    t0 = time.perf_counter()
+    hnsw = faiss.IndexHNSWFlat(p.d, 32, metric)
+    hnsw.hnsw.efConstruction = 40
+    hnsw.add(C)
+    out: dict[str, Any] = {"hnsw_build_s": time.perf_counter() - t0, "methods": {}}
+
+    def hp(ef: int) -> Any:
+        sp = faiss.SearchParametersHNSW()
+        sp.efSearch = ef
+        return sp
+
+    methods["hnsw32"] = (hnsw, hp(EF_ADD), lambda k: hp(hnsw_ef(k)))
+    nested = faiss.downcast_index(codec.coarse_quantizer())
+    if isinstance(nested, faiss.IndexIVF):
+        top = nested.nlist
+        methods[f"ivf{top}"] = (
+            nested,
+            faiss.SearchParametersIVF(nprobe=NEST_PROBE_ADD),
+            lambda k, top=top: faiss.SearchParametersIVF(nprobe=nest_probe(k, p.nlist, top)),
+        )
+    exact_add = flat.search(xa, 1)[1][:, 0]
+    m = xq.shape[0]
+    with bench_lock(args.lock):
+        for name, (q, add_params, query_params) in methods.items():
+
+            def search(x: np.ndarray, k: int, sp: Any, q: Any = q) -> Any:
+                return q.search(x, k) if sp is None else q.search(x, k, params=sp)
+
+            # the exact add is timed on a tenth of the rows: it is ~30x slower
+            sub = xa if name != "exact" else xa[: max(1, xa.shape[0] // 10)]
+            search(sub[:256], 1, add_params)  # warm up
+            t = time.perf_counter()
+            got = search(sub, 1, add_params)[1][:, 0]
+            add_s = time.perf_counter() - t
+            row: dict[str, Any] = {
+                "add_nearest_list_share": float((got == exact_add[: sub.shape[0]]).mean()),
+                "add_rows_per_s": sub.shape[0] / add_s,
+                "probes": [],
+            }
+            home = search(rr, 1, add_params)[1][:, 0][home_of]  # (m, 10) lists of the truth
+            for nprobe in args.nprobe:
+                t = time.perf_counter()
+                probes = search(xq, nprobe, query_params(nprobe))[1]
+                sec = time.perf_counter() - t
+                hit = np.mean([np.isin(home[i], probes[i]) for i in range(m)])
+                row["probes"].append(
+                    {
+                        "nprobe": nprobe,
+                        "true_top10_in_probed_lists": float(hit),
+                        "coarse_queries_per_s": m / sec,
+                    }
+                )
+            out["methods"][name] = row
+            log.info("quantizers %s: %s", name, json.dumps(row))
+    return out
+
+
 def cmd_quantizers(args: argparse.Namespace) -> None:
     """Coarse quantizers over the built codec's centroids, side by side: exact (FAISS flat),
     an HNSW32 graph (built here as the library builds it, efConstruction 40) and the
     codec's two-level IVF when it has one. Per quantizer: the share of rows its add puts in
     their nearest list and the add's speed, then how often the true top-10 of the queries
     lie in the probed lists (each method's own add for the neighbours, its own probes for
-    the queries: what a search can reach before any scan) and the coarse pass's speed."""
-    import faiss
+    the queries: what a search can reach before any scan) and the coarse pass's speed.
 
+    ``--second``: the same on a second, different data set, in memory (no index, no
+    ``--work-dir`` data): ``--second-n`` rows of 64-d synthetic faces with 4 samples per
+    identity, 50 looser population groups (intra-identity cosine 0.5, group cosine 0.5),
+    a codec ``IVF<nlist>_IVF<nlist/64>,PQ16`` trained on all of them, exact truth."""
     from fastface import ShardedIndex
-    from fastface.index.params import EF_ADD, NEST_PROBE_ADD, hnsw_ef, nest_probe
 
+    if args.second:
+        cmd_quantizers_second(args)
+        return
     n = parse_n(args.n[0])
     w = work(args, n)
     setup_logging(w / "quantizers.log")
     m = args.queries
     gt = np.load(w / "truth.npz")["I"][:m, :K]
     ids, rows = truth_rows(w, n, m)
-    pos = np.searchsorted(ids, gt)
     with ShardedIndex.open(w / "index", mmap=True) as index:
         codec = index.codec
-        p = index.params
-        C = np.ascontiguousarray(codec.centroids, np.float32)
         xq = np.ascontiguousarray(codec.rotate(queries(n)[0][:m]), np.float32)
         rr = np.ascontiguousarray(codec.rotate(rows), np.float32)
         xa = np.ascontiguousarray(codec.rotate(dataset(n).rows(n // 2, n // 2 + args.rows)[0]))
-        metric = faiss.METRIC_INNER_PRODUCT if p.metric == "ip" else faiss.METRIC_L2
-        flat = faiss.IndexFlat(p.d, metric)
-        flat.add(C)
-        methods: dict[str, Any] = {"exact": (flat, None, lambda k: None)}
-        t0 = time.perf_counter()
-        hnsw = faiss.IndexHNSWFlat(p.d, 32, metric)
-        hnsw.hnsw.efConstruction = 40
-        hnsw.add(C)
-        hnsw_build = time.perf_counter() - t0
-
-        def hp(ef: int) -> Any:
-            sp = faiss.SearchParametersHNSW()
-            sp.efSearch = ef
-            return sp
-
-        methods["hnsw32"] = (hnsw, hp(EF_ADD), lambda k: hp(hnsw_ef(k)))
-        nested = faiss.downcast_index(codec.coarse_quantizer())
-        if isinstance(nested, faiss.IndexIVF):
-            top = nested.nlist
-            methods[f"ivf{top}"] = (
-                nested,
-                faiss.SearchParametersIVF(nprobe=NEST_PROBE_ADD),
-                lambda k, top=top: faiss.SearchParametersIVF(nprobe=nest_probe(k, p.nlist, top)),
-            )
         res: dict[str, Any] = {
             "n": n,
-            "nlist": p.nlist,
-            "spec": p.spec,
+            "nlist": index.params.nlist,
+            "spec": index.params.spec,
             "queries": m,
             "add_rows": args.rows,
-            "hnsw_build_s": hnsw_build,
             "meta": bench_meta(),
-            "methods": {},
         }
-        exact_add = flat.search(xa, 1)[1][:, 0]
-        with bench_lock(args.lock):
-            for name, (q, add_params, query_params) in methods.items():
-
-                def search(x: np.ndarray, k: int, sp: Any, q: Any = q) -> np.ndarray:
-                    return q.search(x, k) if sp is None else q.search(x, k, params=sp)
-
-                # the exact add is timed on a tenth of the rows: it is ~30x slower
-                sub = xa if name != "exact" else xa[: max(1, args.rows // 10)]
-                search(sub[:256], 1, add_params)  # warm up
-                t = time.perf_counter()
-                got = search(sub, 1, add_params)
-                add_s = time.perf_counter() - t
-                got = got[1][:, 0]
-                row: dict[str, Any] = {
-                    "add_nearest_list_share": float((got == exact_add[: sub.shape[0]]).mean()),
-                    "add_rows_per_s": sub.shape[0] / add_s,
-                    "probes": [],
-                }
-                home = search(rr, 1, add_params)[1][:, 0][pos]  # (m, 10) lists of the truth
-                for nprobe in args.nprobe:
-                    t = time.perf_counter()
-                    probes = search(xq, nprobe, query_params(nprobe))[1]
-                    sec = time.perf_counter() - t
-                    hit = np.mean([np.isin(home[i], probes[i]) for i in range(m)])
-                    row["probes"].append(
-                        {
-                            "nprobe": nprobe,
-                            "true_top10_in_probed_lists": float(hit),
-                            "coarse_queries_per_s": m / sec,
-                        }
-                    )
-                res["methods"][name] = row
-                log.info("quantizers %s %s: %s", label(n), name, json.dumps(row))
+        res.update(compare_quantizers(codec, xa, rr, np.searchsorted(ids, gt), xq, args))
     save_json(w / "quantizers.json", res)
+
+
+def cmd_quantizers_second(args: argparse.Namespace) -> None:
+    from fastface.datasets import SyntheticFaces
+    from fastface.eval import ground_truth
+    from fastface.index import Codec, parse_spec
+
+    n = parse_n(args.second_n)
+    out = Path(args.work_dir) / "quantizers-second.json"
+    setup_logging(Path(args.work_dir) / "quantizers-second.log")
+    gen = SyntheticFaces(
+        n_identities=n // 4,
+        per_identity=4,
+        d=64,
+        seed=3,
+        intra_cos=0.5,
+        n_groups=50,
+        group_cos=0.5,
+    )
+    xb = gen.vectors()[0]
+    xq = gen.queries(args.queries, seed=11)[0]
+    nlist = args.second_nlist
+    spec = f"IVF{nlist}_IVF{nlist // 64},PQ16"
+    t0 = time.perf_counter()
+    codec = Codec.train(parse_spec(spec, 64), xb)
+    train_s = time.perf_counter() - t0
+    _, gt = ground_truth(xb, xq, K)
+    ids = np.unique(gt.ravel())
+    res: dict[str, Any] = {
+        "data": repr(gen),
+        "n": n,
+        "spec": spec,
+        "train_s": train_s,
+        "queries": args.queries,
+        "add_rows": min(args.rows, n),
+        "meta": bench_meta(),
+    }
+    res.update(
+        compare_quantizers(codec, xb[: args.rows], xb[ids], np.searchsorted(ids, gt), xq, args)
+    )
+    save_json(out, res)
 
 
 # --- bounds --------------------------------------------------------------------------------------
@@ -1409,6 +1467,9 @@ def main(argv: list[str] | None = None) -> int:
     qz.add_argument("--queries", type=int, default=1000)
     qz.add_argument("--rows", type=int, default=20_000)
     qz.add_argument("--nprobe", type=int, nargs="+", default=[64, 128, 256, 512])
+    qz.add_argument("--second", action="store_true", help="a second, different data set")
+    qz.add_argument("--second-n", default="2M")
+    qz.add_argument("--second-nlist", type=int, default=65536)
     qz.set_defaults(func=cmd_quantizers)
     bo = sub.add_parser("bounds", help="memory bandwidth and disk IOPS of this machine")
     bo.set_defaults(func=cmd_bounds)
