@@ -538,6 +538,25 @@ def test_two_level_shard_agrees_with_faiss(small_data, codec_nested) -> None:
     np.testing.assert_array_equal(back.search(xq, 5, nprobe=8)[1], index.search(xq, 5, nprobe=8)[1])
 
 
+def test_two_level_fast_scan_adds_where_the_codec_assigns(small_data) -> None:
+    """4-bit codes are added by FAISS through the codec's quantizer: each vector must land in
+    the list ``Codec.encode`` names (the same 4 top-level groups), so searches agree."""
+    xb, _, xq, _ = small_data
+    codec = Codec.train(parse_spec("IVF128_IVF8,PQ8x4fs,F16", 32), xb)
+    index = IVFPQIndex(codec)
+    index.add(xb)
+    ref = index.to_faiss()  # keep the owner alive while its IVF part is read
+    ivf = faiss.extract_index_ivf(ref)
+    got = np.full(xb.shape[0], -1, np.int64)
+    for lst in range(ivf.nlist):
+        size = ivf.invlists.list_size(lst)
+        if size:
+            got[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size).copy()] = lst
+    np.testing.assert_array_equal(got, codec.encode(xb)[0])
+    _, gt = ground_truth(xb, xq, 10)
+    assert recall_at_k(index.search(xq, 10, nprobe=32, rerank=8)[1], gt, 10) >= 0.9
+
+
 def test_two_level_fourcc_fields_are_checked(codec_nested) -> None:
     raw = codec_nested.to_bytes()
     layout = faiss_format.parse(raw, "c")
