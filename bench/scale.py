@@ -457,9 +457,9 @@ def cmd_search(args: argparse.Namespace) -> None:
                             index = ShardedIndex.open(path, mmap=True)
                             drop_cache(path)
                         elif out is None:
-                            index.search(xq, K, nprobe=nprobe, rerank=rerank)  # warm up
+                            index.search(xq, K, nprobe=nprobe, rerank=rerank or None)  # warm up
                         t = time.perf_counter()
-                        out = index.search(xq, K, nprobe=nprobe, rerank=rerank)
+                        out = index.search(xq, K, nprobe=nprobe, rerank=rerank or None)
                         times.append(time.perf_counter() - t)
                     assert out is not None
                     sec = float(np.median(times))
@@ -577,16 +577,18 @@ def cmd_faiss(args: argparse.Namespace) -> None:
         timed.__enter__()
         # (the index, queries and FAISS index bound now: these loop over N)
         runs: dict[str, Any] = {
-            "fastface": lambda p, r, _rr, ix=index, q=xq: ix.search(q, K, nprobe=p, rerank=r),
+            "fastface": lambda p, r, _rr, ix=index, q=xq: ix.search(
+                q, K, nprobe=p, rerank=r or None
+            ),
             "fastface-ram": lambda p, r, _rr, ix=index_ram, q=xq: ix.search(
-                q, K, nprobe=p, rerank=r
+                q, K, nprobe=p, rerank=r or None
             ),
             "faiss": lambda p, _r, rr, fx=fidx, q=xq: faiss_search(fx, q, p, rr),
         }
         runs = {m: f for m, f in runs.items() if m in args.methods}
         pts = [(p, r) for p in args.nprobe for r in args.rerank]
         for nprobe, rerank in pts:
-            rr = rerank if refine else None
+            rr = (rerank or None) if refine else None
             # FAISS without refine has no rerank: once per nprobe, at the first rerank
             todo = {
                 m: f for m, f in runs.items() if m != "faiss" or refine or rerank == args.rerank[0]
@@ -1401,7 +1403,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("QUERIES", "NPROBE", "RERANK"),
         help="also save a wide search's top-10 of the first QUERIES queries (untimed)",
     )
-    s.add_argument("--rerank", type=int, nargs="+", default=[2, 4, 8])
+    s.add_argument(
+        "--rerank", type=int, nargs="+", default=[2, 4, 8], help="0: codes only, no re-rank"
+    )
     s.add_argument(
         "--cold-nprobe",
         type=int,
@@ -1418,7 +1422,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--n", nargs="+", default=["1M"])
     f.add_argument("--repeat", type=int, default=3)
     f.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
-    f.add_argument("--rerank", type=int, nargs="+", default=[2, 4, 8])
+    f.add_argument(
+        "--rerank", type=int, nargs="+", default=[2, 4, 8], help="0: codes only, no re-rank"
+    )
     f.add_argument(
         "--methods",
         nargs="+",
