@@ -201,7 +201,7 @@ class IVFPQParams:
             if not 2 <= self.coarse_ivf < self.nlist:
                 raise ValueError(
                     f"coarse_ivf={self.coarse_ivf}: the top level must have 2..nlist-1 "
-                    f"({self.nlist - 1}) lists (about sqrt(nlist) * 8 is usual)"
+                    f"({self.nlist - 1}) lists (auto_spec uses nlist / 64)"
                 )
         if self.opq is not None:
             check_positive_int(self.opq, "opq")
