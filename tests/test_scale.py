@@ -591,29 +591,12 @@ def test_two_level_fourcc_fields_are_checked(codec_nested) -> None:
 
 
 def test_two_level_codec_fuzz_never_kills_the_process(tmp_path, small_data, codec_nested) -> None:
-    xb = small_data[0]
-    with ShardedIndex.create(tmp_path / "z", codec_nested, shard_size=500) as index:
-        index.add(xb[:600])
-    man = json.loads((tmp_path / "z" / "manifest.json").read_text())
-    raw = (tmp_path / "z" / man["codec"]["file"]).read_bytes()
+    path, raw = _fuzz_index(tmp_path, small_data[0], codec_nested)
     at = raw.find(b"IwFl")
     rng = np.random.default_rng(9)
     offsets = [int(o) for o in rng.integers(at, at + 1200, 120)]  # headers, top, map
     offsets += [int(o) for o in rng.integers(at, len(raw), 80)]  # the lists
-    cases = [(o, int(rng.integers(256))) for o in offsets]
-    proc = subprocess.run(
-        [sys.executable, "-c", FUZZ_CHILD, str(tmp_path / "z"), json.dumps(cases)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    status = proc.stdout.split("\n")[:-1]
-    assert proc.returncode == 0, (
-        f"child died at case {len(status)}: {cases[len(status)]}: {proc.stderr[-2000:]}"
-    )
-    assert len(status) == len(cases)
-    assert not [s for s in status if s not in ("opened", "corrupt")], status
-    assert status.count("corrupt") > 50
+    _assert_fuzz_survives(path, [(o, int(rng.integers(256))) for o in offsets])
 
 
 # --- file format: the new kinds are checked before FAISS reads them ---------------------------
@@ -681,20 +664,20 @@ FUZZ_CHILD = textwrap.dedent(
 )
 
 
-def test_codec_file_fuzz_never_kills_the_process(tmp_path, small_data, codec_hnsw_opq) -> None:
-    xb = small_data[0]
-    with ShardedIndex.create(tmp_path / "z", codec_hnsw_opq, shard_size=500) as index:
+def _fuzz_index(tmp_path: Path, xb: np.ndarray, codec: Codec) -> tuple[Path, bytes]:
+    """A small sharded index of ``codec`` to fuzz: its directory and its codec file's bytes."""
+    path = tmp_path / "z"
+    with ShardedIndex.create(path, codec, shard_size=500) as index:
         index.add(xb[:600])
-    man = json.loads((tmp_path / "z" / "manifest.json").read_text())
-    size = man["codec"]["bytes"]
-    rng = np.random.default_rng(5)
-    raw = (tmp_path / "z" / man["codec"]["file"]).read_bytes()
-    at = raw.find(b"IHNf")
-    header = [int(o) for o in rng.integers(0, at + 400, 150)]  # rotation, IVF and graph headers
-    anywhere = [int(o) for o in rng.integers(0, size, 100)]
-    cases = [(o, int(rng.integers(256))) for o in header + anywhere]
+    man = json.loads((path / "manifest.json").read_text())
+    return path, (path / man["codec"]["file"]).read_bytes()
+
+
+def _assert_fuzz_survives(path: Path, cases: list[tuple[int, int]]) -> None:
+    """Each (offset, byte) written into the codec file in turn, in a child process: it must
+    open the index (and search) or raise CorruptIndexError, never die; most must be caught."""
     proc = subprocess.run(
-        [sys.executable, "-c", FUZZ_CHILD, str(tmp_path / "z"), json.dumps(cases)],
+        [sys.executable, "-c", FUZZ_CHILD, str(path), json.dumps(cases)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -704,8 +687,17 @@ def test_codec_file_fuzz_never_kills_the_process(tmp_path, small_data, codec_hns
         f"child died at case {len(status)}: {cases[len(status)]}: {proc.stderr[-2000:]}"
     )
     assert len(status) == len(cases)
-    assert not [s for s in status if s not in ("opened", "corrupt")]
+    assert not [s for s in status if s not in ("opened", "corrupt")], status
     assert status.count("corrupt") > 50
+
+
+def test_codec_file_fuzz_never_kills_the_process(tmp_path, small_data, codec_hnsw_opq) -> None:
+    path, raw = _fuzz_index(tmp_path, small_data[0], codec_hnsw_opq)
+    rng = np.random.default_rng(5)
+    at = raw.find(b"IHNf")
+    header = [int(o) for o in rng.integers(0, at + 400, 150)]  # rotation, IVF and graph headers
+    anywhere = [int(o) for o in rng.integers(0, len(raw), 100)]
+    _assert_fuzz_survives(path, [(o, int(rng.integers(256))) for o in header + anywhere])
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc smaps")
