@@ -772,13 +772,14 @@ def cmd_coarse(args: argparse.Namespace) -> None:
         save_json(w / "coarse.json", res)
 
 
-def exact_quantizer(index: Any) -> Any:
-    """A FAISS flat index over the codec's centroids, in the index's metric: the exact
-    nearest lists of (rotated) rows, to compare the HNSW walk with."""
+def exact_quantizer(codec: Any) -> Any:
+    """A FAISS flat index over the codec's centroids, in its metric: the exact nearest lists
+    of (rotated) rows, to compare the HNSW walk or the two-level search with."""
     import faiss
 
-    flat = faiss.IndexFlatIP(D) if index.params.metric == "ip" else faiss.IndexFlatL2(D)
-    flat.add(np.asarray(index.codec.centroids, np.float32))
+    p = codec.params
+    flat = faiss.IndexFlatIP(p.d) if p.metric == "ip" else faiss.IndexFlatL2(p.d)
+    flat.add(np.ascontiguousarray(codec.centroids, np.float32))
     return flat
 
 
@@ -820,7 +821,7 @@ def cmd_dedup_coverage(args: argparse.Namespace) -> None:
                 pa = codec.assign(a, kmax, ef_search=ef)[1]
                 pb = codec.assign(b, kmax, ef_search=ef)[1]
                 probes[f"hnsw ef {ef}"] = (pa, pb, time.perf_counter() - t0)
-        flat = exact_quantizer(index)
+        flat = exact_quantizer(index.codec)
         t0 = time.perf_counter()
         ea = flat.search(codec.rotate(a), kmax)[1]
         eb = flat.search(codec.rotate(b), kmax)[1]
@@ -852,7 +853,7 @@ def cmd_add_depth(args: argparse.Namespace) -> None:
             codec = index.codec
             x = dataset(n).rows(n // 2, n // 2 + args.rows)[0]
             xr = codec.rotate(x)
-            exact = exact_quantizer(index).search(xr, 1)[1][:, 0]
+            exact = exact_quantizer(index.codec).search(xr, 1)[1][:, 0]
             res: dict[str, Any] = {
                 "n": n,
                 "nlist": index.params.nlist,
@@ -903,15 +904,13 @@ def compare_quantizers(
     from fastface.index.params import EF_ADD, NEST_PROBE_ADD, hnsw_ef, nest_probe
 
     p = codec.params
-    C = np.ascontiguousarray(codec.centroids, np.float32)
     metric = faiss.METRIC_INNER_PRODUCT if p.metric == "ip" else faiss.METRIC_L2
-    flat = faiss.IndexFlat(p.d, metric)
-    flat.add(C)
+    flat = exact_quantizer(codec)
     methods: dict[str, Any] = {"exact": (flat, None, lambda k: None)}
     t0 = time.perf_counter()
     hnsw = faiss.IndexHNSWFlat(p.d, 32, metric)
     hnsw.hnsw.efConstruction = 40
-    hnsw.add(C)
+    hnsw.add(np.ascontiguousarray(codec.centroids, np.float32))
     out: dict[str, Any] = {"hnsw_build_s": time.perf_counter() - t0, "methods": {}}
 
     def hp(ef: int) -> Any:
