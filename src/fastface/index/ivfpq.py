@@ -454,7 +454,7 @@ class IVFPQIndex:
             fidx = None
             runs: tuple[ListRun, ...] | None = (run,)
         else:
-            fidx = _with_flat_quantizer(codec, faiss.clone_index(inner))
+            fidx = codec.with_flat_quantizer(faiss.clone_index(inner))
             list_ids = _fastscan_ids(data, layout)
             runs = None
         try:
@@ -1236,21 +1236,6 @@ def _check_faiss_kind(params: IVFPQParams, index: Any) -> Any:
             f"{type(quantizer).__name__}"
         )
     return inner
-
-
-def _with_flat_quantizer(codec: Codec, ivf: Any) -> Any:
-    """``ivf`` (a filled copy of the codec's IVF part) with a flat coarse quantizer."""
-    if codec.params.coarse_flat:  # type: ignore[union-attr]
-        return ivf
-    flat: Any = faiss.IndexFlat(codec.params.d, METRICS[codec.params.metric])
-    flat.add(np.ascontiguousarray(codec.centroids))
-    old = ivf.quantizer
-    ivf.quantizer = flat
-    flat.this.disown()
-    if ivf.own_fields:
-        old.this.own(True)  # Python frees the quantizer it replaced
-    ivf.own_fields = True
-    return ivf
 
 
 class _CoarseFromCodec:

@@ -923,19 +923,22 @@ class Codec:
         """
         if self._ivf is None:
             raise ValueError("ivf_twin: a flat codec has no inverted lists")
-        ivf: Any = faiss.clone_index(self._ivf)
-        if not self.params.coarse_flat:  # type: ignore[union-attr]
-            flat: Any = (
-                faiss.IndexFlatIP(self.params.d)
-                if self.params.metric == "ip"
-                else faiss.IndexFlatL2(self.params.d)
-            )
-            flat.add(np.ascontiguousarray(self.centroids))
-            old = ivf.quantizer
-            ivf.quantizer = flat
-            flat.this.disown()  # the clone owns its quantizer (own_fields)
+        return self.with_flat_quantizer(faiss.clone_index(self._ivf))
+
+    def with_flat_quantizer(self, ivf: Any) -> Any:
+        """``ivf`` (a copy of this codec's IVF part, owned by the caller) with its HNSW graph
+        or top level replaced by a flat quantizer over the same centroids; ``ivf`` as it is
+        when the codec's quantizer is already flat."""
+        if self.params.coarse_flat:  # type: ignore[union-attr]
+            return ivf
+        flat: Any = faiss.IndexFlat(self.params.d, METRICS[self.params.metric])
+        flat.add(np.ascontiguousarray(self.centroids))
+        old = ivf.quantizer
+        ivf.quantizer = flat
+        flat.this.disown()  # ivf owns its new quantizer (own_fields below)
+        if ivf.own_fields:
             old.this.own(True)  # and Python frees the HNSW / two-level copy it replaced
-            del old
+        ivf.own_fields = True
         return ivf
 
     def twin_bytes(self) -> bytes:
